@@ -1,0 +1,22 @@
+#![doc = include_str!("../README.md")]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod backend;
+mod capabilities;
+mod error;
+mod message;
+mod options;
+mod typed;
+
+pub use backend::{receive_timeout, Backend, Consumer, Producer, SendReceipt};
+pub use bytes::Bytes;
+pub use capabilities::Capabilities;
+pub use error::{Error, ErrorKind, Result};
+pub use message::{
+    next_consumer_id, AckHandle, Message, MessageId, OutboundMessage, Properties,
+    CORRELATION_ID_PROPERTY, DEDUP_ID_PROPERTY,
+};
+pub use options::{ConsumerOptions, ConsumerType, InitialPosition, ProducerOptions};
+pub use tg_topic::{Qos, Topic};
+pub use typed::{BackendExt, TypedConsumer, TypedMessage, TypedProducer};
