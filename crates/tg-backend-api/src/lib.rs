@@ -18,5 +18,5 @@ pub use message::{
     CORRELATION_ID_PROPERTY, DEDUP_ID_PROPERTY,
 };
 pub use options::{ConsumerOptions, ConsumerType, InitialPosition, ProducerOptions};
-pub use tg_topic::{Qos, Topic};
+pub use tg_topic::{topic, Qos, Topic, TopicError};
 pub use typed::{BackendExt, TypedConsumer, TypedMessage, TypedProducer};

@@ -22,7 +22,7 @@ use crate::topic::Broker;
 /// use tg_backend_memory::MemoryBackend;
 ///
 /// let backend = MemoryBackend::new();
-/// let topic = tg_topic::topic("tasks")?;
+/// let topic = tg_backend_api::topic("tasks")?;
 /// let consumer = backend.create_consumer(&topic, ConsumerOptions::new("workers")).await?;
 /// let producer = backend.create_producer(&topic, Default::default()).await?;
 /// producer.send(OutboundMessage::new("job-1")).await?.await?;

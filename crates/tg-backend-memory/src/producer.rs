@@ -9,7 +9,7 @@ use tg_backend_api::{
     Error, ErrorKind, OutboundMessage, Producer, Qos, Result, SendReceipt, Topic, DEDUP_ID_PROPERTY,
 };
 
-use crate::topic::{Broker, PublishLimits, TopicState};
+use crate::topic::{Broker, PublishLimits, TopicState, Unpublished};
 
 pub(crate) struct MemoryProducer {
     broker: Arc<Broker>,
@@ -21,6 +21,7 @@ pub(crate) struct MemoryProducer {
 impl MemoryProducer {
     pub(crate) fn new(broker: Arc<Broker>, topic: Arc<TopicState>) -> Self {
         let limits = PublishLimits {
+            capacity: broker.config.subscription_capacity,
             retention: broker.config.retention,
             dedup_window: broker.config.dedup_window,
         };
@@ -64,13 +65,23 @@ impl Producer for MemoryProducer {
         } else {
             None
         };
-        self.topic.wait_for_room(&self.broker).await?;
         let (payload, properties, key) = message.into_parts();
         debug_assert!(dedup_id.is_none() || properties.contains_key(DEDUP_ID_PROPERTY));
-        let id = self
-            .topic
-            .publish(payload, properties, key, dedup_id, &self.limits);
-        Ok(SendReceipt::ready(id))
+        let mut unpublished = Unpublished {
+            payload,
+            properties,
+            key,
+            dedup_id,
+        };
+        loop {
+            match self.topic.try_publish(unpublished, &self.limits) {
+                Ok(id) => return Ok(SendReceipt::ready(id)),
+                Err((back, full)) => {
+                    full.wait_for_room(&self.broker).await?;
+                    unpublished = back;
+                }
+            }
+        }
     }
 
     async fn flush(&self) -> Result<()> {

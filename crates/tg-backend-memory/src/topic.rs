@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use rustc_hash::FxHashMap;
 use tg_backend_api::{
     AckHandle, ConsumerType, Error, ErrorKind, InitialPosition, Message, MessageId, Properties,
     Result, Topic,
@@ -97,10 +98,19 @@ impl TopicInner {
     }
 }
 
-/// What `publish` needs besides the message.
+/// What `try_publish` needs besides the message.
 pub(crate) struct PublishLimits {
+    pub(crate) capacity: usize,
     pub(crate) retention: usize,
     pub(crate) dedup_window: usize,
+}
+
+/// A message not yet stored.
+pub(crate) struct Unpublished {
+    pub(crate) payload: Bytes,
+    pub(crate) properties: Properties,
+    pub(crate) key: Option<String>,
+    pub(crate) dedup_id: Option<String>,
 }
 
 impl TopicState {
@@ -115,29 +125,27 @@ impl TopicState {
         &self.topic
     }
 
-    /// Waits until every subscription has room (or fails under [`Overflow::Fail`]).
-    pub(crate) async fn wait_for_room(&self, broker: &Broker) -> Result<()> {
-        let snapshot = self.inner.lock().snapshot.clone();
-        for sub in snapshot.iter() {
-            sub.wait_for_room(broker).await?;
-        }
-        Ok(())
-    }
-
-    /// Stores a message and hands it to every subscription. A q2 message whose dedup id was seen
-    /// within the window is dropped and the id of the first copy is returned.
-    pub(crate) fn publish(
+    /// Stores a message and hands it to every subscription, if every subscription has room;
+    /// otherwise gives the message back with the first full subscription. A q2 message
+    /// whose dedup id was seen within the window is dropped and the id of the first copy returned.
+    pub(crate) fn try_publish(
         &self,
-        payload: Bytes,
-        properties: Properties,
-        key: Option<String>,
-        dedup_id: Option<String>,
+        message: Unpublished,
         limits: &PublishLimits,
-    ) -> MessageId {
+    ) -> std::result::Result<MessageId, (Unpublished, Arc<Subscription>)> {
         let mut inner = self.inner.lock();
+        if let Some(full) = inner.snapshot.iter().find(|s| !s.has_room(limits.capacity)) {
+            return Err((message, full.clone()));
+        }
+        let Unpublished {
+            payload,
+            properties,
+            key,
+            dedup_id,
+        } = message;
         if let Some(id) = &dedup_id {
             if let Some(seq) = inner.dedup_ids.get(id) {
-                return MessageId::from_u64(*seq);
+                return Ok(MessageId::from_u64(*seq));
             }
         }
         let seq = inner.next_seq;
@@ -170,7 +178,7 @@ impl TopicState {
                 redeliveries: 0,
             });
         }
-        MessageId::from_u64(seq)
+        Ok(MessageId::from_u64(seq))
     }
 
     /// Attaches consumer `consumer` to subscription `name`, creating it if needed.
@@ -230,6 +238,8 @@ pub(crate) struct Subscription {
     name: String,
     durable: bool,
     inner: Mutex<SubInner>,
+    /// Messages held (pending + unacknowledged), readable without the lock.
+    held: AtomicUsize,
     readable: Notify,
     readers_waiting: AtomicUsize,
     writable: Notify,
@@ -239,17 +249,13 @@ pub(crate) struct Subscription {
 #[derive(Debug, Default)]
 struct SubInner {
     pending: VecDeque<Delivery>,
-    unacked: HashMap<u64, (Delivery, u64)>,
+    unacked: FxHashMap<u64, (Delivery, u64)>,
     consumers: Vec<u64>,
     consumer_type: Option<ConsumerType>,
     removed: bool,
 }
 
 impl SubInner {
-    fn len(&self) -> usize {
-        self.pending.len() + self.unacked.len()
-    }
-
     /// Puts a delivery back in sequence order with its redelivery count raised.
     fn requeue(&mut self, mut delivery: Delivery) {
         delivery.redeliveries += 1;
@@ -270,6 +276,7 @@ impl Subscription {
         Self {
             name,
             durable,
+            held: AtomicUsize::new(pending.len()),
             inner: Mutex::new(SubInner {
                 pending,
                 ..SubInner::default()
@@ -322,6 +329,7 @@ impl Subscription {
 
     fn push(&self, delivery: Delivery) {
         self.inner.lock().pending.push_back(delivery);
+        self.held.fetch_add(1, Ordering::AcqRel);
         if self.readers_waiting.load(Ordering::SeqCst) > 0 {
             self.readable.notify_waiters();
         }
@@ -345,11 +353,11 @@ impl Subscription {
     }
 
     fn has_room(&self, capacity: usize) -> bool {
-        let inner = self.inner.lock();
-        inner.removed || inner.len() < capacity
+        self.held.load(Ordering::Acquire) < capacity
     }
 
-    async fn wait_for_room(&self, broker: &Broker) -> Result<()> {
+    /// Waits until the subscription has room (or fails under [`Overflow::Fail`]).
+    pub(crate) async fn wait_for_room(&self, broker: &Broker) -> Result<()> {
         let capacity = broker.config.subscription_capacity;
         if self.has_room(capacity) {
             return Ok(());
@@ -428,6 +436,7 @@ impl Subscription {
     pub(crate) fn ack(&self, seq: u64) {
         let removed = self.inner.lock().unacked.remove(&seq).is_some();
         if removed {
+            self.held.fetch_sub(1, Ordering::AcqRel);
             self.room_freed();
         }
     }
@@ -475,6 +484,7 @@ impl Subscription {
         inner.removed = true;
         inner.pending.clear();
         inner.unacked.clear();
+        self.held.store(0, Ordering::Release);
         drop(inner);
         self.wake_all();
     }

@@ -84,6 +84,8 @@ use syn::{
 /// # Arguments
 ///
 /// * `#[message(name = "Other")]` sets `Message::NAME` (the Rust type name by default);
+/// * The crate path is found from the calling crate's Cargo.toml (`tg-schema`, or the `tg-pubsub`
+///   facade's `schema` module).
 /// * `#[message(crate = path::to::tg_schema)]` (or `crate = "path::to::tg_schema"`) names the
 ///   `tg-schema` crate when it is not reachable as `::tg_schema`, for example when it is used through
 ///   a re-export of another crate.
@@ -141,9 +143,32 @@ impl Parse for Args {
         });
         syn::parse::Parser::parse2(parser, input.parse::<TokenStream2>()?)?;
         Ok(Args {
-            krate: krate.unwrap_or_else(|| parse_quote!(::tg_schema)),
+            krate: krate.unwrap_or_else(default_crate_path),
             name,
         })
+    }
+}
+
+/// Where `tg-schema` is reachable from the crate using the macro: `::tg_schema` when it depends on
+/// tg-schema (under whatever name), `::tg_pubsub::schema` when it only depends on the facade.
+fn default_crate_path() -> syn::Path {
+    use proc_macro_crate::{crate_name, FoundCrate};
+    let named =
+        |name: &str| syn::Ident::new(&name.replace('-', "_"), proc_macro2::Span::call_site());
+    match crate_name("tg-schema") {
+        Ok(FoundCrate::Name(name)) => {
+            let ident = named(&name);
+            parse_quote!(::#ident)
+        }
+        // tg-schema itself (its lib has `extern crate self as tg_schema`), its tests and doctests
+        Ok(FoundCrate::Itself) => parse_quote!(::tg_schema),
+        Err(_) => match crate_name("tg-pubsub") {
+            Ok(FoundCrate::Name(name)) => {
+                let ident = named(&name);
+                parse_quote!(::#ident::schema)
+            }
+            _ => parse_quote!(::tg_schema),
+        },
     }
 }
 

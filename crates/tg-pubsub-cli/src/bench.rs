@@ -1,0 +1,269 @@
+//! `tg-pubsub bench`: N messages producer task → consumer task through the selected backend.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use tg_pubsub::{
+    message, Backend, BackendExt, Consumer, ConsumerOptions, Error, ErrorKind, OutboundMessage,
+    Qos, Result, SendReceipt, Topic,
+};
+use tg_testkit::bench::{print_table, read_stamp, stamped_payload, LatencyRecorder, Row};
+
+/// Arguments of `bench`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct BenchArgs {
+    /// Messages for the raw (bytes) throughput run.
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Messages for the typed (JSON encode + decode) throughput run; 0 skips it.
+    #[arg(long, default_value_t = 300_000)]
+    typed_messages: u64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 200)]
+    size: usize,
+    /// Quality of service of the bench topic.
+    #[arg(long, default_value = "q1")]
+    qos: Qos,
+    /// Sends in flight before the producer waits for the oldest receipt.
+    #[arg(long, default_value_t = 4096)]
+    window: usize,
+    /// Rate (msg/s) of the latency run; 0 skips it.
+    #[arg(long, default_value_t = 1000)]
+    rate: u64,
+    /// Seconds of the latency run.
+    #[arg(long, default_value_t = 2.0)]
+    rate_seconds: f64,
+}
+
+/// The typed bench message: about 200 bytes of JSON.
+#[message]
+#[derive(Debug, Clone, Default, PartialEq)]
+struct BenchMessage {
+    seq: u64,
+    sent_ns: u64,
+    body: String,
+}
+
+pub(crate) async fn run(backend: &dyn Backend, args: &BenchArgs) -> Result<()> {
+    let run_id = uuid::Uuid::new_v4().simple().to_string();
+    let topic = Topic::new(args.qos, "tg", "bench", &format!("bench-{}", &run_id[..12]))?;
+    println!(
+        "bench on backend {} topic {topic}: {} raw + {} typed messages of ~{} bytes",
+        backend.name(),
+        args.messages,
+        args.typed_messages,
+        args.size
+    );
+    let mut rows = Vec::new();
+    if args.messages > 0 {
+        let (elapsed, _) = raw_run(
+            backend,
+            &topic.with_queue("raw")?.with_qos(args.qos),
+            args.messages,
+            args.size,
+            args.window,
+            None,
+        )
+        .await?;
+        rows.push(Row::new("throughput", "raw bytes", args.messages, elapsed).baseline());
+    }
+    if args.typed_messages > 0 {
+        let elapsed = typed_run(backend, &topic.with_queue("typed")?, args).await?;
+        rows.push(Row::new(
+            "throughput",
+            "typed JSON",
+            args.typed_messages,
+            elapsed,
+        ));
+    }
+    if args.rate > 0 {
+        let count = (args.rate as f64 * args.rate_seconds).round() as u64;
+        let (elapsed, latency) = raw_run(
+            backend,
+            &topic.with_queue("latency")?,
+            count,
+            args.size,
+            args.window,
+            Some(args.rate),
+        )
+        .await?;
+        rows.push(
+            Row::new(format!("{} msg/s", args.rate), "raw bytes", count, elapsed)
+                .with_latency(latency.summary()),
+        );
+    }
+    print_table(
+        &format!("tg-pubsub bench: backend {}, {}", backend.name(), args.qos),
+        &rows,
+    );
+    Ok(())
+}
+
+fn progress(total: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(label.to_owned());
+    bar
+}
+
+const PROGRESS_STEP: u64 = 8192;
+
+async fn receive_n(
+    consumer: &dyn Consumer,
+    n: u64,
+    t0: Instant,
+    bar: &ProgressBar,
+    every: u64,
+) -> Result<LatencyRecorder> {
+    let mut latency = LatencyRecorder::new();
+    for i in 0..n {
+        let msg = consumer
+            .receive(Duration::from_secs(30))
+            .await
+            .map_err(|e| {
+                if e.kind() == ErrorKind::Timeout {
+                    Error::new(
+                        ErrorKind::Timeout,
+                        format!("bench consumer got {i} of {n} messages, then nothing for 30 s"),
+                    )
+                } else {
+                    e
+                }
+            })?;
+        if i % every == 0 {
+            if let Some(l) = read_stamp(msg.payload(), t0) {
+                latency.record(l);
+            }
+        }
+        consumer.acknowledge(&msg).await?;
+        if i % PROGRESS_STEP == 0 {
+            bar.set_position(i);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(latency)
+}
+
+/// Raw bytes: returns the time until the consumer got the last message, and latencies (every
+/// message at a fixed rate, a sample of 1 in 64 otherwise).
+async fn raw_run(
+    backend: &dyn Backend,
+    topic: &Topic,
+    n: u64,
+    size: usize,
+    window: usize,
+    rate: Option<u64>,
+) -> Result<(Duration, LatencyRecorder)> {
+    let consumer: Arc<dyn Consumer> = backend
+        .create_consumer(topic, ConsumerOptions::new("bench"))
+        .await?
+        .into();
+    let producer = backend.create_producer(topic, Default::default()).await?;
+    let bar = progress(n, if rate.is_some() { "latency" } else { "raw" });
+    let t0 = Instant::now();
+    let reader = {
+        let consumer = consumer.clone();
+        let bar = bar.clone();
+        let every = if rate.is_some() { 1 } else { 64 };
+        tokio::spawn(async move {
+            let latency = receive_n(&*consumer, n, t0, &bar, every).await?;
+            Ok::<_, Error>((t0.elapsed(), latency))
+        })
+    };
+    let mut in_flight: VecDeque<SendReceipt> = VecDeque::with_capacity(window);
+    let mut ticker =
+        rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r.max(1) as f64)));
+    for _ in 0..n {
+        if let Some(t) = ticker.as_mut() {
+            t.tick().await;
+        }
+        if in_flight.len() >= window.max(1) {
+            if let Some(r) = in_flight.pop_front() {
+                r.await?;
+            }
+        }
+        in_flight.push_back(
+            producer
+                .send(OutboundMessage::new(stamped_payload(size, t0)))
+                .await?,
+        );
+    }
+    for r in in_flight {
+        r.await?;
+    }
+    producer.flush().await?;
+    let (elapsed, latency) = reader.await.map_err(|e| {
+        Error::new(
+            ErrorKind::Unexpected,
+            format!("bench consumer task failed: {e}"),
+        )
+    })??;
+    producer.close().await?;
+    consumer.unsubscribe().await?;
+    Ok((elapsed, latency))
+}
+
+/// Typed: encode and decode a ~200-byte JSON message on every send and receive.
+async fn typed_run(backend: &dyn Backend, topic: &Topic, args: &BenchArgs) -> Result<Duration> {
+    let n = args.typed_messages;
+    let consumer = backend
+        .typed_consumer::<BenchMessage>(topic, ConsumerOptions::new("bench"))
+        .await?;
+    let producer = backend.typed_producer::<BenchMessage>(topic).await?;
+    let body = "x".repeat(args.size.saturating_sub(48));
+    let bar = progress(n, "typed");
+    let t0 = Instant::now();
+    let reader = {
+        let bar = bar.clone();
+        tokio::spawn(async move {
+            for i in 0..n {
+                let msg = consumer.receive(Duration::from_secs(30)).await?;
+                if msg.value().seq >= n {
+                    return Err(Error::new(
+                        ErrorKind::Decode,
+                        format!("bench message decoded with seq {} of {n}", msg.value().seq),
+                    ));
+                }
+                consumer.acknowledge(&msg).await?;
+                if i % PROGRESS_STEP == 0 {
+                    bar.set_position(i);
+                }
+            }
+            bar.finish_and_clear();
+            consumer.unsubscribe().await?;
+            Ok::<_, Error>(t0.elapsed())
+        })
+    };
+    let mut in_flight: VecDeque<SendReceipt> = VecDeque::with_capacity(args.window);
+    for seq in 0..n {
+        if in_flight.len() >= args.window.max(1) {
+            if let Some(r) = in_flight.pop_front() {
+                r.await?;
+            }
+        }
+        let sent_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let value = BenchMessage {
+            seq,
+            sent_ns,
+            body: body.clone(),
+        };
+        in_flight.push_back(producer.send_nowait(&value, Default::default()).await?);
+    }
+    for r in in_flight {
+        r.await?;
+    }
+    let elapsed = reader.await.map_err(|e| {
+        Error::new(
+            ErrorKind::Unexpected,
+            format!("bench consumer task failed: {e}"),
+        )
+    })??;
+    producer.close().await?;
+    Ok(elapsed)
+}

@@ -1,0 +1,122 @@
+//! The `tg-pubsub` program, run as a user runs it.
+
+use std::process::{Command, Output};
+
+fn tg_pubsub(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tg-pubsub"));
+    cmd.args(args)
+        .env_remove("PUBSUB_BACKEND")
+        .env_remove("PUBSUB_FALLBACK")
+        .env_remove("MEMORY_URL");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run tg-pubsub")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn both_round_trips_on_memory() {
+    let out = tg_pubsub(&["both", "--count", "25"], &[]);
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("round trip OK: 25/25 messages"), "{stdout}");
+    assert!(stdout.contains("through memory"), "{stdout}");
+}
+
+#[test]
+fn bench_prints_the_table() {
+    let out = tg_pubsub(
+        &[
+            "bench",
+            "--messages",
+            "2000",
+            "--typed-messages",
+            "500",
+            "--rate",
+            "200",
+            "--rate-seconds",
+            "0.2",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("| throughput | raw bytes | 2000 |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| throughput | typed JSON | 500 |"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("| 200 msg/s | raw bytes | 40 |"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn unknown_backend_is_a_clear_error() {
+    let out = tg_pubsub(&["both"], &[("PUBSUB_BACKEND", "kafka")]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("unknown backend \"kafka\""), "{stderr}");
+    assert!(stderr.contains("compiled in: memory"), "{stderr}");
+}
+
+#[test]
+fn malformed_variable_is_named() {
+    let out = tg_pubsub(&["both"], &[("MEMORY_URL", "memory://?capacity=many")]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("MEMORY_URL / --memory-url"), "{stderr}");
+    assert!(stderr.contains("capacity"), "{stderr}");
+}
+
+#[test]
+fn bad_topic_names_the_segment() {
+    let out = tg_pubsub(&["publish", "--topic", "q1/tg/flow/a+b"], &[]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("queue segment contains '+'"), "{stderr}");
+}
+
+#[test]
+fn publish_then_listen_with_earliest() {
+    // one process per command, so each gets its own in-memory broker: publish reports success,
+    // listen times out idle without error
+    let out = tg_pubsub(
+        &[
+            "publish",
+            "--topic",
+            "q1/tg/flow/cli-test",
+            "--count",
+            "3",
+            "--property",
+            "id=7",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("published 3 message(s) to q1/tg/flow/cli-test on memory"));
+    let out = tg_pubsub(
+        &[
+            "listen",
+            "--topic",
+            "q1/tg/flow/cli-test",
+            "--idle-timeout",
+            "0.3",
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("received 0 message(s)"),
+        "{}",
+        text(&out.stderr)
+    );
+}
