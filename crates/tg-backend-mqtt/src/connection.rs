@@ -1,0 +1,936 @@
+//! One MQTT connection: a rumqttc client plus the task that polls its event loop.
+//!
+//! The task matches rumqttc's events to what was asked of it: a publish's receipt completes on
+//! PUBACK (QoS 1), PUBCOMP (QoS 2) or when it is written (QoS 0); a subscribe or unsubscribe
+//! completes on SUBACK / UNSUBACK. rumqttc reports packet ids only in events, in the order it
+//! takes requests from its queue, so the task keeps requests in that order and pairs them up.
+//!
+//! When the connection breaks, the task takes back every publish and subscribe that was not yet
+//! confirmed (rumqttc drops them when the broker has no session for the client), waits with
+//! exponential backoff and full jitter, reconnects, and queues them again first, in their
+//! original order. Consumers resubscribe when the broker lost their session.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use rand::Rng;
+use rumqttc::v5::mqttbytes::v5::{
+    ConnectReturnCode, Filter, Packet, PubAckReason, PubRecReason, Publish, Subscribe,
+    SubscribeReasonCode, UnsubAckReason, Unsubscribe,
+};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Request, StateError,
+};
+use rumqttc::Outgoing;
+use tg_backend_api::{Error, ErrorKind, MessageId, Result};
+use tokio::sync::{oneshot, Notify};
+
+use crate::config::{MqttConfig, MAX_PACKET};
+use crate::consumer::ConsumerCore;
+
+/// Room left in a packet for the topic, properties and header when a payload is at the limit.
+pub(crate) const PACKET_HEADROOM: usize = 64 * 1024;
+
+/// How a connection is set up.
+pub(crate) struct ConnectionSpec {
+    pub(crate) client_id: String,
+    /// `None`: clean start, no session. `Some(secs)`: persistent session kept that long.
+    pub(crate) session_expiry: Option<u32>,
+    /// Consumers: where incoming publishes go (manual acks on).
+    pub(crate) consumer: Option<Arc<ConsumerCore>>,
+}
+
+/// What the broker said about a publish.
+#[derive(Debug, Clone)]
+pub(crate) struct Confirmed {
+    pub(crate) id: MessageId,
+    /// False when the broker answered "no matching subscribers" (QoS 1/2 only).
+    pub(crate) matched: bool,
+}
+
+type PublishDone = oneshot::Sender<Result<Confirmed>>;
+type SubDone = oneshot::Sender<Result<()>>;
+
+struct PubOp {
+    seq: u64,
+    publish: Publish,
+    done: Option<PublishDone>,
+    matched: bool,
+}
+
+struct SubOp {
+    seq: u64,
+    request: Request,
+    done: Option<SubDone>,
+}
+
+#[derive(Default)]
+struct Tracker {
+    next_seq: u64,
+    /// Publishes handed to rumqttc that have no packet id yet, in rumqttc's queue order.
+    unassigned: VecDeque<PubOp>,
+    /// QoS 1/2 publishes written and waiting for PUBACK / PUBCOMP, by packet id.
+    inflight: HashMap<u16, PubOp>,
+    /// A publish rumqttc held back because its packet id was still in use.
+    collided: Option<PubOp>,
+    /// Publishes taken back after a disconnect, queued again after the next CONNACK.
+    resend: Vec<PubOp>,
+    subs_unassigned: VecDeque<SubOp>,
+    subs_inflight: HashMap<u16, SubOp>,
+    subs_resend: Vec<SubOp>,
+}
+
+impl Tracker {
+    fn lowest_outstanding(&self) -> Option<u64> {
+        let mut low = self.unassigned.front().map(|o| o.seq);
+        let mut take = |s: u64| low = Some(low.map_or(s, |l| l.min(s)));
+        self.inflight.values().for_each(|o| take(o.seq));
+        self.resend.iter().for_each(|o| take(o.seq));
+        if let Some(o) = &self.collided {
+            take(o.seq);
+        }
+        low
+    }
+}
+
+struct Shared {
+    client_id: String,
+    address: String,
+    tracker: Mutex<Tracker>,
+    /// Orders "record the request" + "queue it in rumqttc" between tasks.
+    submit: tokio::sync::Mutex<()>,
+    /// The broker's Maximum Packet Size (MQTT's maximum when it announces none).
+    broker_max_packet: AtomicU32,
+    connected: AtomicBool,
+    closed: AtomicBool,
+    shutdown: Notify,
+    progress: Notify,
+    consumer: Option<Arc<ConsumerCore>>,
+    last_error: Mutex<Option<String>>,
+    publish_ids: AtomicU64,
+}
+
+/// A connection to the broker. Cheap to share behind an `Arc`.
+pub(crate) struct Connection {
+    client: AsyncClient,
+    shared: Arc<Shared>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Connection {
+    /// Connects and returns once the broker accepted the connection, or fails with `Auth`
+    /// (refused credentials), `Connection` (unreachable) or `ConfigInvalid`.
+    pub(crate) async fn open(config: &MqttConfig, spec: ConnectionSpec) -> Result<Arc<Self>> {
+        let options = mqtt_options(config, &spec)?;
+        let (client, eventloop) = AsyncClient::new(options, config.request_capacity);
+        let shared = Arc::new(Shared {
+            client_id: spec.client_id,
+            address: config.address(),
+            tracker: Mutex::new(Tracker::default()),
+            submit: tokio::sync::Mutex::new(()),
+            broker_max_packet: AtomicU32::new(MAX_PACKET),
+            connected: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            shutdown: Notify::new(),
+            progress: Notify::new(),
+            consumer: spec.consumer,
+            last_error: Mutex::new(None),
+            publish_ids: AtomicU64::new(0),
+        });
+        let (first_tx, first_rx) = oneshot::channel();
+        let backoff_cap = config.reconnect_max_delay;
+        let task = tokio::spawn(run(eventloop, shared.clone(), first_tx, backoff_cap));
+        let timeout = config.connect_timeout + Duration::from_secs(1);
+        match tokio::time::timeout(timeout, first_rx).await {
+            Ok(Ok(Ok(()))) => Ok(Arc::new(Self {
+                client,
+                shared,
+                task: Mutex::new(Some(task)),
+            })),
+            Ok(Ok(Err(e))) => Err(e),
+            Ok(Err(_)) => Err(
+                Error::connection("the MQTT connection task ended while connecting")
+                    .with_context("broker", &shared.address),
+            ),
+            Err(_) => {
+                shared.closed.store(true, Ordering::Release);
+                shared.shutdown.notify_waiters();
+                Err(Error::connection(format!("no CONNACK within {timeout:?}"))
+                    .with_context("broker", &shared.address))
+            }
+        }
+    }
+
+    pub(crate) fn client(&self) -> &AsyncClient {
+        &self.client
+    }
+
+    pub(crate) fn client_id(&self) -> &str {
+        &self.shared.client_id
+    }
+
+    pub(crate) fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// The broker's Maximum Packet Size.
+    pub(crate) fn broker_max_packet(&self) -> usize {
+        self.shared.broker_max_packet.load(Ordering::Acquire) as usize
+    }
+
+    pub(crate) fn status_error(&self) -> Error {
+        let why = self
+            .shared
+            .last_error
+            .lock()
+            .clone()
+            .unwrap_or_else(|| "not connected".into());
+        Error::connection(format!("MQTT broker unreachable: {why}"))
+            .with_context("broker", &self.shared.address)
+    }
+
+    /// Queues a publish; the returned channel answers when the broker confirmed it.
+    pub(crate) async fn publish(
+        &self,
+        publish: Publish,
+    ) -> Result<oneshot::Receiver<Result<Confirmed>>> {
+        let (tx, rx) = oneshot::channel();
+        let _order = self.shared.submit.lock().await;
+        if self.is_closed() {
+            return Err(Error::closed("MQTT connection"));
+        }
+        let seq = {
+            let mut t = self.shared.tracker.lock();
+            t.next_seq += 1;
+            let seq = t.next_seq;
+            t.unassigned.push_back(PubOp {
+                seq,
+                publish: publish.clone(),
+                done: Some(tx),
+                matched: true,
+            });
+            seq
+        };
+        let Publish {
+            topic,
+            qos,
+            retain,
+            payload,
+            properties,
+            ..
+        } = publish;
+        let topic = String::from_utf8_lossy(&topic).into_owned();
+        let queued = match properties {
+            Some(p) => {
+                self.client
+                    .publish_with_properties(topic, qos, retain, payload, p)
+                    .await
+            }
+            None => self.client.publish(topic, qos, retain, payload).await,
+        };
+        if queued.is_err() {
+            let mut t = self.shared.tracker.lock();
+            if t.unassigned.back().is_some_and(|o| o.seq == seq) {
+                t.unassigned.pop_back();
+            }
+            return Err(Error::closed("MQTT connection"));
+        }
+        Ok(rx)
+    }
+
+    /// Subscribes and waits for the SUBACK.
+    pub(crate) async fn subscribe(&self, filters: Vec<Filter>) -> Result<()> {
+        self.sub_request(Request::Subscribe(Subscribe::new_many(filters, None)))
+            .await
+    }
+
+    /// Unsubscribes and waits for the UNSUBACKs.
+    pub(crate) async fn unsubscribe(&self, filters: Vec<String>) -> Result<()> {
+        for filter in filters {
+            self.sub_request(Request::Unsubscribe(Unsubscribe::new(filter, None)))
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn sub_request(&self, request: Request) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        {
+            let _order = self.shared.submit.lock().await;
+            if self.is_closed() {
+                return Err(Error::closed("MQTT connection"));
+            }
+            let seq = {
+                let mut t = self.shared.tracker.lock();
+                t.next_seq += 1;
+                let seq = t.next_seq;
+                t.subs_unassigned.push_back(SubOp {
+                    seq,
+                    request: request.clone(),
+                    done: Some(tx),
+                });
+                seq
+            };
+            let queued = match request {
+                Request::Subscribe(s) => self.client.subscribe_many(s.filters).await,
+                Request::Unsubscribe(mut u) => match u.filters.pop() {
+                    Some(f) => self.client.unsubscribe(f).await,
+                    None => Ok(()),
+                },
+                _ => Ok(()),
+            };
+            if queued.is_err() {
+                let mut t = self.shared.tracker.lock();
+                if t.subs_unassigned.back().is_some_and(|o| o.seq == seq) {
+                    t.subs_unassigned.pop_back();
+                }
+                return Err(Error::closed("MQTT connection"));
+            }
+        }
+        match tokio::time::timeout(Duration::from_secs(30), rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(Error::closed("MQTT connection")),
+            Err(_) => Err(
+                Error::new(ErrorKind::Timeout, "no SUBACK/UNSUBACK within 30 s")
+                    .with_context("client_id", &self.shared.client_id),
+            ),
+        }
+    }
+
+    /// Waits until every publish queued before the call is confirmed (or failed).
+    pub(crate) async fn flush(&self) -> Result<()> {
+        let target = self.shared.tracker.lock().next_seq;
+        loop {
+            let notified = self.shared.progress.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let low = self.shared.tracker.lock().lowest_outstanding();
+            let done = match low {
+                Some(l) => l > target,
+                None => true,
+            };
+            if done {
+                return Ok(());
+            }
+            if self.is_closed() {
+                return Err(Error::closed("MQTT connection"));
+            }
+            notified.await;
+        }
+    }
+
+    /// Disconnects cleanly; outstanding receipts fail with `Closed`.
+    pub(crate) async fn close(&self) {
+        if self.shared.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        // A DISCONNECT through the queue, so that what was queued before (acks) goes out first.
+        let sent = tokio::time::timeout(Duration::from_secs(2), self.client.disconnect()).await;
+        if !matches!(sent, Ok(Ok(()))) || !self.is_connected() {
+            self.shared.shutdown.notify_one();
+        }
+        let task = self.task.lock().take();
+        if let Some(mut task) = task {
+            if tokio::time::timeout(Duration::from_secs(3), &mut task)
+                .await
+                .is_err()
+            {
+                self.shared.shutdown.notify_one();
+                if tokio::time::timeout(Duration::from_secs(1), &mut task)
+                    .await
+                    .is_err()
+                {
+                    task.abort();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        if !self.shared.closed.swap(true, Ordering::AcqRel) && self.client.try_disconnect().is_err()
+        {
+            self.shared.shutdown.notify_one();
+        }
+    }
+}
+
+fn mqtt_options(config: &MqttConfig, spec: &ConnectionSpec) -> Result<MqttOptions> {
+    config.validate()?;
+    let mut options = MqttOptions::new(spec.client_id.clone(), config.host.clone(), config.port);
+    options.set_keep_alive(config.keep_alive.max(Duration::from_secs(5)));
+    options.set_connection_timeout(config.connect_timeout.as_secs().max(1));
+    options.set_request_channel_capacity(config.request_capacity);
+    options.set_outgoing_inflight_upper_limit(config.inflight);
+    let incoming_max =
+        (config.max_payload.saturating_add(PACKET_HEADROOM)).min(MAX_PACKET as usize);
+    options.set_max_packet_size(Some(incoming_max as u32));
+    if let Some(user) = &config.username {
+        options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
+    }
+    match spec.session_expiry {
+        Some(secs) => {
+            options.set_clean_start(false);
+            options.set_session_expiry_interval(Some(secs));
+        }
+        None => {
+            options.set_clean_start(true);
+        }
+    }
+    if spec.consumer.is_some() {
+        options.set_manual_acks(true);
+        options.set_receive_maximum(Some(config.receive_maximum));
+    }
+    let mut network = rumqttc::NetworkOptions::new();
+    network.set_tcp_nodelay(config.tcp_nodelay);
+    network.set_connection_timeout(config.connect_timeout.as_secs().max(1));
+    options.set_network_options(network);
+    if config.tls {
+        #[cfg(feature = "tls")]
+        {
+            options.set_transport(rumqttc::Transport::tls_with_config(tls_config(
+                config.ca_file.as_deref(),
+            )?));
+        }
+        #[cfg(not(feature = "tls"))]
+        {
+            return Err(Error::unsupported(
+                "mqtts:// needs the `tls` feature of tg-backend-mqtt, which this build lacks",
+            ));
+        }
+    }
+    Ok(options)
+}
+
+#[cfg(feature = "tls")]
+fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rumqttc::TlsConfiguration> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    use rustls::{ClientConfig, RootCertStore};
+
+    let (pem, from) = match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|e| {
+                Error::config(format!(
+                    "cannot read the TLS CA file {}: {e}",
+                    path.display()
+                ))
+            })?;
+            (pem, path.display().to_string())
+        }
+        None => {
+            // The system's PEM bundle (Debian/Ubuntu/Alpine, then Fedora/RHEL).
+            let bundles = [
+                "/etc/ssl/certs/ca-certificates.crt",
+                "/etc/pki/tls/certs/ca-bundle.crt",
+            ];
+            let found = bundles
+                .iter()
+                .find_map(|p| std::fs::read(p).ok().map(|pem| (pem, (*p).to_owned())));
+            found.ok_or_else(|| {
+                Error::config("no system root certificates found for mqtts://; set ca_file")
+            })?
+        }
+    };
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
+        let _ = roots.add(cert);
+    }
+    if roots.is_empty() {
+        return Err(Error::config(format!("no usable certificate in {from}")));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::config(format!("TLS setup failed: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
+}
+
+/// Classifies a connection failure for the caller; never includes credentials.
+fn classify(e: &ConnectionError, address: &str) -> Error {
+    let err = match e {
+        ConnectionError::ConnectionRefused(
+            code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
+        ) => Error::new(
+            ErrorKind::Auth,
+            format!("the MQTT broker refused the credentials ({code:?})"),
+        ),
+        ConnectionError::ConnectionRefused(code) => {
+            Error::connection(format!("the MQTT broker refused the connection ({code:?})"))
+        }
+        ConnectionError::Io(io) => Error::connection(format!("cannot reach the MQTT broker: {io}")),
+        ConnectionError::Timeout(_) => Error::connection("connecting to the MQTT broker timed out"),
+        #[cfg(feature = "tls")]
+        ConnectionError::Tls(tls) => Error::connection(format!("TLS handshake failed: {tls}")),
+        other => Error::connection(format!("MQTT connection failed: {other}")),
+    };
+    err.with_context("broker", address)
+}
+
+fn backoff(attempt: u32, cap: Duration) -> Duration {
+    let base = Duration::from_millis(100);
+    let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
+    let millis = ceiling.as_millis().max(1) as u64;
+    Duration::from_millis(rand::thread_rng().gen_range(millis / 10..=millis))
+}
+
+async fn run(
+    mut eventloop: EventLoop,
+    shared: Arc<Shared>,
+    first: oneshot::Sender<Result<()>>,
+    backoff_cap: Duration,
+) {
+    let mut first = Some(first);
+    let mut attempt = 0u32;
+    let mut connected_before = false;
+    // rumqttc forgets the packet ids of QoS 2 messages it sent PUBREC for when the connection
+    // drops, and treats the PUBREL the broker resends on the resumed session as a protocol
+    // error. When that repeats, the session is given up once (clean start) to get out of it.
+    let mut unsolicited = 0u32;
+    let persistent = !eventloop.options.clean_start();
+    loop {
+        let polled = tokio::select! {
+            polled = eventloop.poll() => polled,
+            _ = shared.shutdown.notified(), if shared.closed.load(Ordering::Acquire) => break,
+        };
+        match polled {
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                attempt = 0;
+                shared.connected.store(true, Ordering::Release);
+                *shared.last_error.lock() = None;
+                let max = ack
+                    .properties
+                    .as_ref()
+                    .and_then(|p| p.max_packet_size)
+                    .unwrap_or(MAX_PACKET)
+                    .min(MAX_PACKET);
+                shared.broker_max_packet.store(max, Ordering::Release);
+                if connected_before {
+                    tracing::info!(client_id = %shared.client_id, broker = %shared.address,
+                        session_present = ack.session_present, "MQTT connection re-established");
+                }
+                if persistent && eventloop.options.clean_start() {
+                    eventloop.options.set_clean_start(false);
+                }
+                requeue(
+                    &mut eventloop,
+                    &shared,
+                    ack.session_present,
+                    connected_before,
+                );
+                connected_before = true;
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
+            Ok(event) => handle(&shared, event, &mut eventloop.pending).await,
+            Err(e) => {
+                shared.connected.store(false, Ordering::Release);
+                let err = classify(&e, &shared.address);
+                if matches!(e, ConnectionError::MqttState(StateError::Unsolicited(_))) {
+                    unsolicited += 1;
+                    if persistent && unsolicited >= 2 {
+                        tracing::warn!(client_id = %shared.client_id,
+                            "the resumed MQTT session keeps failing on an acknowledgement rumqttc \
+                             lost track of; starting a clean session (messages the broker still \
+                             queued for it are dropped)");
+                        eventloop.options.set_clean_start(true);
+                        unsolicited = 0;
+                    }
+                } else {
+                    unsolicited = 0;
+                }
+                // Events rumqttc produced before failing still count (acks read in the same batch).
+                let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
+                for event in stale {
+                    handle(&shared, event, &mut eventloop.pending).await;
+                }
+                take_back(&mut eventloop, &shared);
+                if shared.closed.load(Ordering::Acquire) {
+                    break;
+                }
+                if let Some(tx) = first.take() {
+                    let _ = tx.send(Err(err));
+                    shared.closed.store(true, Ordering::Release);
+                    break;
+                }
+                let delay = backoff(attempt, backoff_cap);
+                attempt = attempt.saturating_add(1);
+                let auth = err.kind() == ErrorKind::Auth;
+                *shared.last_error.lock() = Some(err.message().to_owned());
+                if auth {
+                    tracing::error!(client_id = %shared.client_id, error = %err, retry_in = ?delay,
+                        "MQTT broker refuses the credentials; retrying");
+                } else {
+                    tracing::warn!(client_id = %shared.client_id, error = %err, retry_in = ?delay,
+                        "MQTT connection lost; reconnecting");
+                }
+                let notified = shared.shutdown.notified();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = notified => {}
+                }
+                if shared.closed.load(Ordering::Acquire) {
+                    break;
+                }
+            }
+        }
+    }
+    shared.connected.store(false, Ordering::Release);
+    shared.closed.store(true, Ordering::Release);
+    fail_all(&shared);
+    if let Some(consumer) = &shared.consumer {
+        consumer.connection_ended();
+    }
+}
+
+/// Answers what rumqttc reports.
+async fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
+    match event {
+        Event::Incoming(Packet::Publish(publish)) => {
+            if let Some(consumer) = &shared.consumer {
+                if let Some(ack) = consumer.deliver(publish).await {
+                    pending.push_back(ack);
+                }
+            }
+        }
+        Event::Outgoing(Outgoing::Publish(pkid)) => {
+            let mut t = shared.tracker.lock();
+            let op = match t.collided.take() {
+                Some(op) if op.publish.pkid == pkid => Some(op),
+                other => {
+                    t.collided = other;
+                    t.unassigned.pop_front()
+                }
+            };
+            if let Some(mut op) = op {
+                if op.publish.qos == QoS::AtMostOnce {
+                    complete(shared, &mut op, Ok(()));
+                } else {
+                    op.publish.pkid = pkid;
+                    t.inflight.insert(pkid, op);
+                }
+            }
+        }
+        Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+            let mut t = shared.tracker.lock();
+            if let Some(mut op) = t.unassigned.pop_front() {
+                op.publish.pkid = pkid;
+                t.collided = Some(op);
+            }
+        }
+        Event::Incoming(Packet::PubAck(ack)) => {
+            let op = shared.tracker.lock().inflight.remove(&ack.pkid);
+            if let Some(mut op) = op {
+                let outcome = match ack.reason {
+                    PubAckReason::Success => Ok(()),
+                    PubAckReason::NoMatchingSubscribers => {
+                        op.matched = false;
+                        Ok(())
+                    }
+                    other => Err(refused(format!("{other:?}"))),
+                };
+                complete(shared, &mut op, outcome);
+            }
+        }
+        Event::Incoming(Packet::PubRec(rec)) => {
+            let mut t = shared.tracker.lock();
+            match rec.reason {
+                PubRecReason::Success => {}
+                PubRecReason::NoMatchingSubscribers => {
+                    if let Some(op) = t.inflight.get_mut(&rec.pkid) {
+                        op.matched = false;
+                    }
+                }
+                other => {
+                    if let Some(mut op) = t.inflight.remove(&rec.pkid) {
+                        drop(t);
+                        complete(shared, &mut op, Err(refused(format!("{other:?}"))));
+                    }
+                }
+            }
+        }
+        Event::Incoming(Packet::PubComp(comp)) => {
+            let op = shared.tracker.lock().inflight.remove(&comp.pkid);
+            if let Some(mut op) = op {
+                complete(shared, &mut op, Ok(()));
+            }
+        }
+        Event::Outgoing(Outgoing::Subscribe(pkid) | Outgoing::Unsubscribe(pkid)) => {
+            let mut t = shared.tracker.lock();
+            if let Some(op) = t.subs_unassigned.pop_front() {
+                t.subs_inflight.insert(pkid, op);
+            }
+        }
+        Event::Incoming(Packet::SubAck(ack)) => {
+            let op = shared.tracker.lock().subs_inflight.remove(&ack.pkid);
+            if let Some(op) = op {
+                let failed = ack
+                    .return_codes
+                    .iter()
+                    .find(|c| !matches!(c, SubscribeReasonCode::Success(_)));
+                let outcome = match failed {
+                    None => Ok(()),
+                    Some(code) => Err(Error::new(
+                        if matches!(code, SubscribeReasonCode::NotAuthorized) {
+                            ErrorKind::Auth
+                        } else {
+                            ErrorKind::Unexpected
+                        },
+                        format!("the MQTT broker refused the subscription: {code:?}"),
+                    )),
+                };
+                if let Some(done) = op.done {
+                    let _ = done.send(outcome);
+                }
+            }
+        }
+        Event::Incoming(Packet::UnsubAck(ack)) => {
+            let op = shared.tracker.lock().subs_inflight.remove(&ack.pkid);
+            if let Some(op) = op {
+                let failed = ack.reasons.iter().find(|r| {
+                    !matches!(
+                        r,
+                        UnsubAckReason::Success | UnsubAckReason::NoSubscriptionExisted
+                    )
+                });
+                let outcome = match failed {
+                    None => Ok(()),
+                    Some(r) => Err(Error::new(
+                        ErrorKind::Unexpected,
+                        format!("the MQTT broker refused to unsubscribe: {r:?}"),
+                    )),
+                };
+                if let Some(done) = op.done {
+                    let _ = done.send(outcome);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn refused(reason: String) -> Error {
+    Error::new(
+        ErrorKind::Unexpected,
+        format!("the MQTT broker did not accept the message: {reason}"),
+    )
+}
+
+fn complete(shared: &Shared, op: &mut PubOp, outcome: Result<()>) {
+    if let Some(done) = op.done.take() {
+        let id = shared.publish_ids.fetch_add(1, Ordering::Relaxed) + 1;
+        let matched = op.matched;
+        let _ = done.send(outcome.map(|()| Confirmed {
+            id: MessageId::from_u64(id),
+            matched,
+        }));
+    }
+    shared.progress.notify_waiters();
+}
+
+/// After a failure: takes back from rumqttc every publish and (un)subscribe it has not seen
+/// confirmed, to queue them again after the next CONNACK.
+fn take_back(eventloop: &mut EventLoop, shared: &Shared) {
+    let mut fresh_publishes = 0usize;
+    let mut fresh_subs = 0usize;
+    eventloop.pending.retain(|r| match r {
+        Request::Publish(p) => {
+            if p.pkid == 0 {
+                fresh_publishes += 1;
+            }
+            false
+        }
+        Request::PubRel(_) => false,
+        Request::Subscribe(_) | Request::Unsubscribe(_) => {
+            fresh_subs += 1;
+            false
+        }
+        _ => true,
+    });
+    let mut t = shared.tracker.lock();
+    let mut back: Vec<PubOp> = t.inflight.drain().map(|(_, op)| op).collect();
+    if let Some(op) = t.collided.take() {
+        back.push(op);
+    }
+    eventloop.state.collision = None;
+    for _ in 0..fresh_publishes {
+        match t.unassigned.pop_front() {
+            Some(op) => back.push(op),
+            None => break,
+        }
+    }
+    t.resend.extend(back);
+    t.resend.sort_by_key(|o| o.seq);
+    let mut subs: Vec<SubOp> = t.subs_inflight.drain().map(|(_, op)| op).collect();
+    for _ in 0..fresh_subs {
+        match t.subs_unassigned.pop_front() {
+            Some(op) => subs.push(op),
+            None => break,
+        }
+    }
+    t.subs_resend.extend(subs);
+    t.subs_resend.sort_by_key(|o| o.seq);
+}
+
+/// After a CONNACK: queues again what was taken back, before anything new.
+fn requeue(eventloop: &mut EventLoop, shared: &Shared, session_present: bool, reconnect: bool) {
+    let mut t = shared.tracker.lock();
+    let mut front: Vec<Request> = Vec::new();
+    // Resubscribe after every reconnect, first: when the broker lost the session the
+    // subscriptions are gone, and Mosquitto 2.0 does not route to shared subscriptions it
+    // restored from its persistence file until they are subscribed again.
+    let mut subs = std::mem::take(&mut t.subs_resend);
+    if reconnect {
+        if let Some(consumer) = &shared.consumer {
+            let filters = consumer.filters();
+            if !filters.is_empty() {
+                t.next_seq += 1;
+                let seq = t.next_seq;
+                subs.insert(
+                    0,
+                    SubOp {
+                        seq,
+                        request: Request::Subscribe(Subscribe::new_many(filters, None)),
+                        done: None,
+                    },
+                );
+            }
+        }
+    }
+    for op in subs.iter() {
+        let mut request = op.request.clone();
+        if let Request::Subscribe(s) = &mut request {
+            s.pkid = 0;
+        }
+        if let Request::Unsubscribe(u) = &mut request {
+            u.pkid = 0;
+        }
+        front.push(request);
+    }
+    for op in subs.into_iter().rev() {
+        t.subs_unassigned.push_front(op);
+    }
+    // The broker may have come back with a smaller Maximum Packet Size: a packet over it would
+    // break the connection again and again, so fail those sends instead.
+    let max = shared.broker_max_packet.load(Ordering::Acquire) as usize;
+    let (resend, too_large): (Vec<PubOp>, Vec<PubOp>) = std::mem::take(&mut t.resend)
+        .into_iter()
+        .partition(|op| op.publish.size() <= max);
+    for mut op in too_large {
+        let size = op.publish.size();
+        complete(
+            shared,
+            &mut op,
+            Err(Error::new(
+                ErrorKind::PayloadTooLarge,
+                format!(
+                    "the MQTT packet of {size} bytes exceeds the maximum packet size of {max} \
+                     bytes the broker announced when it came back; not sent again"
+                ),
+            )),
+        );
+    }
+    if !resend.is_empty() {
+        tracing::debug!(client_id = %shared.client_id, count = resend.len(), "publishing again what the broker had not confirmed");
+    }
+    for op in resend.iter() {
+        let mut p = op.publish.clone();
+        p.pkid = 0;
+        p.dup = false;
+        front.push(Request::Publish(p));
+    }
+    for mut op in resend.into_iter().rev() {
+        op.publish.pkid = 0;
+        t.unassigned.push_front(op);
+    }
+    drop(t);
+    for request in front.into_iter().rev() {
+        eventloop.pending.push_front(request);
+    }
+    if let Some(consumer) = &shared.consumer {
+        consumer.session_resumed(session_present || !reconnect);
+    }
+}
+
+fn fail_all(shared: &Shared) {
+    let mut guard = shared.tracker.lock();
+    let t = &mut *guard;
+    let mut ops: Vec<PubOp> = t.unassigned.drain(..).collect();
+    ops.extend(t.inflight.drain().map(|(_, op)| op));
+    ops.append(&mut t.resend);
+    ops.extend(t.collided.take());
+    let subs: Vec<SubOp> = t
+        .subs_unassigned
+        .drain(..)
+        .chain(t.subs_inflight.drain().map(|(_, op)| op))
+        .chain(t.subs_resend.drain(..))
+        .collect();
+    drop(guard);
+    for mut op in ops {
+        if let Some(done) = op.done.take() {
+            let _ = done.send(Err(Error::new(
+                ErrorKind::Closed,
+                "the MQTT connection closed before the broker confirmed the message",
+            )));
+        }
+    }
+    for op in subs {
+        if let Some(done) = op.done {
+            let _ = done.send(Err(Error::closed("MQTT connection")));
+        }
+    }
+    shared.progress.notify_waiters();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_full_jitter_and_stays_under_the_cap() {
+        let cap = Duration::from_secs(10);
+        for attempt in 0..40 {
+            let ceiling = Duration::from_millis(100)
+                .saturating_mul(1 << attempt.min(16))
+                .min(cap);
+            for _ in 0..50 {
+                let d = backoff(attempt, cap);
+                assert!(
+                    d <= ceiling && d >= ceiling / 10 - Duration::from_millis(1),
+                    "{attempt}: {d:?}"
+                );
+            }
+        }
+        // Jitter: many clients restarting together do not pick the same delay.
+        let delays: std::collections::HashSet<_> = (0..20).map(|_| backoff(6, cap)).collect();
+        assert!(delays.len() > 10, "{delays:?}");
+    }
+
+    #[test]
+    fn refused_credentials_are_auth_errors_without_secrets() {
+        let err = classify(
+            &ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword),
+            "broker:1883",
+        );
+        assert_eq!(err.kind(), ErrorKind::Auth);
+        assert_eq!(err.context_value("broker"), Some("broker:1883"));
+        let err = classify(
+            &ConnectionError::ConnectionRefused(ConnectReturnCode::ServerUnavailable),
+            "b:1",
+        );
+        assert_eq!(err.kind(), ErrorKind::Connection);
+    }
+}

@@ -1,0 +1,603 @@
+//! The MQTT consumer: one connection, one shared subscription (plus the subscription's
+//! redelivery topic), manual acknowledgements.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::Mutex;
+use rumqttc::v5::mqttbytes::v5::{Filter, PubAck, PubRec, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::Request;
+use tg_backend_api::{
+    receive_timeout, AckHandle, Consumer, Error, ErrorKind, Message, MessageId, Properties, Qos,
+    Result, Topic, DEDUP_ID_PROPERTY,
+};
+use tokio::sync::mpsc;
+
+use crate::backend::Inner;
+use crate::connection::Connection;
+
+/// User property counting deliveries before this one (set on messages handed back by nack/close).
+pub(crate) const REDELIVERY_PROPERTY: &str = "tg-redelivery";
+/// User property carrying [`OutboundMessage::key`](tg_backend_api::OutboundMessage::key).
+pub(crate) const KEY_PROPERTY: &str = "tg-key";
+
+/// How long `close` waits for more messages of its session after unsubscribing.
+const CLOSE_QUIET: Duration = Duration::from_millis(200);
+/// The longest `close` spends handing messages back.
+const CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
+struct Held {
+    publish: Publish,
+    /// The broker's session still holds the message unacknowledged (false after it lost the session).
+    live: bool,
+    redeliveries: u32,
+}
+
+#[derive(Default)]
+struct HeldState {
+    next_seq: u64,
+    unacked: HashMap<u64, Held>,
+    by_pkid: HashMap<u16, u64>,
+}
+
+struct Dedup {
+    seen: HashSet<String>,
+    order: VecDeque<String>,
+    window: usize,
+}
+
+impl Dedup {
+    /// Records `id`; false if it was already there.
+    fn insert(&mut self, id: &str) -> bool {
+        if self.window == 0 {
+            return true;
+        }
+        if self.seen.contains(id) {
+            return false;
+        }
+        if self.order.len() >= self.window {
+            if let Some(old) = self.order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+        self.seen.insert(id.to_owned());
+        self.order.push_back(id.to_owned());
+        true
+    }
+}
+
+/// The part of a consumer the connection task talks to.
+pub(crate) struct ConsumerCore {
+    id: u64,
+    mqtt_topic: String,
+    redeliver_topic: String,
+    filters: Mutex<Vec<Filter>>,
+    held: Mutex<HeldState>,
+    tx: mpsc::Sender<Message>,
+    dedup: Option<Mutex<Dedup>>,
+    dropped_q0: std::sync::atomic::AtomicU64,
+}
+
+impl ConsumerCore {
+    pub(crate) fn new(
+        id: u64,
+        qos: Qos,
+        mqtt_topic: String,
+        redeliver_topic: String,
+        dedup_window: usize,
+        tx: mpsc::Sender<Message>,
+    ) -> Self {
+        let dedup = (qos == Qos::Q2).then(|| {
+            Mutex::new(Dedup {
+                seen: HashSet::new(),
+                order: VecDeque::new(),
+                window: dedup_window,
+            })
+        });
+        Self {
+            id,
+            mqtt_topic,
+            redeliver_topic,
+            filters: Mutex::new(Vec::new()),
+            held: Mutex::new(HeldState::default()),
+            tx,
+            dedup,
+            dropped_q0: Default::default(),
+        }
+    }
+
+    pub(crate) fn filters(&self) -> Vec<Filter> {
+        self.filters.lock().clone()
+    }
+
+    pub(crate) fn set_filters(&self, filters: Vec<Filter>) {
+        *self.filters.lock() = filters;
+    }
+
+    /// A CONNACK arrived; when the broker has no session for us, what we hold is no longer
+    /// acknowledgeable (it will not be redelivered by the broker either).
+    pub(crate) fn session_resumed(&self, present: bool) {
+        if !present {
+            let mut held = self.held.lock();
+            held.by_pkid.clear();
+            for h in held.unacked.values_mut() {
+                h.live = false;
+            }
+        }
+    }
+
+    pub(crate) fn connection_ended(&self) {}
+
+    /// Turns an incoming PUBLISH into a message for the application. Returns an acknowledgement
+    /// to send at once for a message that is dropped as a duplicate.
+    pub(crate) async fn deliver(&self, publish: Publish) -> Option<Request> {
+        let via_redeliver = publish.topic.as_ref() == self.redeliver_topic.as_bytes();
+        if !via_redeliver && publish.topic.as_ref() != self.mqtt_topic.as_bytes() {
+            tracing::debug!(topic = %String::from_utf8_lossy(&publish.topic), "message on an unexpected topic ignored");
+            return ack_request(&publish);
+        }
+        let mut properties = Properties::new();
+        let mut count = 0u32;
+        let mut key = None;
+        if let Some(p) = &publish.properties {
+            for (k, v) in &p.user_properties {
+                match k.as_str() {
+                    REDELIVERY_PROPERTY => count = v.parse().unwrap_or(1),
+                    KEY_PROPERTY => key = Some(v.clone()),
+                    _ => {
+                        properties.insert(k.clone(), v.clone());
+                    }
+                }
+            }
+        }
+        if !via_redeliver {
+            count = u32::from(publish.dup);
+        }
+        let qos = publish.qos;
+        let message = {
+            let mut held = self.held.lock();
+            if qos != QoS::AtMostOnce {
+                if let Some(seq) = held.by_pkid.get(&publish.pkid).copied() {
+                    let same = held.unacked.get(&seq).is_some_and(|h| {
+                        publish.dup
+                            && h.publish.topic == publish.topic
+                            && h.publish.payload == publish.payload
+                    });
+                    if same {
+                        // The broker sent again a message we still hold (reconnect, same session).
+                        return None;
+                    }
+                    // The broker reuses the packet id for another message: what we hold under
+                    // it can no longer be acknowledged by packet id.
+                    tracing::debug!(pkid = publish.pkid, "packet id reused by the broker");
+                    held.by_pkid.remove(&publish.pkid);
+                    if let Some(h) = held.unacked.get_mut(&seq) {
+                        h.live = false;
+                    }
+                }
+            }
+            if !via_redeliver {
+                if let (Some(dedup), Some(id)) = (&self.dedup, properties.get(DEDUP_ID_PROPERTY)) {
+                    if !dedup.lock().insert(id) {
+                        tracing::debug!(dedup_id = %id, "duplicate q2 message dropped");
+                        return ack_request(&publish);
+                    }
+                }
+            }
+            held.next_seq += 1;
+            let seq = held.next_seq;
+            let message = Message::new(
+                publish.payload.clone(),
+                properties,
+                MessageId::from_u64(seq),
+                AckHandle::new(self.id, seq),
+            )
+            .with_redelivery_count(count)
+            .with_key(key);
+            if qos != QoS::AtMostOnce {
+                held.by_pkid.insert(publish.pkid, seq);
+                held.unacked.insert(
+                    seq,
+                    Held {
+                        publish,
+                        live: true,
+                        redeliveries: count,
+                    },
+                );
+            }
+            message
+        };
+        if qos == QoS::AtMostOnce {
+            // QoS 0 is at most once: when the application does not keep up, drop rather than
+            // stall the connection.
+            if self.tx.try_send(message).is_err() {
+                let n = self.dropped_q0.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::warn!(dropped = n + 1, "q0 consumer buffer full: messages dropped");
+                }
+            }
+        } else {
+            // Bounded by the Receive Maximum: the broker sends no more unacknowledged messages.
+            let _ = self.tx.send(message).await;
+        }
+        None
+    }
+
+    fn take(&self, seq: u64) -> Option<Held> {
+        let mut held = self.held.lock();
+        let h = held.unacked.remove(&seq)?;
+        if h.live && held.by_pkid.get(&h.publish.pkid) == Some(&seq) {
+            held.by_pkid.remove(&h.publish.pkid);
+        }
+        Some(h)
+    }
+
+    fn put_back(&self, seq: u64, h: Held) {
+        let mut held = self.held.lock();
+        if h.live {
+            held.by_pkid.insert(h.publish.pkid, seq);
+        }
+        held.unacked.insert(seq, h);
+    }
+
+    fn take_all(&self) -> Vec<Held> {
+        let mut held = self.held.lock();
+        held.by_pkid.clear();
+        let mut all: Vec<(u64, Held)> = held.unacked.drain().collect();
+        all.sort_by_key(|(seq, _)| *seq);
+        all.into_iter().map(|(_, h)| h).collect()
+    }
+}
+
+fn ack_request(publish: &Publish) -> Option<Request> {
+    match publish.qos {
+        QoS::AtMostOnce => None,
+        QoS::AtLeastOnce => Some(Request::PubAck(PubAck::new(publish.pkid, None))),
+        QoS::ExactlyOnce => Some(Request::PubRec(PubRec::new(publish.pkid, None))),
+    }
+}
+
+/// A copy of `original` for the redelivery topic, its count raised.
+fn redelivery_copy(original: &Publish, topic: &str, count: u32) -> Publish {
+    let mut user: Vec<(String, String)> = original
+        .properties
+        .as_ref()
+        .map(|p| {
+            p.user_properties
+                .iter()
+                .filter(|(k, _)| k != REDELIVERY_PROPERTY)
+                .cloned()
+                .collect()
+        })
+        .unwrap_or_default();
+    user.push((REDELIVERY_PROPERTY.to_owned(), count.to_string()));
+    let properties = PublishProperties {
+        user_properties: user,
+        ..Default::default()
+    };
+    Publish::new(
+        topic,
+        original.qos,
+        original.payload.clone(),
+        Some(properties),
+    )
+}
+
+pub(crate) struct MqttConsumer {
+    core: Arc<ConsumerCore>,
+    conn: Arc<Connection>,
+    backend: Arc<Inner>,
+    topic: Topic,
+    subscription: String,
+    named: bool,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Message>>,
+    closed: AtomicBool,
+}
+
+impl MqttConsumer {
+    pub(crate) fn new(
+        core: Arc<ConsumerCore>,
+        conn: Arc<Connection>,
+        backend: Arc<Inner>,
+        topic: Topic,
+        subscription: String,
+        named: bool,
+        rx: mpsc::Receiver<Message>,
+    ) -> Self {
+        Self {
+            core,
+            conn,
+            backend,
+            topic,
+            subscription,
+            named,
+            rx: tokio::sync::Mutex::new(rx),
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    pub(crate) fn id(&self) -> u64 {
+        self.core.id
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.backend.is_closed()
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) || self.backend.is_closed() {
+            return Err(Error::closed("consumer")
+                .with_context("topic", &self.topic)
+                .with_context("subscription", &self.subscription));
+        }
+        Ok(())
+    }
+
+    fn own_seq(&self, message: &Message) -> Result<u64> {
+        let handle = message.ack_handle();
+        if handle.consumer() != self.core.id {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "the message was received by another consumer; acknowledge it there",
+            )
+            .with_context("message_id", message.id()));
+        }
+        Ok(handle.seq())
+    }
+
+    async fn send_ack(&self, publish: &Publish) -> Result<()> {
+        self.conn.client().ack(publish).await.map_err(|_| {
+            Error::closed("MQTT connection").with_context("subscription", &self.subscription)
+        })
+    }
+
+    /// Republishes a held message to the subscription's redelivery topic; true if a consumer
+    /// of the subscription was there to take it.
+    async fn hand_back(&self, held: &Held) -> Result<bool> {
+        let copy = redelivery_copy(
+            &held.publish,
+            &self.core.redeliver_topic,
+            held.redeliveries + 1,
+        );
+        let confirmed = self
+            .backend
+            .producer()?
+            .publish(copy)
+            .await?
+            .await
+            .map_err(|_| Error::closed("MQTT connection"))??;
+        Ok(confirmed.matched)
+    }
+
+    /// Leaves the shared subscription and hands every held message back to the subscription.
+    async fn leave(&self, hand_back: bool) {
+        let filters: Vec<String> = self.core.filters().into_iter().map(|f| f.path).collect();
+        self.core.set_filters(Vec::new());
+        if tokio::time::timeout(CLOSE_LIMIT, self.conn.unsubscribe(filters))
+            .await
+            .is_err()
+        {
+            tracing::warn!(client_id = %self.conn.client_id(), "no UNSUBACK while closing");
+        }
+        let deadline = tokio::time::Instant::now() + CLOSE_LIMIT;
+        let mut stranded = 0usize;
+        let mut rx = tokio::time::timeout(Duration::from_secs(1), self.rx.lock())
+            .await
+            .ok();
+        loop {
+            if let Some(rx) = rx.as_mut() {
+                while rx.try_recv().is_ok() {}
+            }
+            let held = self.core.take_all();
+            if held.is_empty() {
+                let more = match rx.as_mut() {
+                    Some(rx) => tokio::time::timeout(CLOSE_QUIET, rx.recv()).await,
+                    None => {
+                        tokio::time::sleep(CLOSE_QUIET).await;
+                        Ok(None)
+                    }
+                };
+                match more {
+                    Ok(Some(_)) if tokio::time::Instant::now() < deadline => continue,
+                    _ => break,
+                }
+            }
+            for h in held {
+                let matched = if hand_back && h.publish.qos != QoS::AtMostOnce {
+                    match self.hand_back(&h).await {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not hand a held message back");
+                            false
+                        }
+                    }
+                } else {
+                    true
+                };
+                if matched || !hand_back {
+                    if h.live {
+                        let _ = self.send_ack(&h.publish).await;
+                    }
+                } else {
+                    stranded += 1;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+        }
+        if stranded > 0 {
+            tracing::warn!(
+                client_id = %self.conn.client_id(),
+                subscription = %self.subscription,
+                stranded,
+                "no other consumer of the subscription took the unacknowledged messages; \
+                 they stay unacknowledged in this client's MQTT session until it expires"
+            );
+        }
+    }
+
+    async fn shut(&self, unsubscribe: bool) -> Result<()> {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        self.backend.forget_consumer(self.core.id);
+        if self.conn.is_connected() {
+            if unsubscribe {
+                self.leave(false).await;
+            } else if !self.named && self.topic.qos() != Qos::Q0 {
+                self.leave(true).await;
+            }
+        }
+        self.conn.close().await;
+        Ok(())
+    }
+
+    /// Closes on backend close (same as `close`).
+    pub(crate) async fn close_from_backend(&self) {
+        let _ = self.shut(false).await;
+    }
+}
+
+#[async_trait]
+impl Consumer for MqttConsumer {
+    fn topic(&self) -> &Topic {
+        &self.topic
+    }
+
+    fn subscription(&self) -> &str {
+        &self.subscription
+    }
+
+    async fn receive(&self, timeout: Duration) -> Result<Message> {
+        self.check_open()?;
+        let got = if timeout.is_zero() {
+            match self.rx.try_lock() {
+                Ok(mut rx) => rx.try_recv().ok(),
+                Err(_) => None,
+            }
+        } else {
+            tokio::time::timeout(timeout, async {
+                let mut rx = self.rx.lock().await;
+                rx.recv().await
+            })
+            .await
+            .ok()
+            .flatten()
+        };
+        self.check_open()?;
+        match got {
+            Some(m) => Ok(m),
+            None if self.conn.is_closed() => {
+                Err(Error::closed("consumer").with_context("subscription", &self.subscription))
+            }
+            None => Err(receive_timeout(timeout)),
+        }
+    }
+
+    async fn acknowledge(&self, message: &Message) -> Result<()> {
+        let seq = self.own_seq(message)?;
+        self.check_open()?;
+        if let Some(h) = self.core.take(seq) {
+            if h.live {
+                self.send_ack(&h.publish).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
+        let seq = self.own_seq(message)?;
+        self.check_open()?;
+        let Some(h) = self.core.take(seq) else {
+            return Ok(());
+        };
+        match self.hand_back(&h).await {
+            Ok(_) => {
+                if h.live {
+                    self.send_ack(&h.publish).await?;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.core.put_back(seq, h);
+                Err(e)
+            }
+        }
+    }
+
+    async fn unsubscribe(&self) -> Result<()> {
+        self.check_open()?;
+        self.shut(true).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.shut(false).await
+    }
+}
+
+impl Drop for MqttConsumer {
+    fn drop(&mut self) {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.backend.forget_consumer(self.core.id);
+            // The connection's own Drop disconnects; held messages stay in its session.
+        }
+    }
+}
+
+impl fmt::Debug for MqttConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MqttConsumer")
+            .field("id", &self.core.id)
+            .field("topic", &self.topic)
+            .field("subscription", &self.subscription)
+            .field("client_id", &self.conn.client_id())
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_window_forgets_oldest() {
+        let mut d = Dedup {
+            seen: HashSet::new(),
+            order: VecDeque::new(),
+            window: 2,
+        };
+        assert!(d.insert("a") && d.insert("b"));
+        assert!(!d.insert("a"));
+        assert!(d.insert("c"));
+        assert!(d.insert("a"), "a fell out of the window");
+    }
+
+    #[test]
+    fn redelivery_copy_raises_the_count() {
+        let props = PublishProperties {
+            user_properties: vec![
+                ("id".into(), "1".into()),
+                (REDELIVERY_PROPERTY.into(), "1".into()),
+            ],
+            ..Default::default()
+        };
+        let p = Publish::new("a/b/c", QoS::AtLeastOnce, "x", Some(props));
+        let copy = redelivery_copy(&p, "tg-redeliver/s/a/b/c", 2);
+        let user = copy.properties.unwrap().user_properties;
+        assert_eq!(
+            user,
+            vec![
+                ("id".into(), "1".into()),
+                (REDELIVERY_PROPERTY.into(), "2".into())
+            ]
+        );
+        assert_eq!(copy.topic.as_ref(), b"tg-redeliver/s/a/b/c");
+    }
+}
