@@ -406,21 +406,19 @@ impl Subscription {
         let Some(delivery) = inner.pending.pop_front() else {
             return Ok(Take::Empty);
         };
-        let msg = delivery.msg.clone();
-        let redeliveries = delivery.redeliveries;
+        let msg = &delivery.msg;
+        let message = Message::new(
+            msg.payload.clone(),
+            msg.properties.clone(),
+            MessageId::from_u64(msg.seq),
+            AckHandle::new(consumer, msg.seq),
+        )
+        .with_redelivery_count(delivery.redeliveries)
+        .with_key(msg.key.clone())
+        .with_publish_time(msg.time);
         inner.unacked.insert(msg.seq, (delivery, consumer));
         drop(inner);
-        Ok(Take::Message(
-            Message::new(
-                msg.payload.clone(),
-                msg.properties.clone(),
-                MessageId::from_u64(msg.seq),
-                AckHandle::new(consumer, msg.seq),
-            )
-            .with_redelivery_count(redeliveries)
-            .with_key(msg.key.clone())
-            .with_publish_time(msg.time),
-        ))
+        Ok(Take::Message(message))
     }
 
     /// Registers as a waiting reader and returns the guard that unregisters.
