@@ -39,5 +39,9 @@ pub use tg_backend_api::{
     TypedMessage, TypedProducer, CORRELATION_ID_PROPERTY, DEDUP_ID_PROPERTY,
 };
 pub use tg_backend_memory::{self as memory, MemoryBackend, MemoryConfig};
+pub use tg_runtime::{
+    self as runtime, ConsumerRunner, HandlerError, Publisher, RequestResponse, RunnerConfig,
+    Subscriber,
+};
 pub use tg_schema::{self as schema, message, messages, Codec, JsonCodec, Message};
 pub use tg_topic::{self as topics, topic, Qos, Topic, TopicError};
