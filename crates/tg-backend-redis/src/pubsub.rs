@@ -1,0 +1,436 @@
+//! q0: one RESP3 pub/sub connection per backend, fanned out in-process to its consumers.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::RwLock;
+use redis::aio::{AsyncPushSender, MultiplexedConnection, SendError};
+use redis::{PushInfo, PushKind, Value};
+use tg_backend_api::{
+    next_consumer_id, receive_timeout, AckHandle, Consumer, ConsumerOptions, Error, ErrorKind,
+    Message, MessageId, Result, Topic,
+};
+use tokio::sync::{mpsc, Notify};
+
+use crate::backend::Shared;
+use crate::topic::{decode_frame, TopicKeys};
+
+struct Route {
+    consumer: u64,
+    subscription: String,
+    tx: mpsc::Sender<Message>,
+    dropped: AtomicU64,
+}
+
+type Routes = Arc<RwLock<HashMap<Vec<u8>, Vec<Arc<Route>>>>>;
+
+/// Hands pushed messages to the consumers of their channel without blocking the connection.
+struct Dispatcher {
+    routes: Routes,
+    seq: Arc<AtomicU64>,
+    disconnected: Arc<Notify>,
+}
+
+impl AsyncPushSender for Dispatcher {
+    fn send(&self, info: PushInfo) -> std::result::Result<(), SendError> {
+        if info.kind == PushKind::Disconnection {
+            self.disconnected.notify_one();
+            return Ok(());
+        }
+        if info.kind != PushKind::Message {
+            return Ok(());
+        }
+        let mut data = info.data.into_iter();
+        let (Some(Value::BulkString(channel)), Some(Value::BulkString(payload))) =
+            (data.next(), data.next())
+        else {
+            return Ok(());
+        };
+        let routes = self.routes.read();
+        let Some(list) = routes.get(&channel) else {
+            return Ok(());
+        };
+        let Some(frame) = decode_frame(Bytes::from(payload)) else {
+            tracing::debug!(channel = %String::from_utf8_lossy(&channel), "ignoring a q0 message that is not a tg-pubsub frame");
+            return Ok(());
+        };
+        let id = MessageId::from_u64(self.seq.fetch_add(1, Ordering::Relaxed));
+        for route in list {
+            let msg = Message::new(
+                frame.payload.clone(),
+                frame.properties.clone(),
+                id.clone(),
+                AckHandle::new(route.consumer, 0),
+            )
+            .with_key(frame.key.clone())
+            .with_publish_time(frame.time);
+            if route.tx.try_send(msg).is_err() {
+                let n = route.dropped.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        subscription = %route.subscription,
+                        dropped = n + 1,
+                        "q0 consumer buffer full: dropping messages (best effort)"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The backend's pub/sub connection (RESP3, pushes handled in the connection's own task) and
+/// who listens on which channel. A supervisor task reconnects and subscribes again after the
+/// connection drops; messages published meanwhile are lost (q0 is best effort).
+pub(crate) struct PubSubHub {
+    shared: Arc<Shared>,
+    conn: parking_lot::Mutex<Option<MultiplexedConnection>>,
+    routes: Routes,
+    seq: Arc<AtomicU64>,
+    disconnected: Arc<Notify>,
+    ops: tokio::sync::Mutex<()>,
+    closed: AtomicBool,
+}
+
+impl PubSubHub {
+    pub(crate) async fn connect(shared: Arc<Shared>) -> Result<Arc<Self>> {
+        let hub = Arc::new(Self {
+            shared,
+            conn: parking_lot::Mutex::new(None),
+            routes: Arc::default(),
+            seq: Arc::default(),
+            disconnected: Arc::new(Notify::new()),
+            ops: tokio::sync::Mutex::new(()),
+            closed: AtomicBool::new(false),
+        });
+        let conn = hub.open().await?;
+        *hub.conn.lock() = Some(conn);
+        tokio::spawn(supervise(Arc::downgrade(&hub), hub.disconnected.clone()));
+        Ok(hub)
+    }
+
+    async fn open(&self) -> Result<MultiplexedConnection> {
+        let shared = &self.shared;
+        let mut info = shared.config.connection_info()?;
+        info.redis.protocol = redis::ProtocolVersion::RESP3;
+        let client =
+            redis::Client::open(info).map_err(|e| shared.err(e, "invalid Redis settings"))?;
+        let cfg = shared
+            .async_config(Some(shared.config.send_timeout))
+            .set_push_sender(Dispatcher {
+                routes: self.routes.clone(),
+                seq: self.seq.clone(),
+                disconnected: self.disconnected.clone(),
+            });
+        match tokio::time::timeout(
+            shared.config.connect_timeout,
+            client.get_multiplexed_async_connection_with_config(&cfg),
+        )
+        .await
+        {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(shared.err(
+                e,
+                "cannot open the Redis pub/sub connection (RESP3, Redis 6+)",
+            )),
+            Err(_) => Err(
+                Error::connection("timed out opening the Redis pub/sub connection")
+                    .with_context("server", &shared.server),
+            ),
+        }
+    }
+
+    fn current(&self) -> Result<MultiplexedConnection> {
+        self.conn.lock().clone().ok_or_else(|| {
+            Error::connection("the Redis pub/sub connection is down; reconnecting")
+                .with_context("server", &self.shared.server)
+        })
+    }
+
+    async fn add(&self, channel: &str, route: Arc<Route>) -> Result<()> {
+        let _guard = self.ops.lock().await;
+        let first = {
+            let mut routes = self.routes.write();
+            let list = routes.entry(channel.as_bytes().to_vec()).or_default();
+            if list.iter().any(|r| r.subscription == route.subscription) {
+                return Err(Error::unsupported(format!(
+                    "subscription {:?} already has a consumer: q0 topics (Redis PUBLISH/SUBSCRIBE) \
+                     give every consumer every message, so consumers cannot share a subscription; \
+                     use another subscription name or a q1 topic",
+                    route.subscription
+                )));
+            }
+            list.push(route.clone());
+            list.len() == 1
+        };
+        if first {
+            let res = match self.current() {
+                Ok(mut conn) => {
+                    match tokio::time::timeout(
+                        self.shared.config.send_timeout,
+                        conn.subscribe(channel),
+                    )
+                    .await
+                    {
+                        Ok(Ok(())) => Ok(()),
+                        Ok(Err(e)) => Err(self.shared.err(e, "SUBSCRIBE failed")),
+                        Err(_) => Err(Error::new(
+                            ErrorKind::Timeout,
+                            "SUBSCRIBE was not confirmed in time",
+                        )
+                        .with_context("server", &self.shared.server)),
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(err) = res {
+                self.remove_route(channel, route.consumer);
+                return Err(err);
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_route(&self, channel: &str, consumer: u64) -> bool {
+        let mut routes = self.routes.write();
+        let Some(list) = routes.get_mut(channel.as_bytes()) else {
+            return false;
+        };
+        list.retain(|r| r.consumer != consumer);
+        if list.is_empty() {
+            routes.remove(channel.as_bytes());
+            true
+        } else {
+            false
+        }
+    }
+
+    async fn remove(&self, channel: &str, consumer: u64) {
+        let _guard = self.ops.lock().await;
+        if self.remove_route(channel, consumer) {
+            if let Ok(mut conn) = self.current() {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(2), conn.unsubscribe(channel)).await;
+            }
+        }
+    }
+
+    /// Drops every route (the backend closed): consumers see their channel close.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.routes.write().clear();
+        self.conn.lock().take();
+        self.disconnected.notify_one();
+    }
+}
+
+/// Reconnects the pub/sub connection after it dropped and subscribes to every channel again.
+async fn supervise(hub: Weak<PubSubHub>, disconnected: Arc<Notify>) {
+    loop {
+        disconnected.notified().await;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let Some(hub) = hub.upgrade() else { return };
+            if hub.closed.load(Ordering::Acquire) {
+                return;
+            }
+            hub.conn.lock().take();
+            let _guard = hub.ops.lock().await;
+            let attempt = async {
+                let mut conn = hub.open().await?;
+                let channels: Vec<Vec<u8>> = hub.routes.read().keys().cloned().collect();
+                if !channels.is_empty() {
+                    conn.subscribe(&channels)
+                        .await
+                        .map_err(|e| hub.shared.err(e, "SUBSCRIBE failed"))?;
+                }
+                Ok::<_, Error>(conn)
+            };
+            match attempt.await {
+                Ok(conn) => {
+                    tracing::info!(server = %hub.shared.server, "pub/sub connection restored");
+                    *hub.conn.lock() = Some(conn);
+                    break;
+                }
+                Err(e) => tracing::debug!(error = %e, "pub/sub reconnect failed; retrying"),
+            }
+            drop(_guard);
+            drop(hub);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+        }
+    }
+}
+
+/// A q0 consumer.
+pub(crate) struct PubSubConsumer {
+    id: u64,
+    hub: Arc<PubSubHub>,
+    topic: Topic,
+    subscription: String,
+    channel: String,
+    rx: tokio::sync::Mutex<mpsc::Receiver<Message>>,
+    closed: AtomicBool,
+}
+
+impl PubSubConsumer {
+    pub(crate) async fn subscribe(
+        hub: Arc<PubSubHub>,
+        topic: Topic,
+        options: ConsumerOptions,
+    ) -> Result<Self> {
+        let channel = TopicKeys::new(&hub.shared.config.prefix, &topic).main;
+        let id = next_consumer_id();
+        let (tx, rx) = mpsc::channel(hub.shared.config.q0_buffer);
+        let route = Arc::new(Route {
+            consumer: id,
+            subscription: options.subscription.clone(),
+            tx,
+            dropped: AtomicU64::new(0),
+        });
+        hub.add(&channel, route)
+            .await
+            .map_err(|e| e.with_context("topic", &topic))?;
+        Ok(Self {
+            id,
+            hub,
+            topic,
+            subscription: options.subscription,
+            channel,
+            rx: tokio::sync::Mutex::new(rx),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(Error::closed("consumer")
+                .with_context("topic", &self.topic)
+                .with_context("subscription", &self.subscription));
+        }
+        self.hub.shared.check_open()
+    }
+
+    fn check_own(&self, message: &Message) -> Result<()> {
+        if message.ack_handle().consumer() != self.id {
+            return Err(Error::new(
+                ErrorKind::InvalidInput,
+                "the message was received by another consumer; acknowledge it there",
+            )
+            .with_context("message_id", message.id()));
+        }
+        Ok(())
+    }
+
+    fn closed_error(&self) -> Error {
+        self.check_open()
+            .err()
+            .unwrap_or_else(|| Error::closed("consumer"))
+    }
+}
+
+#[async_trait]
+impl Consumer for PubSubConsumer {
+    fn topic(&self) -> &Topic {
+        &self.topic
+    }
+
+    fn subscription(&self) -> &str {
+        &self.subscription
+    }
+
+    async fn receive(&self, timeout: Duration) -> Result<Message> {
+        self.check_open()?;
+        // fast path: a buffered message needs no timer
+        if let Ok(mut rx) = self.rx.try_lock() {
+            match rx.try_recv() {
+                Ok(m) => return Ok(m),
+                Err(mpsc::error::TryRecvError::Disconnected) => return Err(self.closed_error()),
+                Err(mpsc::error::TryRecvError::Empty) if timeout.is_zero() => {
+                    return Err(receive_timeout(timeout))
+                }
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+        } else if timeout.is_zero() {
+            return Err(receive_timeout(timeout));
+        }
+        let got = tokio::time::timeout(timeout, async {
+            let mut rx = self.rx.lock().await;
+            rx.recv().await
+        })
+        .await;
+        match got {
+            Ok(Some(m)) => {
+                self.check_open()?;
+                Ok(m)
+            }
+            Ok(None) => Err(self.closed_error()),
+            Err(_) => {
+                self.check_open()?;
+                Err(receive_timeout(timeout))
+            }
+        }
+    }
+
+    async fn acknowledge(&self, message: &Message) -> Result<()> {
+        // best effort: nothing to acknowledge
+        self.check_own(message)
+    }
+
+    async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
+        // best effort: nothing is redelivered
+        self.check_own(message)
+    }
+
+    async fn unsubscribe(&self) -> Result<()> {
+        self.check_open()?;
+        self.close().await
+    }
+
+    async fn close(&self) -> Result<()> {
+        if !self.closed.swap(true, Ordering::AcqRel) {
+            self.hub.remove(&self.channel, self.id).await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PubSubConsumer {
+    fn drop(&mut self) {
+        if !self.closed.swap(true, Ordering::AcqRel)
+            && self.hub.remove_route(&self.channel, self.id)
+        {
+            let hub = self.hub.clone();
+            let channel = self.channel.clone();
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _guard = hub.ops.lock().await;
+                    if !hub.routes.read().contains_key(channel.as_bytes()) {
+                        if let Ok(mut conn) = hub.current() {
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(2),
+                                conn.unsubscribe(&channel),
+                            )
+                            .await;
+                        }
+                    }
+                });
+            }
+        }
+    }
+}
+
+impl fmt::Debug for PubSubConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisPubSubConsumer")
+            .field("topic", &self.topic)
+            .field("subscription", &self.subscription)
+            .field("closed", &self.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}

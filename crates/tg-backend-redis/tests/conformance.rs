@@ -1,0 +1,78 @@
+//! The conformance suite against the Redis server of `REDIS_URL` (default: the local one).
+//!
+//! Every run uses its own key prefix and deletes its keys at the end, so runs leave nothing behind.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use tg_backend_api::Backend;
+use tg_backend_redis::{RedisBackend, RedisConfig};
+
+fn main() -> ExitCode {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| RedisConfig::DEFAULT_URL.to_owned());
+    let prefix = format!("tgps-conf-{}", std::process::id());
+    let (factory_url, factory_prefix) = (url.clone(), prefix.clone());
+    let code = tg_testkit::Suite::new(RedisBackend::NAME, move || {
+        let config = RedisConfig::from_url(&factory_url).map(|c| c.prefix(factory_prefix.clone()));
+        async move { Ok(Arc::new(RedisBackend::connect(config?).await?) as Arc<dyn Backend>) }
+    })
+    .run();
+    if let Ok(config) = RedisConfig::from_url(&url) {
+        cleanup(&config, &prefix);
+    }
+    code
+}
+
+/// Deletes the keys this run created.
+fn cleanup(config: &RedisConfig, prefix: &str) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        return;
+    };
+    rt.block_on(async {
+        let url = match (&config.password, &config.username) {
+            (Some(p), u) => format!(
+                "redis://{}:{}@{}:{}/{}",
+                u.as_deref().unwrap_or(""),
+                p,
+                config.host,
+                config.port,
+                config.db
+            ),
+            (None, _) => format!("redis://{}:{}/{}", config.host, config.port, config.db),
+        };
+        let Ok(client) = redis::Client::open(url) else {
+            return;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            return;
+        };
+        let pattern = format!("{prefix}/*");
+        let mut cursor: u64 = 0;
+        loop {
+            let Ok((next, keys)) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async::<(u64, Vec<String>)>(&mut conn)
+                .await
+            else {
+                return;
+            };
+            if !keys.is_empty() {
+                let _ = redis::cmd("UNLINK")
+                    .arg(&keys)
+                    .query_async::<()>(&mut conn)
+                    .await;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    });
+}
