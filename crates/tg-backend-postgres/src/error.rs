@@ -1,0 +1,57 @@
+//! Mapping `tokio-postgres` and pool errors to tg-pubsub's [`Error`].
+
+use tg_backend_api::{Error, ErrorKind};
+
+/// Maps a `tokio-postgres` error; `server` is `host:port` (never credentials).
+pub(crate) fn pg(e: tokio_postgres::Error, what: &'static str, server: &str) -> Error {
+    let kind = match e.as_db_error() {
+        Some(db) => {
+            let code = db.code().code();
+            if code.starts_with("28") {
+                ErrorKind::Auth
+            } else if code == "3D000" {
+                // invalid_catalog_name: the database does not exist
+                ErrorKind::ConfigInvalid
+            } else if code.starts_with("08") || code.starts_with("57") || code.starts_with("53") {
+                ErrorKind::Connection
+            } else {
+                ErrorKind::Unexpected
+            }
+        }
+        // Everything without a server error code is about the connection (I/O, closed, TLS,
+        // connect timeout, protocol).
+        None => ErrorKind::Connection,
+    };
+    let message = match e.as_db_error() {
+        Some(db) => format!(
+            "PostgreSQL {what} failed: {} (SQLSTATE {})",
+            db.message(),
+            db.code().code()
+        ),
+        None => format!("PostgreSQL {what} failed: {e}"),
+    };
+    Error::new(kind, message).with_context("server", server)
+}
+
+/// Maps a pool error.
+pub(crate) fn pool(e: deadpool_postgres::PoolError, server: &str) -> Error {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => pg(e, "connect", server),
+        deadpool_postgres::PoolError::Timeout(t) => Error::new(
+            ErrorKind::Connection,
+            format!("PostgreSQL connection pool timed out ({t:?})"),
+        )
+        .with_context("server", server),
+        deadpool_postgres::PoolError::Closed => Error::closed("PostgreSQL backend"),
+        other => Error::new(
+            ErrorKind::Connection,
+            format!("PostgreSQL connection pool: {other}"),
+        )
+        .with_context("server", server),
+    }
+}
+
+/// Whether retrying on a fresh connection may help.
+pub(crate) fn retryable(e: &Error) -> bool {
+    e.kind() == ErrorKind::Connection
+}

@@ -1,0 +1,294 @@
+//! The one `LISTEN` connection of a backend instance: it wakes q1/q2 consumers and carries q0
+//! messages, fanning notifications out to the consumers of this process.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tg_backend_api::{Error, Result};
+use tokio::sync::{broadcast, watch};
+use tokio_postgres::AsyncMessage;
+
+use crate::config::PostgresConfig;
+use crate::tls::{Messages, Tls};
+
+/// Capacity of a q0 channel's in-process fan-out; a consumer that falls further behind loses
+/// the oldest notifications (q0 is at-most-once).
+pub(crate) const Q0_BUFFER: usize = 16_384;
+
+struct Channel {
+    refs: usize,
+    wake: watch::Sender<u64>,
+    q0: broadcast::Sender<Arc<str>>,
+}
+
+struct State {
+    channels: HashMap<String, Channel>,
+    client: Option<Arc<tokio_postgres::Client>>,
+}
+
+/// Shared by the backend, its consumers and the listener task.
+pub(crate) struct Listener {
+    state: Mutex<State>,
+    /// Serialises LISTEN/UNLISTEN commands with (re)connection.
+    commands: tokio::sync::Mutex<()>,
+    connected: watch::Sender<bool>,
+    server: String,
+}
+
+/// A consumer's registration on a channel; unregisters when dropped.
+pub(crate) struct Registration {
+    listener: Arc<Listener>,
+    channel: String,
+    pub(crate) wake: watch::Receiver<u64>,
+    pub(crate) q0: Option<broadcast::Receiver<Arc<str>>>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.listener.unregister(&self.channel);
+    }
+}
+
+impl Listener {
+    pub(crate) fn new(server: String) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                channels: HashMap::new(),
+                client: None,
+            }),
+            commands: tokio::sync::Mutex::new(()),
+            connected: watch::channel(false).0,
+            server,
+        })
+    }
+
+    /// Starts the task that keeps the connection up; waits for the first connection.
+    pub(crate) async fn start(
+        self: &Arc<Self>,
+        config: &PostgresConfig,
+        tls: Tls,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let pg = config.pg_config();
+        let first = tls
+            .connect(&pg)
+            .await
+            .map_err(|e| crate::error::pg(e, "connect", &self.server))?;
+        let this = self.clone();
+        tokio::spawn(async move { this.run(pg, tls, Some(first), shutdown).await });
+        let mut connected = self.connected.subscribe();
+        let _ = tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| *c)).await;
+        Ok(())
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        pg: tokio_postgres::Config,
+        tls: Tls,
+        mut first: Option<(tokio_postgres::Client, Messages)>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut backoff = Duration::from_millis(50);
+        // the backend closed, or was dropped (the sender is gone)
+        let mut stopped = false;
+        loop {
+            if stopped || *shutdown.borrow() {
+                break;
+            }
+            let pair = match first.take() {
+                Some(p) => Ok(p),
+                None => tls.connect(&pg).await,
+            };
+            let (client, mut messages) = match pair {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(server = %self.server, error = %e, "LISTEN connection failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        r = shutdown.changed() => stopped = r.is_err(),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            let client = Arc::new(client);
+            // Install the client and LISTEN on every channel, while this task polls the connection.
+            let install = {
+                let this = self.clone();
+                let client = client.clone();
+                tokio::spawn(async move {
+                    let _guard = this.commands.lock().await;
+                    let names: Vec<String> = {
+                        let mut st = this.state.lock();
+                        st.client = Some(client.clone());
+                        st.channels.keys().cloned().collect()
+                    };
+                    if !names.is_empty() {
+                        let sql: String =
+                            names.iter().map(|n| format!("LISTEN \"{n}\";")).collect();
+                        client.batch_execute(&sql).await?;
+                    }
+                    this.connected.send_replace(true);
+                    // every consumer re-checks: notifications may have been missed while down
+                    for ch in this.state.lock().channels.values() {
+                        ch.wake.send_modify(|v| *v = v.wrapping_add(1));
+                    }
+                    Ok::<_, tokio_postgres::Error>(())
+                })
+            };
+            let mut install = Some(install);
+            loop {
+                tokio::select! {
+                    msg = messages.next() => match msg {
+                        Some(Ok(AsyncMessage::Notification(n))) => self.dispatch(n.channel(), n.payload()),
+                        Some(Ok(_)) => {}
+                        Some(Err(e)) => {
+                            tracing::warn!(server = %self.server, error = %e, "LISTEN connection lost; reconnecting");
+                            break;
+                        }
+                        None => {
+                            tracing::warn!(server = %self.server, "LISTEN connection closed; reconnecting");
+                            break;
+                        }
+                    },
+                    Some(res) = futures::future::OptionFuture::from(install.as_mut()), if install.is_some() => {
+                        install = None;
+                        match res {
+                            Ok(Ok(())) => backoff = Duration::from_millis(50),
+                            Ok(Err(e)) => {
+                                tracing::warn!(server = %self.server, error = %e, "LISTEN failed; reconnecting");
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    r = shutdown.changed() => {
+                        if r.is_err() || *shutdown.borrow() {
+                            stopped = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            self.connected.send_replace(false);
+            self.state.lock().client = None;
+            drop(client);
+            if stopped || *shutdown.borrow() {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+        }
+        self.state.lock().client = None;
+    }
+
+    fn dispatch(&self, channel: &str, payload: &str) {
+        let st = self.state.lock();
+        if let Some(ch) = st.channels.get(channel) {
+            if payload.is_empty() {
+                ch.wake.send_modify(|v| *v = v.wrapping_add(1));
+            } else {
+                let _ = ch.q0.send(Arc::from(payload));
+            }
+        }
+    }
+
+    /// Wakes this process's consumers of `channel` (after a local producer committed).
+    pub(crate) fn wake_local(&self, channel: &str) {
+        if let Some(ch) = self.state.lock().channels.get(channel) {
+            ch.wake.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    /// Registers interest in `channel`, LISTENing if it is new. With `require`, fails unless
+    /// the LISTEN is in place when this returns (q0, where a missed notification is lost).
+    pub(crate) async fn register(
+        self: &Arc<Self>,
+        channel: &str,
+        q0: bool,
+        require: bool,
+    ) -> Result<Registration> {
+        let _guard = self.commands.lock().await;
+        let (fresh, client, wake, rx) = {
+            let mut st = self.state.lock();
+            let client = st.client.clone();
+            let entry = st
+                .channels
+                .entry(channel.to_owned())
+                .or_insert_with(|| Channel {
+                    refs: 0,
+                    wake: watch::channel(0).0,
+                    q0: broadcast::channel(Q0_BUFFER).0,
+                });
+            entry.refs += 1;
+            let fresh = entry.refs == 1;
+            let wake = entry.wake.subscribe();
+            let rx = q0.then(|| entry.q0.subscribe());
+            (fresh, client, wake, rx)
+        };
+        let registration = Registration {
+            listener: self.clone(),
+            channel: channel.to_owned(),
+            wake,
+            q0: rx,
+        };
+        match client {
+            Some(client) if fresh => {
+                if let Err(e) = client.batch_execute(&format!("LISTEN \"{channel}\"")).await {
+                    let err = crate::error::pg(e, "LISTEN", &self.server);
+                    if require {
+                        return Err(err);
+                    }
+                    tracing::warn!(error = %err, "LISTEN failed; the connection will be re-established");
+                }
+            }
+            Some(_) => {}
+            None if require => {
+                return Err(Error::connection(
+                    "the LISTEN connection is down; q0 messages cannot be received now",
+                )
+                .with_context("server", &self.server))
+            }
+            None => {}
+        }
+        Ok(registration)
+    }
+
+    fn unregister(self: &Arc<Self>, channel: &str) {
+        let client = {
+            let mut st = self.state.lock();
+            let Some(entry) = st.channels.get_mut(channel) else {
+                return;
+            };
+            entry.refs -= 1;
+            if entry.refs > 0 {
+                return;
+            }
+            st.channels.remove(channel);
+            st.client.clone()
+        };
+        if let Some(client) = client {
+            let this = self.clone();
+            let channel = channel.to_owned();
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    let _guard = this.commands.lock().await;
+                    // re-registered meanwhile: keep listening
+                    if this.state.lock().channels.contains_key(&channel) {
+                        return;
+                    }
+                    let _ = client
+                        .batch_execute(&format!("UNLISTEN \"{channel}\""))
+                        .await;
+                });
+            }
+        }
+    }
+
+    /// Whether the LISTEN connection is up.
+    pub(crate) fn is_connected(&self) -> bool {
+        *self.connected.borrow()
+    }
+}
