@@ -8,11 +8,13 @@ use tg_backend_memory::{MemoryBackend, MemoryConfig};
 
 /// Every backend tg-pubsub knows, with whether this build has it compiled in. A backend whose crate
 /// has not landed yet is listed as never compiled in.
+///
+/// Defaults of the broker settings below: the local servers the tests use.
 pub const BACKENDS: &[(&str, bool)] = &[
     ("memory", true),
-    ("redis", false),
-    ("postgres", false),
-    ("mqtt", false),
+    ("redis", cfg!(feature = "redis")),
+    ("postgres", cfg!(feature = "postgres")),
+    ("mqtt", cfg!(feature = "mqtt")),
     ("pulsar", false),
 ];
 
@@ -49,7 +51,50 @@ pub struct PubSubConfig {
     /// In-memory backend settings, e.g. `memory://?capacity=100000&overflow=block`.
     #[arg(long = "memory-url", env = "MEMORY_URL")]
     pub memory_url: Option<String>,
+
+    /// Redis URL: `redis://[user[:password]@]host[:port][/db]`, `rediss://` for TLS.
+    #[cfg(feature = "redis")]
+    #[arg(long = "redis-url", env = "REDIS_URL", default_value = DEFAULT_REDIS_URL)]
+    pub redis_url: String,
+
+    /// PostgreSQL URL: `postgres://[user[:password]@]host[:port]/database[?sslmode=…]`.
+    #[cfg(feature = "postgres")]
+    #[arg(long = "postgres-url", env = "DATABASE_URL", default_value = DEFAULT_POSTGRES_URL)]
+    pub postgres_url: String,
+
+    /// MQTT URL: `mqtt://[user:password@]host[:port][?client_id=…&keepalive=…]`, `mqtts://` for
+    /// TLS. When set, it wins over the host/port/username/password settings.
+    #[cfg(feature = "mqtt")]
+    #[arg(long = "mqtt-url", env = "MQTT_URL")]
+    pub mqtt_url: Option<String>,
+
+    /// MQTT broker host.
+    #[cfg(feature = "mqtt")]
+    #[arg(long = "mqtt-host", env = "MQTT_HOST", default_value = "localhost")]
+    pub mqtt_host: String,
+
+    /// MQTT broker port.
+    #[cfg(feature = "mqtt")]
+    #[arg(long = "mqtt-port", env = "MQTT_PORT", default_value = "1883")]
+    pub mqtt_port: String,
+
+    /// MQTT username.
+    #[cfg(feature = "mqtt")]
+    #[arg(long = "mqtt-username", env = "MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+
+    /// MQTT password (never printed).
+    #[cfg(feature = "mqtt")]
+    #[arg(long = "mqtt-password", env = "MQTT_PASSWORD", hide_env_values = true)]
+    pub mqtt_password: Option<String>,
 }
+
+/// Default of `REDIS_URL`.
+#[cfg(feature = "redis")]
+const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Default of `DATABASE_URL`.
+#[cfg(feature = "postgres")]
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 impl Default for PubSubConfig {
     fn default() -> Self {
@@ -57,6 +102,20 @@ impl Default for PubSubConfig {
             backend: "memory".to_owned(),
             fallback: None,
             memory_url: None,
+            #[cfg(feature = "redis")]
+            redis_url: DEFAULT_REDIS_URL.to_owned(),
+            #[cfg(feature = "postgres")]
+            postgres_url: DEFAULT_POSTGRES_URL.to_owned(),
+            #[cfg(feature = "mqtt")]
+            mqtt_url: None,
+            #[cfg(feature = "mqtt")]
+            mqtt_host: "localhost".to_owned(),
+            #[cfg(feature = "mqtt")]
+            mqtt_port: "1883".to_owned(),
+            #[cfg(feature = "mqtt")]
+            mqtt_username: None,
+            #[cfg(feature = "mqtt")]
+            mqtt_password: None,
         }
     }
 }
@@ -76,6 +135,32 @@ impl PubSubConfig {
             .map_err(|e| Error::config(format!("invalid pub/sub environment: {e}")))
     }
 
+    /// The MQTT configuration: `MQTT_URL` if set, else host, port and credentials.
+    #[cfg(feature = "mqtt")]
+    fn mqtt(&self) -> Result<tg_backend_mqtt::MqttConfig> {
+        if let Some(url) = &self.mqtt_url {
+            return tg_backend_mqtt::MqttConfig::from_url(url)
+                .map_err(|e| named("MQTT_URL / --mqtt-url", e));
+        }
+        let port: u16 = self.mqtt_port.trim().parse().map_err(|_| {
+            Error::config(format!(
+                "MQTT_PORT / --mqtt-port: {:?} is not a port number (1-65535)",
+                self.mqtt_port
+            ))
+            .with_context("variable", "MQTT_PORT / --mqtt-port")
+        })?;
+        let mut mqtt = tg_backend_mqtt::MqttConfig::new(self.mqtt_host.clone(), port);
+        match (&self.mqtt_username, &self.mqtt_password) {
+            (Some(user), Some(password)) => mqtt = mqtt.credentials(user.clone(), password.clone()),
+            (Some(user), None) => mqtt = mqtt.username(user.clone()),
+            (None, Some(_)) => return Err(Error::config(
+                "MQTT_PASSWORD / --mqtt-password is set without MQTT_USERNAME / --mqtt-username",
+            )),
+            (None, None) => {}
+        }
+        Ok(mqtt)
+    }
+
     /// The memory backend configuration (from `MEMORY_URL` if set).
     fn memory(&self) -> Result<MemoryConfig> {
         match &self.memory_url {
@@ -89,11 +174,35 @@ impl PubSubConfig {
 
 impl fmt::Debug for PubSubConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PubSubConfig")
-            .field("backend", &self.backend)
+        let mut d = f.debug_struct("PubSubConfig");
+        d.field("backend", &self.backend)
             .field("fallback", &self.fallback)
-            .field("memory_url", &self.memory_url)
-            .finish_non_exhaustive()
+            .field("memory_url", &self.memory_url);
+        #[cfg(feature = "redis")]
+        d.field("redis_url", &redact_url(&self.redis_url));
+        #[cfg(feature = "postgres")]
+        d.field("postgres_url", &redact_url(&self.postgres_url));
+        #[cfg(feature = "mqtt")]
+        d.field("mqtt_url", &self.mqtt_url.as_deref().map(redact_url))
+            .field("mqtt_host", &self.mqtt_host)
+            .field("mqtt_port", &self.mqtt_port)
+            .field("mqtt_username", &self.mqtt_username)
+            .field("mqtt_password", &self.mqtt_password.as_ref().map(|_| "***"));
+        d.finish_non_exhaustive()
+    }
+}
+
+/// The URL with its password replaced by `***` (or a placeholder when it does not parse).
+#[allow(dead_code)] // used by the broker features
+fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "<unparsable URL>".to_owned(),
     }
 }
 
@@ -109,6 +218,26 @@ fn named(variable: &str, err: Error) -> Error {
 pub async fn connect_backend(name: &str, config: &PubSubConfig) -> Result<Arc<dyn Backend>> {
     match name {
         "memory" => Ok(Arc::new(MemoryBackend::with_config(config.memory()?))),
+        #[cfg(feature = "redis")]
+        "redis" => {
+            let redis = tg_backend_redis::RedisConfig::from_url(&config.redis_url)
+                .map_err(|e| named("REDIS_URL / --redis-url", e))?;
+            Ok(Arc::new(
+                tg_backend_redis::RedisBackend::connect(redis).await?,
+            ))
+        }
+        #[cfg(feature = "postgres")]
+        "postgres" => {
+            let postgres = tg_backend_postgres::PostgresConfig::from_url(&config.postgres_url)
+                .map_err(|e| named("DATABASE_URL / --postgres-url", e))?;
+            Ok(Arc::new(
+                tg_backend_postgres::PostgresBackend::connect(postgres).await?,
+            ))
+        }
+        #[cfg(feature = "mqtt")]
+        "mqtt" => Ok(Arc::new(
+            tg_backend_mqtt::MqttBackend::connect(config.mqtt()?).await?,
+        )),
         other => match BACKENDS.iter().find(|(n, _)| *n == other) {
             Some((_, false)) => Err(Error::config(format!(
                 "backend {other:?} is not compiled in: enable the `{other}` feature of tg-pubsub \
@@ -206,8 +335,92 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "mqtt")]
+    #[tokio::test]
+    async fn mqtt_settings_name_their_variables_and_hide_the_password() {
+        let config = PubSubConfig {
+            backend: "mqtt".into(),
+            mqtt_port: "eighteen".into(),
+            ..PubSubConfig::default()
+        };
+        let err = connect(&config).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConfigInvalid);
+        assert!(
+            err.message().starts_with("MQTT_PORT / --mqtt-port:"),
+            "{err}"
+        );
+        let config = PubSubConfig {
+            mqtt_url: Some("mqtt://user:s3cret@127.0.0.1:1883".into()),
+            mqtt_password: Some("hunter2".into()),
+            ..PubSubConfig::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("hunter2"),
+            "{shown}"
+        );
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn redis_url_errors_name_the_variable_and_debug_hides_the_password() {
+        let config = PubSubConfig {
+            backend: "redis".into(),
+            redis_url: "http://nope".into(),
+            ..PubSubConfig::default()
+        };
+        let err = connect(&config).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConfigInvalid);
+        assert!(
+            err.message().starts_with("REDIS_URL / --redis-url:"),
+            "{err}"
+        );
+        let config = PubSubConfig {
+            redis_url: "redis://:s3cret@127.0.0.1:6379/0".into(),
+            ..PubSubConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn unreachable_backend_falls_back_only_when_configured() {
+        // nothing listens on port 1: connecting fails at once with a Connection error
+        let mut config = PubSubConfig {
+            backend: "redis".into(),
+            redis_url: "redis://127.0.0.1:1".into(),
+            ..PubSubConfig::default()
+        };
+        let err = connect(&config).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
+        config.fallback = Some("memory".into());
+        let backend = connect(&config).await.unwrap();
+        assert_eq!(backend.name(), "memory");
+    }
+
+    #[cfg(feature = "postgres")]
+    #[tokio::test]
+    async fn postgres_url_errors_name_the_variable_and_debug_hides_the_password() {
+        let config = PubSubConfig {
+            backend: "postgres".into(),
+            postgres_url: "mysql://x".into(),
+            ..PubSubConfig::default()
+        };
+        let err = connect(&config).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConfigInvalid);
+        assert!(
+            err.message().starts_with("DATABASE_URL / --postgres-url:"),
+            "{err}"
+        );
+        let config = PubSubConfig {
+            postgres_url: "postgres://u:s3cret@h/db".into(),
+            ..PubSubConfig::default()
+        };
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
     /// Features of tg-pubsub that are not backends.
-    const NON_BACKEND_FEATURES: &[&str] = &["default", "metrics-http"];
+    const NON_BACKEND_FEATURES: &[&str] = &["default", "metrics-http", "redis-tls"];
 
     #[test]
     fn cargo_features_match_backends() {

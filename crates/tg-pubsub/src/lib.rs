@@ -39,6 +39,12 @@ pub use tg_backend_api::{
     TypedMessage, TypedProducer, CORRELATION_ID_PROPERTY, DEDUP_ID_PROPERTY,
 };
 pub use tg_backend_memory::{self as memory, MemoryBackend, MemoryConfig};
+#[cfg(feature = "mqtt")]
+pub use tg_backend_mqtt::{self as mqtt, MqttBackend, MqttConfig};
+#[cfg(feature = "postgres")]
+pub use tg_backend_postgres::{self as postgres, PostgresBackend, PostgresConfig};
+#[cfg(feature = "redis")]
+pub use tg_backend_redis::{self as redis, RedisBackend, RedisConfig};
 pub use tg_runtime::{
     self as runtime, ConsumerRunner, HandlerError, Publisher, RequestResponse, RunnerConfig,
     Subscriber,
