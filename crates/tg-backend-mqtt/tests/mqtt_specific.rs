@@ -7,7 +7,6 @@
 //! either is missing they print why and pass — unless `CI=true`, where they fail.
 
 use std::collections::HashSet;
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -17,17 +16,9 @@ use tg_backend_api::{
     Backend, Consumer, ConsumerOptions, ErrorKind, OutboundMessage, Producer, Qos, Topic,
 };
 use tg_backend_mqtt::{MqttBackend, MqttConfig, NO_SUBSCRIBERS_SUFFIX};
+use tg_testkit::support::{free_port, skip};
 
 const EXPECT: Duration = Duration::from_secs(15);
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-fn skip(why: &str) {
-    assert!(!in_ci(), "CI=true and {why}");
-    eprintln!("SKIPPED: {why} (set CI=true to make this a failure)");
-}
 
 fn shared_url() -> String {
     std::env::var("MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".to_owned())
@@ -51,13 +42,6 @@ fn topic(qos: Qos, queue: &str) -> Topic {
 
 fn text(m: &tg_backend_api::Message) -> String {
     String::from_utf8_lossy(m.payload()).into_owned()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// A mosquitto of the test's own, on a free port, stopped (SIGTERM, so it saves) on drop.

@@ -11,14 +11,11 @@ use std::time::{Duration, Instant};
 
 use tg_backend_api::{Backend, Consumer, ConsumerOptions, ErrorKind, OutboundMessage, Qos, Topic};
 use tg_backend_postgres::{channel_name, PostgresBackend, PostgresConfig};
+use tg_testkit::support::in_ci;
 
 fn url() -> String {
     std::env::var(PostgresConfig::ENV_VAR)
         .unwrap_or_else(|_| PostgresConfig::DEFAULT_URL.to_owned())
-}
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
 /// A backend on the local server, or `None` (with a note) when the server is down outside CI.

@@ -17,23 +17,7 @@ use tg_backend_api::{
     Backend, Consumer, ConsumerOptions, ErrorKind, OutboundMessage, Producer, Qos, Topic,
 };
 use tg_backend_redis::{RedisBackend, RedisConfig};
-
-fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// Prints why a test cannot run; fails under CI.
-fn skip(why: &str) {
-    assert!(!in_ci(), "CI=true and {why}");
-    eprintln!("SKIPPED: {why} (set CI=true to make this a failure)");
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
+use tg_testkit::support::{free_port, skip};
 
 /// A `redis-server` child on its own port and directory, killed on drop.
 struct Server {

@@ -27,6 +27,7 @@
 pub mod bench;
 mod cases;
 mod check;
+pub mod support;
 
 use std::future::Future;
 use std::process::ExitCode;
@@ -83,7 +84,7 @@ impl Suite {
     /// `N passed, N failed, N skipped`.
     pub fn run(self) -> ExitCode {
         let args = Arguments::from_args();
-        let in_ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        let in_ci = support::in_ci();
         let runtime = runtime();
         let probe = runtime.block_on(async {
             let backend = (self.factory)().await?;
