@@ -114,6 +114,44 @@ fn progress(total: u64, label: &str) -> ProgressBar {
 
 const PROGRESS_STEP: u64 = 8192;
 
+/// Sends in flight: at most `window` receipts are pending before the producer waits for the oldest.
+struct InFlight {
+    receipts: VecDeque<SendReceipt>,
+    window: usize,
+}
+
+impl InFlight {
+    fn new(window: usize) -> Self {
+        let window = window.max(1);
+        Self {
+            receipts: VecDeque::with_capacity(window),
+            window,
+        }
+    }
+
+    /// Waits for the oldest receipt while the window is full.
+    async fn make_room(&mut self) -> Result<()> {
+        if self.receipts.len() >= self.window {
+            if let Some(r) = self.receipts.pop_front() {
+                r.await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn push(&mut self, receipt: SendReceipt) {
+        self.receipts.push_back(receipt);
+    }
+
+    /// Waits for every pending receipt.
+    async fn drain(self) -> Result<()> {
+        for r in self.receipts {
+            r.await?;
+        }
+        Ok(())
+    }
+}
+
 async fn receive_n(
     consumer: &dyn Consumer,
     n: u64,
@@ -176,27 +214,21 @@ async fn raw_run(
             Ok::<_, Error>((t0.elapsed(), latency))
         })
     };
-    let mut in_flight: VecDeque<SendReceipt> = VecDeque::with_capacity(window);
+    let mut in_flight = InFlight::new(window);
     let mut ticker =
         rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r.max(1) as f64)));
     for _ in 0..n {
         if let Some(t) = ticker.as_mut() {
             t.tick().await;
         }
-        if in_flight.len() >= window.max(1) {
-            if let Some(r) = in_flight.pop_front() {
-                r.await?;
-            }
-        }
-        in_flight.push_back(
+        in_flight.make_room().await?;
+        in_flight.push(
             producer
                 .send(OutboundMessage::new(stamped_payload(size, t0)))
                 .await?,
         );
     }
-    for r in in_flight {
-        r.await?;
-    }
+    in_flight.drain().await?;
     producer.flush().await?;
     let (elapsed, latency) = reader.await.map_err(|e| {
         Error::new(
@@ -240,24 +272,18 @@ async fn typed_run(backend: &dyn Backend, topic: &Topic, args: &BenchArgs) -> Re
             Ok::<_, Error>(t0.elapsed())
         })
     };
-    let mut in_flight: VecDeque<SendReceipt> = VecDeque::with_capacity(args.window);
+    let mut in_flight = InFlight::new(args.window);
     for seq in 0..n {
-        if in_flight.len() >= args.window.max(1) {
-            if let Some(r) = in_flight.pop_front() {
-                r.await?;
-            }
-        }
+        in_flight.make_room().await?;
         let sent_ns = u64::try_from(t0.elapsed().as_nanos()).unwrap_or(u64::MAX);
         let value = BenchMessage {
             seq,
             sent_ns,
             body: body.clone(),
         };
-        in_flight.push_back(producer.send_nowait(&value, Default::default()).await?);
+        in_flight.push(producer.send_nowait(&value, Default::default()).await?);
     }
-    for r in in_flight {
-        r.await?;
-    }
+    in_flight.drain().await?;
     let elapsed = reader.await.map_err(|e| {
         Error::new(
             ErrorKind::Unexpected,
