@@ -5,7 +5,7 @@
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 /// A broker backend and the local server its tests use.
@@ -159,6 +159,90 @@ fn services(servers: &[&Server]) {
     }
 }
 
+/// Mosquitto's default `max_queued_messages 1000` silently drops QoS 1/2 messages for a consumer
+/// that falls behind while confirming them to the producer, which a 10,000-message test under load
+/// trips over. The MQTT tests therefore run against a Mosquitto started here with this project
+/// configuration, unless `MQTT_URL` is set.
+const MOSQUITTO_CONF: &str =
+    "allow_anonymous true\nmax_queued_messages 1000000\npersistence false\nlog_dest none\n";
+
+/// A Mosquitto owned by xtask, stopped on drop.
+struct OwnMosquitto {
+    child: Child,
+    port: u16,
+}
+
+impl OwnMosquitto {
+    /// Starts one on a free port, or says why it could not.
+    fn start() -> Option<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .ok()?
+            .port();
+        let dir = root().join("target").join("xtask-mosquitto");
+        let conf = dir.join("mosquitto.conf");
+        let written = std::fs::create_dir_all(&dir).and_then(|_| {
+            std::fs::write(
+                &conf,
+                format!("listener {port} 127.0.0.1\n{MOSQUITTO_CONF}"),
+            )
+        });
+        if let Err(e) = written {
+            println!("xtask: cannot write {}: {e}", conf.display());
+            return None;
+        }
+        let child = match Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => {
+                println!("xtask: cannot start mosquitto ({e}); MQTT tests use 127.0.0.1:1883 and its configuration");
+                return None;
+            }
+        };
+        let own = Self { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if reachable(port) {
+                println!(
+                    "xtask: MQTT tests use a Mosquitto on 127.0.0.1:{port} ({})",
+                    conf.display()
+                );
+                return Some(own);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        println!("xtask: the Mosquitto started on port {port} did not listen; MQTT tests use 127.0.0.1:1883");
+        None
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnMosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The environment the tests of `backend` (or `all`) need, with what keeps it alive.
+fn test_env(backend: &str) -> (Vec<(&'static str, String)>, Option<OwnMosquitto>) {
+    if !(backend == "mqtt" || backend == "all") || std::env::var_os("MQTT_URL").is_some() {
+        return (Vec::new(), None);
+    }
+    match OwnMosquitto::start() {
+        Some(own) => (vec![("MQTT_URL", own.url())], Some(own)),
+        None => (Vec::new(), None),
+    }
+}
+
 #[derive(Default, Debug)]
 struct Totals {
     passed: u64,
@@ -189,10 +273,11 @@ impl Totals {
 }
 
 /// Runs cargo with `args`, echoing its output and adding up the libtest result lines.
-fn cargo_test(args: &[&str], totals: &mut Totals) -> Result<bool, String> {
+fn cargo_test(args: &[&str], env: &[(&str, String)], totals: &mut Totals) -> Result<bool, String> {
     println!("xtask: cargo {}", args.join(" "));
     let mut child = Command::new(env!("CARGO"))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .current_dir(root())
         .stdout(Stdio::piped())
         .spawn()
@@ -211,11 +296,12 @@ fn cargo_test(args: &[&str], totals: &mut Totals) -> Result<bool, String> {
 
 fn test(backend: &str) -> Result<(), String> {
     let mut totals = Totals::default();
+    let (env, _mosquitto) = test_env(backend);
     let ok = if backend == "all" {
         services(&available_servers());
-        cargo_test(&["test", "--workspace"], &mut totals)?
+        cargo_test(&["test", "--workspace"], &env, &mut totals)?
     } else if backend == "memory" {
-        cargo_test(&["test", "-p", "tg-backend-memory"], &mut totals)?
+        cargo_test(&["test", "-p", "tg-backend-memory"], &env, &mut totals)?
     } else {
         let server = available_servers()
             .into_iter()
@@ -227,7 +313,7 @@ fn test(backend: &str) -> Result<(), String> {
                 )
             })?;
         ensure_server(server);
-        cargo_test(&["test", "-p", server.crate_name], &mut totals)?
+        cargo_test(&["test", "-p", server.crate_name], &env, &mut totals)?
     };
     println!(
         "{} passed, {} failed, {} skipped",
