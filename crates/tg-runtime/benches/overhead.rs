@@ -1,13 +1,20 @@
 //! Overhead of the consumer runner over driving the backend consumer directly, on the memory
-//! backend, in the same run: N JSON messages of ~200 bytes are published first (not timed), then
-//! the consumer side receives, decodes, handles (a counter) and acknowledges each — directly in a
-//! loop, or through a `ConsumerRunner` — and the time to drain the subscription is compared.
-//! Single-threaded runtime and the best of 5 alternating rounds, to keep the noise of a shared
-//! machine out of the ratio. Besides wall time, the on-CPU time of the runtime's thread (Linux
-//! `/proc/thread-self/schedstat`) is compared: on a loaded machine wall time mostly measures the
-//! other processes.
+//! backend and on Redis q1 (when `REDIS_URL`, default the local server, answers), in the same
+//! run: N JSON messages of ~200 bytes are published first (not timed), then the consumer side
+//! receives, decodes, handles and acknowledges each — directly in a loop that calls the handler,
+//! or through a `ConsumerRunner` running the same handler — and the time to drain the
+//! subscription is compared. The handler (a counter) is the same value in both paths, so the
+//! difference is the runner's own work: its workers, attempt accounting, panic catching,
+//! statistics and shutdown bookkeeping.
 //!
-//! `cargo bench -p tg-runtime --bench overhead` (N from `TG_BENCH_MESSAGES`, default 100,000).
+//! Single-threaded runtime and the best of 5 (Redis: 3) alternating rounds, to keep the noise of
+//! a shared machine out of the ratio. Besides wall time, the on-CPU time of the runtime's thread
+//! (Linux `/proc/thread-self/schedstat`) is compared: on a loaded machine wall time mostly
+//! measures the other processes.
+//!
+//! `cargo bench -p tg-runtime --bench overhead` (N from `TG_BENCH_MESSAGES`, default 100,000 on
+//! memory; `TG_BENCH_REDIS_MESSAGES`, default 20,000 on Redis; `TG_BENCH_PROFILE=direct|runner1|
+//! runner16` runs one path on memory only, for a profiler).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use tg_backend_api::{Backend, BackendExt, ConsumerOptions, Topic, TypedMessage};
 use tg_backend_memory::{MemoryBackend, MemoryConfig};
-use tg_runtime::{ConsumerRunner, HandlerError, RunnerConfig};
+use tg_backend_redis::{RedisBackend, RedisConfig};
+use tg_runtime::{ConsumerRunner, Handler, HandlerError, RunnerConfig};
 use tg_testkit::bench::{print_table, Row};
 use tokio::sync::Notify;
 
@@ -26,101 +34,220 @@ fn cpu_time() -> Option<Duration> {
     Some(Duration::from_nanos(ns))
 }
 
+/// The handler both paths run: counts, and wakes the bench when `n` messages were handled.
+#[derive(Clone)]
+struct Count(Arc<(AtomicU64, u64, Notify)>);
+
+impl Count {
+    fn new(n: u64) -> Self {
+        Self(Arc::new((AtomicU64::new(0), n, Notify::new())))
+    }
+
+    fn handled(&self) -> u64 {
+        self.0 .0.load(Ordering::Relaxed)
+    }
+}
+
+impl Handler<String> for Count {
+    async fn handle(&self, msg: TypedMessage<String>) -> Result<(), HandlerError> {
+        std::hint::black_box(msg.value().len());
+        let (count, n, done) = &*self.0;
+        if count.fetch_add(1, Ordering::Relaxed) + 1 == *n {
+            done.notify_one();
+        }
+        Ok(())
+    }
+}
+
 fn payload() -> String {
     "x".repeat(198) // 200 bytes as a JSON string
 }
 
-fn backend(n: u64) -> Arc<dyn Backend> {
-    let capacity = usize::try_from(n).unwrap_or(usize::MAX).saturating_add(1);
-    Arc::new(MemoryBackend::with_config(
-        MemoryConfig::default().subscription_capacity(capacity),
-    ))
+/// The backend a path runs on: a fresh memory backend per run, or one Redis connection with a
+/// new queue per run.
+#[derive(Clone)]
+enum Target {
+    Memory,
+    Redis(Arc<dyn Backend>),
 }
 
-/// Creates subscription `s` and fills it with `n` messages.
-async fn prefill(backend: &Arc<dyn Backend>, topic: &Topic, n: u64) {
-    let c = backend
-        .create_consumer(topic, ConsumerOptions::new("s"))
-        .await
-        .expect("consumer");
-    c.close().await.expect("close");
-    produce(backend.clone(), topic.clone(), n).await;
-}
+static RUN: AtomicU64 = AtomicU64::new(0);
 
-async fn produce(backend: Arc<dyn Backend>, topic: Topic, n: u64) {
-    let p = backend
-        .typed_producer::<String>(&topic)
-        .await
-        .expect("producer");
-    let value = payload();
-    for _ in 0..n {
-        let _receipt = p
-            .send_nowait(&value, Default::default())
+impl Target {
+    fn name(&self) -> &'static str {
+        match self {
+            Target::Memory => "memory",
+            Target::Redis(_) => "redis",
+        }
+    }
+
+    /// A backend and a topic nobody used before, with subscription `s` holding `n` messages.
+    async fn prefilled(&self, n: u64) -> (Arc<dyn Backend>, Topic) {
+        let backend = match self {
+            Target::Memory => {
+                let capacity = usize::try_from(n).unwrap_or(usize::MAX).saturating_add(1);
+                Arc::new(MemoryBackend::with_config(
+                    MemoryConfig::default().subscription_capacity(capacity),
+                )) as Arc<dyn Backend>
+            }
+            Target::Redis(b) => b.clone(),
+        };
+        let run = RUN.fetch_add(1, Ordering::Relaxed);
+        let topic = tg_topic::topic(&format!("bench-{run}")).expect("topic");
+        let c = backend
+            .create_consumer(&topic, ConsumerOptions::new("s"))
             .await
-            .expect("send");
+            .expect("consumer");
+        c.close().await.expect("close");
+        let p = backend
+            .typed_producer::<String>(&topic)
+            .await
+            .expect("producer");
+        let value = payload();
+        for _ in 0..n {
+            let _receipt = p
+                .send_nowait(&value, Default::default())
+                .await
+                .expect("send");
+        }
+        p.flush().await.expect("flush");
+        (backend, topic)
     }
 }
 
-async fn raw(n: u64) -> (Duration, Option<Duration>) {
-    let backend = backend(n);
-    let topic = tg_topic::topic("bench-raw").expect("topic");
-    prefill(&backend, &topic, n).await;
+/// Receives, decodes, handles and acknowledges `n` messages in a plain loop.
+async fn direct(target: &Target, n: u64) -> (Duration, Option<Duration>) {
+    let (backend, topic) = target.prefilled(n).await;
     let consumer = backend
         .typed_consumer::<String>(&topic, ConsumerOptions::new("s"))
         .await
         .expect("consumer");
+    let handler = Count::new(n);
     let started = Instant::now();
     let cpu0 = cpu_time();
-    let count = AtomicU64::new(0);
-    while count.load(Ordering::Relaxed) < n {
+    while handler.handled() < n {
         let msg = consumer
             .receive(Duration::from_secs(5))
             .await
             .expect("receive");
-        std::hint::black_box(msg.value().len());
-        count.fetch_add(1, Ordering::Relaxed);
-        consumer.acknowledge(&msg).await.expect("ack");
+        let raw = msg.message().clone();
+        handler.handle(msg).await.expect("handler");
+        consumer.acknowledge(&raw).await.expect("ack");
     }
-    (started.elapsed(), cpu_since(cpu0))
+    let elapsed = (started.elapsed(), cpu_since(cpu0));
+    consumer.inner().close().await.expect("close");
+    elapsed
 }
 
 fn cpu_since(cpu0: Option<Duration>) -> Option<Duration> {
     cpu0.zip(cpu_time()).map(|(a, b)| b.saturating_sub(a))
 }
 
-async fn runner(n: u64, concurrency: usize) -> (Duration, Option<Duration>) {
-    let backend = backend(n);
-    let topic = tg_topic::topic("bench-runner").expect("topic");
-    prefill(&backend, &topic, n).await;
+/// The same through a `ConsumerRunner`.
+async fn runner(target: &Target, n: u64, concurrency: usize) -> (Duration, Option<Duration>) {
+    let (backend, topic) = target.prefilled(n).await;
+    let handler = Count::new(n);
     let started = Instant::now();
     let cpu0 = cpu_time();
-    let count = Arc::new(AtomicU64::new(0));
-    let done = Arc::new(Notify::new());
-    let (c, d) = (count.clone(), done.clone());
-    let handle = ConsumerRunner::new(
-        backend.clone(),
-        topic.clone(),
-        ConsumerOptions::new("s"),
-        move |msg: TypedMessage<String>| {
-            let (c, d) = (c.clone(), d.clone());
-            async move {
-                std::hint::black_box(msg.value().len());
-                if c.fetch_add(1, Ordering::Relaxed) + 1 == n {
-                    d.notify_one();
-                }
-                Ok::<_, HandlerError>(())
-            }
-        },
-    )
-    .config(RunnerConfig::default().concurrency(concurrency))
-    .start()
-    .await
-    .expect("runner");
-    done.notified().await;
+    let handle = ConsumerRunner::new(backend, topic, ConsumerOptions::new("s"), handler.clone())
+        .config(RunnerConfig::default().concurrency(concurrency))
+        .start()
+        .await
+        .expect("runner");
+    handler.0 .2.notified().await;
     let elapsed = (started.elapsed(), cpu_since(cpu0));
     let report = handle.shutdown().await.expect("shutdown");
     assert_eq!(report.stats.succeeded, n);
     elapsed
+}
+
+/// Connects to the Redis of `REDIS_URL` (default: the local one), or says why not.
+async fn redis_target(prefix: &str) -> Option<Target> {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| RedisConfig::DEFAULT_URL.to_owned());
+    let config = match RedisConfig::from_url(&url) {
+        Ok(c) => c.prefix(prefix),
+        Err(e) => {
+            println!("redis: skipped ({e})");
+            return None;
+        }
+    };
+    match RedisBackend::connect(config).await {
+        Ok(b) => Some(Target::Redis(Arc::new(b))),
+        Err(e) => {
+            println!("redis: skipped, no server ({e})");
+            None
+        }
+    }
+}
+
+/// Deletes the keys under `prefix` (what the Redis runs created).
+async fn redis_cleanup(prefix: &str) {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| RedisConfig::DEFAULT_URL.to_owned());
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    if let Ok(keys) = redis::cmd("KEYS")
+        .arg(format!("{prefix}/*"))
+        .query_async::<Vec<String>>(&mut conn)
+        .await
+    {
+        if !keys.is_empty() {
+            let _ = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(&mut conn)
+                .await;
+        }
+    }
+}
+
+const PATHS: [&str; 3] = [
+    "backend consumer, direct",
+    "ConsumerRunner, concurrency 1",
+    "ConsumerRunner, concurrency 16",
+];
+
+/// Best of `rounds` alternating runs of each path: wall and on-CPU times.
+async fn measure(target: &Target, n: u64, rounds: usize) -> Vec<Row> {
+    direct(target, n / 10).await;
+    runner(target, n / 10, 16).await;
+    let mut wall = [Duration::MAX; 3];
+    let mut cpu: [Option<Duration>; 3] = [None; 3];
+    let best = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    for _ in 0..rounds {
+        let runs = [
+            direct(target, n).await,
+            runner(target, n, 1).await,
+            runner(target, n, 16).await,
+        ];
+        for (i, (w, c)) in runs.into_iter().enumerate() {
+            wall[i] = wall[i].min(w);
+            cpu[i] = best(cpu[i], c);
+        }
+    }
+    let mut rows = Vec::new();
+    let name = target.name();
+    for (i, path) in PATHS.iter().enumerate() {
+        let row = Row::new(format!("{name}, wall time"), *path, n, wall[i]);
+        rows.push(if i == 0 { row.baseline() } else { row });
+    }
+    if cpu.iter().all(Option::is_some) {
+        for (i, path) in PATHS.iter().enumerate() {
+            let row = Row::new(
+                format!("{name}, on-CPU time"),
+                *path,
+                n,
+                cpu[i].unwrap_or_default(),
+            );
+            rows.push(if i == 0 { row.baseline() } else { row });
+        }
+    }
+    rows
 }
 
 fn main() {
@@ -128,47 +255,36 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
+    let redis_n: u64 = std::env::var("TG_BENCH_REDIS_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
+    // For profilers: `TG_BENCH_PROFILE=direct|runner1|runner16` runs only that path on memory.
+    if let Ok(path) = std::env::var("TG_BENCH_PROFILE") {
+        rt.block_on(async {
+            for _ in 0..5 {
+                match path.as_str() {
+                    "direct" => direct(&Target::Memory, n).await,
+                    "runner1" => runner(&Target::Memory, n, 1).await,
+                    _ => runner(&Target::Memory, n, 16).await,
+                };
+            }
+        });
+        return;
+    }
     rt.block_on(async {
-        // Warm up, then take the best of 5 alternating runs of each path.
-        raw(n / 10).await;
-        runner(n / 10, 16).await;
-        let paths = [
-            "backend consumer, direct",
-            "ConsumerRunner, concurrency 1",
-            "ConsumerRunner, concurrency 16",
-        ];
-        let mut wall = [Duration::MAX; 3];
-        let mut cpu: [Option<Duration>; 3] = [None; 3];
-        let best = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        for _ in 0..5 {
-            for (i, (w, c)) in [raw(n).await, runner(n, 1).await, runner(n, 16).await]
-                .into_iter()
-                .enumerate()
-            {
-                wall[i] = wall[i].min(w);
-                cpu[i] = best(cpu[i], c);
-            }
-        }
-        let mut rows = Vec::new();
-        for (i, path) in paths.iter().enumerate() {
-            let row = Row::new("wall time", *path, n, wall[i]);
-            rows.push(if i == 0 { row.baseline() } else { row });
-        }
-        if cpu.iter().all(Option::is_some) {
-            for (i, path) in paths.iter().enumerate() {
-                let row = Row::new("on-CPU time", *path, n, cpu[i].unwrap_or_default());
-                rows.push(if i == 0 { row.baseline() } else { row });
-            }
+        let mut rows = measure(&Target::Memory, n, 5).await;
+        let prefix = format!("tgps-overhead-{}", std::process::id());
+        if let Some(redis) = redis_target(&prefix).await {
+            rows.extend(measure(&redis, redis_n, 3).await);
+            redis_cleanup(&prefix).await;
         }
         print_table(
-            "consumer runner overhead on memory (receive, decode, handle, ack)",
+            "consumer runner overhead (receive, decode, handle, ack)",
             &rows,
         );
         for row in &rows {

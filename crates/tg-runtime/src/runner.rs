@@ -720,6 +720,12 @@ where
         if let Some(g) = self.slot.current.read().clone() {
             return Ok(g);
         }
+        // The reconnect path lives in its own (boxed) future so the receive loop's stays small.
+        Box::pin(self.recreate_consumer()).await
+    }
+
+    /// Creates the next consumer, one task at a time.
+    async fn recreate_consumer(&self) -> Result<Arc<Gen<T, C>>> {
         let _one_at_a_time = self.slot.connecting.lock().await;
         if let Some(g) = self.slot.current.read().clone() {
             return Ok(g);
@@ -769,28 +775,36 @@ where
                 self.stopped_by(&e);
                 Err(())
             }
-            Err(e) => {
-                *errors += 1;
-                if e.kind() == ErrorKind::Connection {
-                    if self.slot.invalidate(&gen) {
-                        if let Some(m) = &self.metrics {
-                            m.connection.connected.set(0);
-                        }
-                        tracing::warn!(topic = %self.topic, error = %e, "connection lost; recreating the consumer");
-                    }
-                    if *errors == 1 {
-                        return Ok(None);
-                    }
-                } else {
-                    tracing::warn!(topic = %self.topic, error = %e, "receive failed");
+            Err(e) => Box::pin(self.after_receive_error(gen, e, errors)).await,
+        }
+    }
+
+    /// A receive error: recreate the consumer on connection errors, back off on repeated ones.
+    async fn after_receive_error(
+        &self,
+        gen: Arc<Gen<T, C>>,
+        e: Error,
+        errors: &mut u32,
+    ) -> std::result::Result<Option<(Arc<Gen<T, C>>, Message)>, ()> {
+        *errors += 1;
+        if e.kind() == ErrorKind::Connection {
+            if self.slot.invalidate(&gen) {
+                if let Some(m) = &self.metrics {
+                    m.connection.connected.set(0);
                 }
-                let delay = self.config.reconnect_backoff.delay(*errors);
-                if sleep_unless(&self.stop, delay).await {
-                    Ok(None)
-                } else {
-                    Err(())
-                }
+                tracing::warn!(topic = %self.topic, error = %e, "connection lost; recreating the consumer");
             }
+            if *errors == 1 {
+                return Ok(None);
+            }
+        } else {
+            tracing::warn!(topic = %self.topic, error = %e, "receive failed");
+        }
+        let delay = self.config.reconnect_backoff.delay(*errors);
+        if sleep_unless(&self.stop, delay).await {
+            Ok(None)
+        } else {
+            Err(())
         }
     }
 
@@ -1093,6 +1107,9 @@ where
     }
 
     fn span(&self, raw: &Message) -> tracing::Span {
+        if !tracing::span_enabled!(tracing::Level::INFO) {
+            return tracing::Span::none();
+        }
         let correlation = raw
             .property(tg_backend_api::CORRELATION_ID_PROPERTY)
             .or_else(|| raw.property("correlationid"))
