@@ -7,8 +7,7 @@
 //! either is missing they print why and pass — unless `CI=true`, where they fail.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,7 +15,15 @@ use tg_backend_api::{
     Backend, Consumer, ConsumerOptions, ErrorKind, OutboundMessage, Producer, Qos, Topic,
 };
 use tg_backend_mqtt::{MqttBackend, MqttConfig, NO_SUBSCRIBERS_SUFFIX};
+use tg_testkit::servers::OwnServer;
 use tg_testkit::support::{free_port, skip};
+
+/// A Mosquitto of the test's own (see [`OwnServer::mosquitto`]), started.
+fn start_broker(extra: &str) -> Option<OwnServer> {
+    let mut broker = OwnServer::mosquitto(extra)?;
+    broker.start();
+    Some(broker)
+}
 
 const EXPECT: Duration = Duration::from_secs(15);
 
@@ -44,122 +51,6 @@ fn text(m: &tg_backend_api::Message) -> String {
     String::from_utf8_lossy(m.payload()).into_owned()
 }
 
-/// A mosquitto of the test's own, on a free port, stopped (SIGTERM, so it saves) on drop.
-struct OwnBroker {
-    child: Option<Child>,
-    dir: PathBuf,
-    port: u16,
-    conf: PathBuf,
-}
-
-impl OwnBroker {
-    /// Starts one with `extra` configuration lines; `None` (with a note) without mosquitto.
-    fn start(extra: &str) -> Option<Self> {
-        let mut broker = Self::prepare(extra)?;
-        broker.launch();
-        Some(broker)
-    }
-
-    /// Writes the configuration (`{dir}` in `extra` is the broker's own directory) without
-    /// starting the broker.
-    fn prepare(extra: &str) -> Option<Self> {
-        if Command::new("mosquitto")
-            .arg("-h")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_err()
-        {
-            skip("the mosquitto binary is not installed");
-            return None;
-        }
-        let dir =
-            std::env::temp_dir().join(format!("tg-mqtt-test-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        // Started as root, mosquitto drops to its own user: let it write its persistence file.
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
-        }
-        let port = free_port();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\npersistence true\npersistence_location {}/\n\
-                 log_dest none\nset_tcp_nodelay true\n{anon}{extra}\n",
-                dir.display(),
-                anon = if extra.contains("allow_anonymous") {
-                    ""
-                } else {
-                    "allow_anonymous true\n"
-                },
-                extra = extra.replace("{dir}", &dir.display().to_string()),
-            ),
-        )
-        .expect("write conf");
-        Some(Self {
-            child: None,
-            dir,
-            port,
-            conf,
-        })
-    }
-
-    fn launch(&mut self) {
-        let child = Command::new("mosquitto")
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mosquitto");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "own mosquitto did not start on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Stops it with SIGTERM (mosquitto writes its persistence file) and waits.
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            loop {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        self.stop();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test]
 async fn unreachable_broker_is_a_connection_error_naming_the_host() {
     let port = free_port();
@@ -175,11 +66,12 @@ async fn unreachable_broker_is_a_connection_error_naming_the_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_credentials_are_an_auth_error() {
-    let Some(mut broker) = OwnBroker::prepare("allow_anonymous false\npassword_file {dir}/passwd")
+    let Some(mut broker) =
+        OwnServer::mosquitto("allow_anonymous false\npassword_file {dir}/passwd")
     else {
         return;
     };
-    let passwd = broker.dir.join("passwd");
+    let passwd = broker.dir().join("passwd");
     let status = Command::new("mosquitto_passwd")
         .arg("-b")
         .arg("-c")
@@ -193,27 +85,27 @@ async fn wrong_credentials_are_an_auth_error() {
         skip("mosquitto_passwd is not installed");
         return;
     }
-    broker.launch();
+    broker.start();
 
-    let wrong = MqttConfig::new("127.0.0.1", broker.port).credentials("svc", "wrong-pw");
+    let wrong = MqttConfig::new("127.0.0.1", broker.port()).credentials("svc", "wrong-pw");
     let err = MqttBackend::connect(wrong)
         .await
         .expect_err("wrong password");
     assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
     let shown = format!("{err} {err:?}");
     assert!(
-        shown.contains(&format!("127.0.0.1:{}", broker.port)),
+        shown.contains(&format!("127.0.0.1:{}", broker.port())),
         "{shown}"
     );
     assert!(!shown.contains("wrong-pw"), "{shown}");
 
-    let anonymous = MqttConfig::new("127.0.0.1", broker.port);
+    let anonymous = MqttConfig::new("127.0.0.1", broker.port());
     let err = MqttBackend::connect(anonymous)
         .await
         .expect_err("anonymous refused");
     assert_eq!(err.kind(), ErrorKind::Auth, "{err}");
 
-    let url = format!("mqtt://svc:right-pw@127.0.0.1:{}", broker.port);
+    let url = format!("mqtt://svc:right-pw@127.0.0.1:{}", broker.port());
     let backend = MqttBackend::connect(MqttConfig::from_url(&url).unwrap())
         .await
         .expect("right password");
@@ -244,10 +136,10 @@ async fn broker_restart_loses_no_confirmed_q1_message() {
     // Mosquitto drops QoS 1/2 messages for a subscriber whose queue holds max_queued_messages
     // (default 1000) while still acknowledging them to the producer; after the restart the
     // producer may reconnect before the consumer, so let the queue hold the whole run.
-    let Some(mut broker) = OwnBroker::start("max_queued_messages 100000") else {
+    let Some(mut broker) = start_broker("") else {
         return;
     };
-    let config = MqttConfig::from_url(&broker.url())
+    let config = MqttConfig::from_url(broker.url())
         .unwrap()
         .reconnect_max_delay(Duration::from_millis(500));
     let backend = MqttBackend::connect(config).await.unwrap();
@@ -314,7 +206,7 @@ async fn broker_restart_loses_no_confirmed_q1_message() {
     let b = tokio::task::spawn_blocking(move || {
         broker.stop();
         std::thread::sleep(Duration::from_millis(500));
-        broker.launch();
+        broker.start();
         broker
     })
     .await
@@ -568,10 +460,10 @@ async fn many_tasks_publish_through_one_connection() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_packet_limit_is_respected_before_sending() {
-    let Some(broker) = OwnBroker::start("max_packet_size 20000") else {
+    let Some(broker) = start_broker("max_packet_size 20000") else {
         return;
     };
-    let backend = MqttBackend::connect(MqttConfig::from_url(&broker.url()).unwrap())
+    let backend = MqttBackend::connect(MqttConfig::from_url(broker.url()).unwrap())
         .await
         .unwrap();
     let max = backend.capabilities(Qos::Q1).max_payload;
@@ -684,23 +576,27 @@ fn make_certs(dir: &std::path::Path) -> bool {
 #[cfg(feature = "tls")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mqtts_with_a_private_ca() {
-    let Some(mut broker) = OwnBroker::prepare(
+    let Some(mut broker) = OwnServer::mosquitto(
         "cafile {dir}/ca.pem\ncertfile {dir}/server.pem\nkeyfile {dir}/server.key",
     ) else {
         return;
     };
-    if !make_certs(&broker.dir) {
+    if !make_certs(broker.dir()) {
         skip("the openssl tool is missing or failed to make test certificates");
         return;
     }
     for f in ["ca.pem", "server.pem", "server.key"] {
         use std::os::unix::fs::PermissionsExt;
         let _ =
-            std::fs::set_permissions(broker.dir.join(f), std::fs::Permissions::from_mode(0o644));
+            std::fs::set_permissions(broker.dir().join(f), std::fs::Permissions::from_mode(0o644));
     }
-    broker.launch();
-    let ca = broker.dir.join("ca.pem");
-    let url = format!("mqtts://127.0.0.1:{}?ca_file={}", broker.port, ca.display());
+    broker.start();
+    let ca = broker.dir().join("ca.pem");
+    let url = format!(
+        "mqtts://127.0.0.1:{}?ca_file={}",
+        broker.port(),
+        ca.display()
+    );
     let backend = MqttBackend::connect(MqttConfig::from_url(&url).unwrap())
         .await
         .expect("TLS connect");
@@ -723,7 +619,7 @@ async fn mqtts_with_a_private_ca() {
     backend.close().await.unwrap();
 
     // The system's roots do not know the test CA: a clear Connection error naming the broker.
-    let untrusted = MqttConfig::new("127.0.0.1", broker.port).tls(true);
+    let untrusted = MqttConfig::new("127.0.0.1", broker.port()).tls(true);
     let err = MqttBackend::connect(untrusted)
         .await
         .expect_err("unknown CA");
@@ -733,14 +629,14 @@ async fn mqtts_with_a_private_ca() {
     );
     assert!(
         err.to_string()
-            .contains(&format!("127.0.0.1:{}", broker.port))
+            .contains(&format!("127.0.0.1:{}", broker.port()))
             || err.kind() == ErrorKind::ConfigInvalid,
         "{err}"
     );
 
-    let missing = MqttConfig::new("127.0.0.1", broker.port)
+    let missing = MqttConfig::new("127.0.0.1", broker.port())
         .tls(true)
-        .ca_file(broker.dir.join("nope.pem"));
+        .ca_file(broker.dir().join("nope.pem"));
     let err = MqttBackend::connect(missing)
         .await
         .expect_err("missing CA file");
@@ -749,10 +645,10 @@ async fn mqtts_with_a_private_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacked_message_survives_a_broker_restart_and_is_acked_after_it() {
-    let Some(mut broker) = OwnBroker::start("") else {
+    let Some(mut broker) = start_broker("") else {
         return;
     };
-    let config = MqttConfig::from_url(&broker.url())
+    let config = MqttConfig::from_url(broker.url())
         .unwrap()
         .reconnect_max_delay(Duration::from_millis(300));
     let backend = MqttBackend::connect(config).await.unwrap();
@@ -775,7 +671,7 @@ async fn unacked_message_survives_a_broker_restart_and_is_acked_after_it() {
     let broker_back = tokio::task::spawn_blocking(move || {
         broker.stop();
         std::thread::sleep(Duration::from_millis(300));
-        broker.launch();
+        broker.start();
         broker
     })
     .await

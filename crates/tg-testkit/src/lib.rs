@@ -27,6 +27,7 @@
 pub mod bench;
 mod cases;
 mod check;
+pub mod servers;
 pub mod support;
 
 use std::future::Future;
