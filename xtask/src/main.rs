@@ -2,6 +2,8 @@
 //!
 //! The commands a developer runs are the commands CI runs (`.ci/run` calls `cargo xtask ci`).
 
+mod pulsar;
+
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -60,6 +62,7 @@ fn main() -> ExitCode {
         ["bench", backend] => bench(backend),
         ["services"] => {
             services(&available_servers());
+            pulsar::services();
             Ok(())
         }
         ["ci"] => ci(),
@@ -296,12 +299,15 @@ fn cargo_test(args: &[&str], env: &[(&str, String)], totals: &mut Totals) -> Res
 
 fn test(backend: &str) -> Result<(), String> {
     let mut totals = Totals::default();
-    let (env, _mosquitto) = test_env(backend);
+    let (mut env, _mosquitto) = test_env(backend);
+    let _pulsar = pulsar::test_env(backend, &mut env);
     let ok = if backend == "all" {
         services(&available_servers());
         cargo_test(&["test", "--workspace"], &env, &mut totals)?
     } else if backend == "memory" {
         cargo_test(&["test", "-p", "tg-backend-memory"], &env, &mut totals)?
+    } else if backend == "pulsar" {
+        pulsar::test(&env, &mut totals)?
     } else {
         let server = available_servers()
             .into_iter()
@@ -347,6 +353,9 @@ fn bench(backend: &str) -> Result<(), String> {
             cargo,
             &["run", "--release", "-p", "tg-pubsub-cli", "--", "bench"],
         );
+    }
+    if backend == "pulsar" {
+        return pulsar::bench();
     }
     let server = available_servers()
         .into_iter()
