@@ -15,7 +15,7 @@ pub const BACKENDS: &[(&str, bool)] = &[
     ("redis", cfg!(feature = "redis")),
     ("postgres", cfg!(feature = "postgres")),
     ("mqtt", cfg!(feature = "mqtt")),
-    ("pulsar", false),
+    ("pulsar", cfg!(feature = "pulsar")),
 ];
 
 fn compiled_in() -> String {
@@ -87,11 +87,39 @@ pub struct PubSubConfig {
     #[cfg(feature = "mqtt")]
     #[arg(long = "mqtt-password", env = "MQTT_PASSWORD", hide_env_values = true)]
     pub mqtt_password: Option<String>,
+
+    /// Pulsar broker URL: `pulsar://host[:port]`, `pulsar+ssl://` for TLS (query parameters in
+    /// docs/pulsar.md). When set, it wins over `--pulsar-host`.
+    #[cfg(feature = "pulsar")]
+    #[arg(long = "pulsar-url", env = "PULSAR_URL")]
+    pub pulsar_url: Option<String>,
+
+    /// Pulsar broker, as the Python framework names it: `pulsar://host:port`.
+    #[cfg(feature = "pulsar")]
+    #[arg(long = "pulsar-host", env = "PULSAR_HOST", default_value = DEFAULT_PULSAR_HOST)]
+    pub pulsar_host: String,
+
+    /// Pulsar authentication token (never printed).
+    #[cfg(feature = "pulsar")]
+    #[arg(
+        long = "pulsar-api-key",
+        env = "PULSAR_API_KEY",
+        hide_env_values = true
+    )]
+    pub pulsar_api_key: Option<String>,
+
+    /// Pulsar advertised listener name.
+    #[cfg(feature = "pulsar")]
+    #[arg(long = "pulsar-listener", env = "PULSAR_LISTENER")]
+    pub pulsar_listener: Option<String>,
 }
 
 /// Default of `REDIS_URL`.
 #[cfg(feature = "redis")]
 const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Default of `PULSAR_HOST`.
+#[cfg(feature = "pulsar")]
+const DEFAULT_PULSAR_HOST: &str = "pulsar://localhost:6650";
 /// Default of `DATABASE_URL`.
 #[cfg(feature = "postgres")]
 const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -116,6 +144,14 @@ impl Default for PubSubConfig {
             mqtt_username: None,
             #[cfg(feature = "mqtt")]
             mqtt_password: None,
+            #[cfg(feature = "pulsar")]
+            pulsar_url: None,
+            #[cfg(feature = "pulsar")]
+            pulsar_host: DEFAULT_PULSAR_HOST.to_owned(),
+            #[cfg(feature = "pulsar")]
+            pulsar_api_key: None,
+            #[cfg(feature = "pulsar")]
+            pulsar_listener: None,
         }
     }
 }
@@ -161,6 +197,20 @@ impl PubSubConfig {
         Ok(mqtt)
     }
 
+    /// The Pulsar configuration: `PULSAR_URL` if set, else `PULSAR_HOST`, with the token and
+    /// listener.
+    #[cfg(feature = "pulsar")]
+    fn pulsar(&self) -> Result<tg_backend_pulsar::PulsarConfig> {
+        use tg_backend_pulsar::PulsarConfig;
+        PulsarConfig::from_lookup(|name| match name {
+            PulsarConfig::ENV_URL => self.pulsar_url.clone(),
+            PulsarConfig::ENV_HOST => Some(self.pulsar_host.clone()),
+            PulsarConfig::ENV_TOKEN => self.pulsar_api_key.clone(),
+            PulsarConfig::ENV_LISTENER => self.pulsar_listener.clone(),
+            _ => None,
+        })
+    }
+
     /// The memory backend configuration (from `MEMORY_URL` if set).
     fn memory(&self) -> Result<MemoryConfig> {
         match &self.memory_url {
@@ -188,6 +238,14 @@ impl fmt::Debug for PubSubConfig {
             .field("mqtt_port", &self.mqtt_port)
             .field("mqtt_username", &self.mqtt_username)
             .field("mqtt_password", &self.mqtt_password.as_ref().map(|_| "***"));
+        #[cfg(feature = "pulsar")]
+        d.field("pulsar_url", &self.pulsar_url.as_deref().map(redact_url))
+            .field("pulsar_host", &redact_url(&self.pulsar_host))
+            .field(
+                "pulsar_api_key",
+                &self.pulsar_api_key.as_ref().map(|_| "***"),
+            )
+            .field("pulsar_listener", &self.pulsar_listener);
         d.finish_non_exhaustive()
     }
 }
@@ -237,6 +295,10 @@ pub async fn connect_backend(name: &str, config: &PubSubConfig) -> Result<Arc<dy
         #[cfg(feature = "mqtt")]
         "mqtt" => Ok(Arc::new(
             tg_backend_mqtt::MqttBackend::connect(config.mqtt()?).await?,
+        )),
+        #[cfg(feature = "pulsar")]
+        "pulsar" => Ok(Arc::new(
+            tg_backend_pulsar::PulsarBackend::connect(config.pulsar()?).await?,
         )),
         other => match BACKENDS.iter().find(|(n, _)| *n == other) {
             Some((_, false)) => Err(Error::config(format!(
@@ -396,6 +458,25 @@ mod tests {
         config.fallback = Some("memory".into());
         let backend = connect(&config).await.unwrap();
         assert_eq!(backend.name(), "memory");
+    }
+
+    #[cfg(feature = "pulsar")]
+    #[tokio::test]
+    async fn pulsar_errors_name_the_variable_and_debug_hides_the_token() {
+        let config = PubSubConfig {
+            backend: "pulsar".into(),
+            pulsar_url: Some("http://nope".into()),
+            ..PubSubConfig::default()
+        };
+        let err = connect(&config).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::ConfigInvalid, "{err}");
+        assert!(err.message().contains("PULSAR_URL"), "{err}");
+        let config = PubSubConfig {
+            pulsar_api_key: Some("t0ken-s3cret".into()),
+            ..PubSubConfig::default()
+        };
+        let shown = format!("{config:?} {:?}", config.pulsar().unwrap());
+        assert!(!shown.contains("t0ken-s3cret"), "{shown}");
     }
 
     #[cfg(feature = "postgres")]

@@ -43,6 +43,8 @@ pub use tg_backend_memory::{self as memory, MemoryBackend, MemoryConfig};
 pub use tg_backend_mqtt::{self as mqtt, MqttBackend, MqttConfig};
 #[cfg(feature = "postgres")]
 pub use tg_backend_postgres::{self as postgres, PostgresBackend, PostgresConfig};
+#[cfg(feature = "pulsar")]
+pub use tg_backend_pulsar::{self as pulsar, PulsarBackend, PulsarConfig};
 #[cfg(feature = "redis")]
 pub use tg_backend_redis::{self as redis, RedisBackend, RedisConfig};
 pub use tg_runtime::{
