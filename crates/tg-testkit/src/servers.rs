@@ -2,7 +2,7 @@
 //! on a free 127.0.0.1 port with its data in a fresh directory, which the test can stop and start
 //! again (a broker restart) without touching the shared local servers other tests use.
 //!
-//! Every constructor returns `None` after [`skip`](crate::support::skip) when the server's binary
+//! Every constructor returns `None` after [`skip`] when the server's binary
 //! is not installed (under `CI=true` that is a failure).
 
 use std::net::TcpStream;
