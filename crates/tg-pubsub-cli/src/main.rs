@@ -196,25 +196,6 @@ async fn publish(
     Ok(())
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => return std::future::pending().await,
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
-
 async fn listen(
     backend: &dyn Backend,
     topic: &Topic,
@@ -223,6 +204,16 @@ async fn listen(
     idle_timeout: Option<Duration>,
 ) -> Result<()> {
     let consumer = backend.create_consumer(topic, options).await?;
+    // SIGTERM or Ctrl-C: stop receiving, acknowledge what was printed, close the consumer. Polled
+    // once here so the signal handlers are installed before anyone is told we listen.
+    let stop = tg_pubsub::runtime::shutdown_signal();
+    tokio::pin!(stop);
+    let mut stopped_early = false;
+    std::future::poll_fn(|cx| {
+        stopped_early = std::future::Future::poll(stop.as_mut(), cx).is_ready();
+        std::task::Poll::Ready(())
+    })
+    .await;
     eprintln!(
         "listening on {topic} as {:?} ({}); Ctrl-C to stop",
         consumer.subscription(),
@@ -230,9 +221,7 @@ async fn listen(
     );
     let mut received = 0u64;
     let mut last = Instant::now();
-    let stop = shutdown_signal();
-    tokio::pin!(stop);
-    while count.is_none_or(|c| received < c) {
+    while !stopped_early && count.is_none_or(|c| received < c) {
         let msg = tokio::select! {
             _ = &mut stop => { eprintln!("stopping"); break; }
             r = consumer.receive(Duration::from_millis(500)) => r,

@@ -120,3 +120,40 @@ fn publish_then_listen_with_earliest() {
         text(&out.stderr)
     );
 }
+
+#[cfg(unix)]
+#[test]
+fn listen_stops_cleanly_on_sigterm() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tg-pubsub"))
+        .args(["listen", "--topic", "q1/tg/flow/cli-sigterm"])
+        .env_remove("PUBSUB_BACKEND")
+        .env_remove("PUBSUB_FALLBACK")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tg-pubsub listen");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    // Wait until it listens, then ask it to stop as a service manager would.
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("first line");
+    assert!(
+        line.contains("listening on q1/tg/flow/cli-sigterm"),
+        "{line}"
+    );
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let status = child.wait().expect("wait");
+    let mut rest = String::new();
+    for l in stderr.lines().map_while(Result::ok) {
+        rest.push_str(&l);
+        rest.push('\n');
+    }
+    assert!(status.success(), "exit {status}; stderr: {rest}");
+    assert!(rest.contains("stopping"), "{rest}");
+    assert!(rest.contains("received 0 message(s)"), "{rest}");
+}
