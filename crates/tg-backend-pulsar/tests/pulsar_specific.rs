@@ -12,7 +12,6 @@ mod relay;
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tg_backend_api::{
@@ -20,6 +19,7 @@ use tg_backend_api::{
     ProducerOptions, Qos, Topic,
 };
 use tg_backend_pulsar::{PulsarBackend, PulsarConfig};
+use tg_testkit::servers::OwnServer;
 use tg_testkit::support::{free_port, skip};
 
 const EXPECT: Duration = Duration::from_secs(15);
@@ -363,79 +363,17 @@ async fn second_exclusive_q0_consumer_is_busy() {
     assert_eq!(err.kind(), ErrorKind::ConsumerBusy, "{err}");
 }
 
-/// A pulsar-lite this test starts itself (so that it can restart it), on a fixed port with its
-/// own database directory.
-struct OwnBroker {
-    binary: PathBuf,
-    dir: PathBuf,
-    addr: SocketAddr,
-    child: Option<Child>,
-}
-
-impl OwnBroker {
-    fn start(binary: PathBuf) -> Self {
-        let dir = std::env::temp_dir().join(format!("tg-pulsar-restart-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("pulsar-lite.toml"), "[metrics]\nenabled = false\n").unwrap();
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
-        let mut broker = Self {
-            binary,
-            dir,
-            addr,
-            child: None,
-        };
-        broker.up();
-        broker
-    }
-
-    fn up(&mut self) {
-        let child = Command::new(&self.binary)
-            .arg("--addr")
-            .arg(self.addr.to_string())
-            .arg("--db-path")
-            .arg(self.dir.join("db"))
-            .arg("--config")
-            .arg(self.dir.join("pulsar-lite.toml"))
-            .arg("--log-level")
-            .arg("error")
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("pulsar-lite starts");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_err() {
-            assert!(Instant::now() < deadline, "pulsar-lite did not listen");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn down(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for OwnBroker {
-    fn drop(&mut self) {
-        self.down();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn producers_and_consumers_resume_after_a_broker_restart() {
     let Some(binary) = std::env::var_os("PULSAR_LITE_BIN").map(PathBuf::from) else {
         skip("PULSAR_LITE_BIN is not set (run `cargo xtask test pulsar`)");
         return;
     };
-    let mut broker = OwnBroker::start(binary);
-    let relay = relay::Relay::start(broker.addr).unwrap();
+    let Some(mut broker) = OwnServer::pulsar_lite(&binary) else {
+        return;
+    };
+    broker.start();
+    let relay = relay::Relay::start(SocketAddr::from(([127, 0, 0, 1], broker.port()))).unwrap();
     let config = PulsarConfig::from_url(&relay.url())
         .unwrap()
         .reconnect_max_delay(Duration::from_millis(500));
@@ -467,10 +405,10 @@ async fn producers_and_consumers_resume_after_a_broker_restart() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    broker.down();
+    broker.stop();
     relay.cut_connections();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    broker.up();
+    broker.start();
 
     // the producer reconnects by itself: a send after the restart is accepted
     let receipt = producer.send(OutboundMessage::new("after")).await.unwrap();

@@ -11,8 +11,13 @@
 //! soon after the broker is back. Each run prints its counts and the time from broker-back to
 //! the first message handled.
 //!
-//! The servers' binaries come from the machine; when one is missing the test says so and passes,
-//! unless `CI=true`, where it fails.
+//! The servers' binaries come from the machine (pulsar-lite from `PULSAR_LITE_BIN`, which
+//! `cargo xtask test pulsar|all` sets, behind the checksum relay of docs/pulsar.md); when one is
+//! missing the test says so and passes, unless `CI=true`, where it fails.
+
+#[path = "../../tg-backend-pulsar/tests/support/relay.rs"]
+#[allow(dead_code)]
+mod relay;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +27,7 @@ use std::time::{Duration, Instant};
 use tg_backend_api::{Backend, ConsumerOptions, OutboundMessage, Qos, Result, Topic, TypedMessage};
 use tg_backend_mqtt::{MqttBackend, MqttConfig};
 use tg_backend_postgres::{PostgresBackend, PostgresConfig};
+use tg_backend_pulsar::{PulsarBackend, PulsarConfig};
 use tg_backend_redis::{RedisBackend, RedisConfig};
 use tg_runtime::{
     ConsumerRunner, Deduplicator, HandlerError, ProducerConfig, RetryingProducer, RunnerConfig,
@@ -100,8 +106,22 @@ async fn wait_until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
 
 /// Runs the scenario on `server` (started here) with the backend `connect` builds from its URL.
 /// `prefetch`: messages the backend's consumer may hold beyond the runner's concurrency.
-async fn restart_run<F, Fut>(name: &str, mut server: OwnServer, prefetch: usize, connect: F)
+async fn restart_run<F, Fut>(name: &str, server: OwnServer, prefetch: usize, connect: F)
 where
+    F: Fn(String) -> Fut,
+    Fut: Future<Output = Result<Arc<dyn Backend>>>,
+{
+    restart_run_with(name, server, prefetch, connect, || {}).await;
+}
+
+/// [`restart_run`], calling `while_down` once the broker has stopped.
+async fn restart_run_with<F, Fut>(
+    name: &str,
+    mut server: OwnServer,
+    prefetch: usize,
+    connect: F,
+    while_down: impl FnOnce() + Send + 'static,
+) where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Result<Arc<dyn Backend>>>,
 {
@@ -216,7 +236,10 @@ where
     let at_stop = runner.stats();
     let restart = tokio::task::spawn_blocking(move || {
         let stopping = Instant::now();
-        server.restart(DOWN);
+        server.stop();
+        while_down();
+        std::thread::sleep(DOWN);
+        server.start();
         (server, stopping.elapsed())
     });
     let (server, outage) = restart.await.expect("restart the server");
@@ -333,4 +356,36 @@ fn mqtt_restart_loses_nothing() {
         let config = MqttConfig::from_url(&url)?;
         Ok(Arc::new(MqttBackend::connect(config).await?) as Arc<dyn Backend>)
     }));
+}
+
+#[test]
+fn pulsar_restart_loses_nothing() {
+    let Some(binary) = std::env::var_os("PULSAR_LITE_BIN") else {
+        tg_testkit::support::skip("PULSAR_LITE_BIN is not set (run `cargo xtask test pulsar`)");
+        return;
+    };
+    let Some(server) = OwnServer::pulsar_lite(std::path::Path::new(&binary)) else {
+        return;
+    };
+    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], server.port()));
+    let relay = Arc::new(relay::Relay::start(broker).expect("start the checksum relay"));
+    let relay_url = relay.url();
+    let config = PulsarConfig::from_url(&relay_url).expect("relay URL");
+    // Batches are acknowledged whole: a batch cut by the restart comes again entire.
+    let prefetch = config.receiver_queue as usize + config.batch_size as usize;
+    let cut = relay.clone();
+    run(restart_run_with(
+        "pulsar",
+        server,
+        prefetch,
+        move |_| {
+            let url = relay_url.clone();
+            async move {
+                let config = PulsarConfig::from_url(&url)?;
+                Ok(Arc::new(PulsarBackend::connect(config).await?) as Arc<dyn Backend>)
+            }
+        },
+        // The relay holds the client side open; a real broker's death closes it.
+        move || cut.cut_connections(),
+    ));
 }

@@ -262,6 +262,47 @@ impl OwnServer {
         })
     }
 
+    /// A pulsar-lite (a Pulsar-protocol broker, see docs/pulsar.md) from `binary`, with its
+    /// database in the server's directory and its metrics server off. Not started yet. Its URL is
+    /// the broker's own; the `pulsar` crate needs the checksum relay in front of it.
+    pub fn pulsar_lite(binary: &Path) -> Option<Self> {
+        if !binary.is_file() {
+            skip(&format!(
+                "the pulsar-lite binary {} is missing (`cargo xtask test pulsar` installs it)",
+                binary.display()
+            ));
+            return None;
+        }
+        let port = free_port();
+        let dir = fresh_dir("pulsar-lite", port);
+        let conf = dir.join("pulsar-lite.toml");
+        std::fs::write(&conf, "[metrics]\nenabled = false\n").expect("write pulsar-lite.toml");
+        let args = [
+            "--addr",
+            &format!("127.0.0.1:{port}"),
+            "--db-path",
+            &dir.join("db").display().to_string(),
+            "--config",
+            &conf.display().to_string(),
+            "--log-level",
+            "error",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        Some(Self {
+            name: "pulsar-lite",
+            program: binary.to_owned(),
+            args,
+            stop_signal: "TERM",
+            user: None,
+            ready: None,
+            url: format!("pulsar://127.0.0.1:{port}"),
+            dir,
+            port,
+            child: None,
+        })
+    }
+
     /// The URL clients connect with.
     pub fn url(&self) -> &str {
         &self.url
@@ -293,6 +334,7 @@ impl OwnServer {
         }
         let mut cmd = Command::new(&self.program);
         cmd.args(&self.args)
+            .current_dir(&self.dir)
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if let Some((uid, gid)) = self.user {
