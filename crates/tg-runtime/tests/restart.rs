@@ -16,7 +16,6 @@
 //! missing the test says so and passes, unless `CI=true`, where it fails.
 
 #[path = "../../tg-backend-pulsar/tests/support/relay.rs"]
-#[allow(dead_code)]
 mod relay;
 
 use std::future::Future;
