@@ -8,12 +8,14 @@
 //! Environment: `REDIS_URL`; `BENCH_MESSAGES` (200,000); `BENCH_ROUNDS` (3); `BENCH_QOS=q0|q1`
 //! (only one); `BENCH_VERBOSE=1` (producer time); `BENCH_SKIP_RAW` / `BENCH_SKIP_TG`;
 //! `BENCH_NO_ACK` (tg path without acknowledgements); `BENCH_PROBE=1` (client CPU of producing
-//! and of consuming alone, tg-pubsub vs raw).
+//! and of consuming alone, tg-pubsub vs raw; q1, or q0 producing alone with `BENCH_QOS=q0`).
+//!
+//! Instructions per phase: `valgrind --tool=callgrind --dump-before='*callgrind_mark*'` on the
+//! bench binary writes one dump per phase (see [`callgrind_mark`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::join_all;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use redis::aio::ConnectionLike;
@@ -67,6 +69,41 @@ fn cpu_ticks() -> u64 {
         .unwrap_or(0)
 }
 
+/// A phase boundary for `valgrind --tool=callgrind --dump-before='*callgrind_mark*'`: each call
+/// starts a new dump, so instructions per phase (produce, consume, one path's round) can be read
+/// apart. Does nothing otherwise.
+#[inline(never)]
+fn callgrind_mark(phase: &'static str) {
+    std::hint::black_box(phase);
+}
+
+/// Acknowledges `msgs` concurrently and waits for every acknowledgement, as many handler tasks
+/// would. The consumer's own (boxed) futures are polled in one place: `join_all` would put more
+/// than 30 of them in a `FuturesOrdered`, allocating and scheduling a task per future, which cost
+/// more client CPU than the acknowledgement itself.
+async fn acknowledge_all(c: &dyn Consumer, msgs: &[Message]) -> tg_backend_api::Result<()> {
+    let mut pending: Vec<_> = msgs.iter().map(|m| c.acknowledge(m)).collect();
+    let mut result = Ok(());
+    std::future::poll_fn(|cx| {
+        pending.retain_mut(|f| match f.as_mut().poll(cx) {
+            std::task::Poll::Ready(r) => {
+                if let (Err(e), true) = (r, result.is_ok()) {
+                    result = Err(e);
+                }
+                false
+            }
+            std::task::Poll::Pending => true,
+        });
+        if pending.is_empty() {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    })
+    .await;
+    result
+}
+
 fn median(xs: &mut [f64]) -> f64 {
     xs.sort_by(|a, b| a.total_cmp(b));
     xs[xs.len() / 2]
@@ -101,12 +138,10 @@ async fn tg_throughput(backend: &RedisBackend, topic: &Topic, n: usize) -> (usiz
             let flush = |chunk: &mut Vec<Message>,
                          ackers: &mut Vec<tokio::task::JoinHandle<()>>| {
                 if ack && !chunk.is_empty() {
-                    let msgs = std::mem::take(chunk);
+                    let msgs = std::mem::replace(chunk, Vec::with_capacity(ACK_CHUNK));
                     let c = c.clone();
                     ackers.push(tokio::spawn(async move {
-                        for r in join_all(msgs.iter().map(|m| c.acknowledge(m))).await {
-                            r.expect("ack");
-                        }
+                        acknowledge_all(c.as_ref(), &msgs).await.expect("ack");
                     }));
                 }
                 chunk.clear();
@@ -492,6 +527,7 @@ async fn probe(backend: &RedisBackend, client: &redis::Client, prefix: &str, n: 
         .await
         .expect("producer")
         .into();
+    callgrind_mark("tg produce");
     let c0 = cpu_ticks();
     let t = Instant::now();
     let p2 = producer.clone();
@@ -509,6 +545,7 @@ async fn probe(backend: &RedisBackend, client: &redis::Client, prefix: &str, n: 
     .await
     .expect("producer");
     println!("tg produce: {} ticks, {:?}", cpu_ticks() - c0, t.elapsed());
+    callgrind_mark("tg consume");
     let c0 = cpu_ticks();
     let t = Instant::now();
     let c2 = consumer.clone();
@@ -519,10 +556,10 @@ async fn probe(backend: &RedisBackend, client: &redis::Client, prefix: &str, n: 
             let m = c2.receive(IDLE).await.expect("receive");
             chunk.push(m);
             if chunk.len() == ACK_CHUNK {
-                let msgs = std::mem::take(&mut chunk);
+                let msgs = std::mem::replace(&mut chunk, Vec::with_capacity(ACK_CHUNK));
                 let c = c2.clone();
                 ackers.push(tokio::spawn(async move {
-                    join_all(msgs.iter().map(|m| c.acknowledge(m))).await;
+                    acknowledge_all(c.as_ref(), &msgs).await.expect("ack");
                 }));
             }
         }
@@ -532,6 +569,7 @@ async fn probe(backend: &RedisBackend, client: &redis::Client, prefix: &str, n: 
     })
     .await
     .expect("consumer");
+    callgrind_mark("probe setup");
     println!(
         "tg consume+ack: {} ticks, {:?}",
         cpu_ticks() - c0,
@@ -552,6 +590,7 @@ async fn probe(backend: &RedisBackend, client: &redis::Client, prefix: &str, n: 
         .query_async::<()>(&mut conn)
         .await
         .expect("group");
+    callgrind_mark("raw produce");
     let c0 = cpu_ticks();
     let t = Instant::now();
     let s2 = stream.clone();
@@ -579,6 +618,7 @@ async fn probe(backend: &RedisBackend, client: &redis::Client, prefix: &str, n: 
     .await
     .expect("raw producer");
     println!("raw produce: {} ticks, {:?}", cpu_ticks() - c0, t.elapsed());
+    callgrind_mark("raw consume");
     let c0 = cpu_ticks();
     let t = Instant::now();
     let mut got = 0;
@@ -608,8 +648,73 @@ async fn probe(backend: &RedisBackend, client: &redis::Client, prefix: &str, n: 
         got += ids.len();
         pending = ids;
     }
+    callgrind_mark("probe end");
     println!(
         "raw consume+ack: {} ticks, {:?}",
+        cpu_ticks() - c0,
+        t.elapsed()
+    );
+}
+
+/// Client CPU of q0 producing alone, with no subscriber (`BENCH_PROBE=1 BENCH_QOS=q0`).
+async fn probe_q0(backend: &RedisBackend, client: &redis::Client, prefix: &str, n: usize) {
+    let topic = Topic::new(Qos::Q0, "bench", "probe", "p").expect("topic");
+    let producer: Arc<dyn Producer> = backend
+        .create_producer(&topic, Default::default())
+        .await
+        .expect("producer")
+        .into();
+    callgrind_mark("tg produce q0");
+    let c0 = cpu_ticks();
+    let t = Instant::now();
+    let p2 = producer.clone();
+    tokio::spawn(async move {
+        let base = Instant::now();
+        for _ in 0..n {
+            drop(
+                p2.send(OutboundMessage::new(payload(base)))
+                    .await
+                    .expect("send"),
+            );
+        }
+        p2.flush().await.expect("flush");
+    })
+    .await
+    .expect("producer");
+    callgrind_mark("probe setup");
+    println!(
+        "tg produce q0: {} ticks, {:?}",
+        cpu_ticks() - c0,
+        t.elapsed()
+    );
+    let channel = format!("{prefix}/probe-raw-q0");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("conn");
+    callgrind_mark("raw produce q0");
+    let c0 = cpu_ticks();
+    let t = Instant::now();
+    tokio::spawn(async move {
+        let base = Instant::now();
+        let mut sent = 0;
+        while sent < n {
+            let k = RAW_BATCH.min(n - sent);
+            let mut pipe = redis::pipe();
+            for _ in 0..k {
+                pipe.cmd("PUBLISH").arg(&channel).arg(payload(base));
+            }
+            conn.req_packed_commands(&pipe, 0, k)
+                .await
+                .expect("publish");
+            sent += k;
+        }
+    })
+    .await
+    .expect("raw producer");
+    callgrind_mark("probe end");
+    println!(
+        "raw produce q0: {} ticks, {:?}",
         cpu_ticks() - c0,
         t.elapsed()
     );
@@ -642,11 +747,15 @@ fn main() {
         };
         let client = redis::Client::open(url.as_str()).expect("client");
         let probing = std::env::var("BENCH_PROBE").is_ok();
+        let only = std::env::var("BENCH_QOS").ok();
         if probing {
-            probe(&backend, &client, &prefix, n).await;
+            if only.as_deref() == Some("q0") {
+                probe_q0(&backend, &client, &prefix, n).await;
+            } else {
+                probe(&backend, &client, &prefix, n).await;
+            }
         }
         let mut rows = Vec::new();
-        let only = std::env::var("BENCH_QOS").ok();
         for qos in [Qos::Q0, Qos::Q1] {
             if probing || only.as_deref().is_some_and(|q| q != qos.as_str()) {
                 continue;
@@ -661,6 +770,7 @@ fn main() {
             let (mut raw_got, mut got) = (n, n);
             for round in 0..rounds {
                 let raw_key = format!("{prefix}/raw/{qos}/{round}");
+                callgrind_mark("raw round");
                 let cpu0 = cpu_ticks();
                 let (g, time) = if skip_raw {
                     (1, Duration::from_secs(1))
@@ -673,10 +783,12 @@ fn main() {
                 raw_got = raw_got.min(g);
                 raw_rates.push(g as f64 / time.as_secs_f64());
                 let topic = Topic::new(qos, "bench", "compare", &format!("throughput-{round}")).expect("topic");
+                callgrind_mark("tg round");
                 let cpu0 = cpu_ticks();
                 let (g, time) =
                     if skip_tg { (1, Duration::from_secs(1)) } else { tg_throughput(&backend, &topic, n).await };
                 let tg_cpu = cpu_ticks() - cpu0;
+                callgrind_mark("round end");
                 got = got.min(g);
                 tg_rates.push(g as f64 / time.as_secs_f64());
                 // free the round's streams at once (the server is shared)

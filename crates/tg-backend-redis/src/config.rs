@@ -55,8 +55,9 @@ pub struct RedisConfig {
     /// it, its oldest entries are trimmed whether or not every subscription consumed them.
     /// Default: 1,000,000.
     pub max_len: u64,
-    /// Most entries one `XREADGROUP` fetches for one consumer; a consumer buffers at most twice
-    /// this. Default: 64.
+    /// Most entries one `XREADGROUP` fetches per stream for one consumer; a consumer reads again
+    /// once it buffers at most this many, so it buffers about twice this (three times when the
+    /// retry stream and the topic stream both deliver a full batch). Default: 64.
     pub batch: usize,
     /// How long one blocking `XREADGROUP` waits before it is issued again. Default: 2 s.
     pub block: Duration,

@@ -1,11 +1,14 @@
 //! q1/q2 consumers: a member of the subscription's consumer group on the topic stream and on the
 //! subscription's retry stream.
 //!
-//! Tasks per consumer: a reader (blocking `XREADGROUP` on its own connection into a small
-//! bounded buffer), an acknowledger (batches `XACK`s; `acknowledge` waits for its batch), a
-//! reclaimer (`XAUTOCLAIM` of messages a crashed member held longer than the visibility timeout)
-//! and, for exclusive/failover consumers, a lease keeper.
+//! Tasks per consumer: a reader (`XREADGROUP` on its own connection into a small bounded
+//! [`Inbox`] that `receive` takes from; blocking only when the last read was not a full batch;
+//! pending acknowledgements go along with each read, as `XACK`s in the same write), an
+//! acknowledger (writes the `XACK`s the reader will not carry soon, e.g. while it blocks;
+//! `acknowledge` waits for its batch), a reclaimer (`XAUTOCLAIM` of messages a crashed member held
+//! longer than the visibility timeout) and, for exclusive/failover consumers, a lease keeper.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
@@ -19,16 +22,17 @@ use tg_backend_api::{
     next_consumer_id, receive_timeout, AckHandle, Consumer, ConsumerOptions, ConsumerType, Error,
     ErrorKind, InitialPosition, Message, MessageId, Result, Topic,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::backend::Shared;
 use crate::error::{convert, is_connection_error};
 use crate::scripts::{LEASE_RELEASE, LEASE_RENEW, NACK, RECLAIM, RELEASE};
-use crate::topic::{decode_entry, id_time, into_string, TopicKeys};
+use crate::sync::{Completion, Inbox, Popped};
+use crate::topic::{as_bytes, decode_entry, format_id, ms_time, parse_id, TopicKeys};
 
-/// Acknowledgements written in one pipeline at most.
+/// Ids in one `XACK` at most (a larger batch is written as several in one pipeline).
 const ACK_BATCH: usize = 1024;
 /// The group member name the reclaimer claims crashed members' messages to (it holds them only
 /// within one script run).
@@ -81,13 +85,10 @@ impl EntryRef {
 }
 
 impl EntryId {
-    fn parse(id: &str) -> Self {
-        let packed = id
-            .split_once('-')
-            .and_then(|(ms, seq)| Some((ms.parse().ok()?, seq.parse().ok()?)));
-        match packed {
+    fn from_bytes(id: &[u8]) -> Self {
+        match parse_id(id) {
             Some((ms, seq)) => Self::Packed { ms, seq },
-            None => Self::Text(id.into()),
+            None => Self::Text(String::from_utf8_lossy(id).into()),
         }
     }
 }
@@ -95,15 +96,273 @@ impl EntryId {
 impl redis::ToRedisArgs for EntryId {
     fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
         match self {
-            Self::Packed { ms, seq } => out.write_arg_fmt(format_args!("{ms}-{seq}")),
+            Self::Packed { ms, seq } => out.write_arg(format_id(*ms, *seq, &mut [0; 41])),
             Self::Text(t) => out.write_arg(t.as_bytes()),
         }
     }
 }
 
-enum AckReq {
-    Ack(EntryRef, oneshot::Sender<Result<()>>),
-    Flush(oneshot::Sender<()>),
+/// Writes stream ids as command arguments, reusing the digits of the last `ms` (the ids of one
+/// batch mostly share it).
+#[derive(Default)]
+struct IdFormatter {
+    ms: Option<u64>,
+    /// `<ms>-` of the last id, then room for the sequence number.
+    buf: Vec<u8>,
+    prefix: usize,
+}
+
+impl IdFormatter {
+    fn push_all(&mut self, cmd: &mut redis::Cmd, ids: &[EntryId]) {
+        for id in ids {
+            match id {
+                EntryId::Packed { ms, seq } => {
+                    if self.ms != Some(*ms) {
+                        let mut full = [0u8; 41];
+                        let text = format_id(*ms, 0, &mut full);
+                        self.prefix = text.len() - 1;
+                        self.buf.clear();
+                        self.buf.extend_from_slice(&text[..self.prefix]);
+                        self.ms = Some(*ms);
+                    }
+                    self.buf.truncate(self.prefix);
+                    let mut tail = [0u8; 41];
+                    let text = format_id(0, *seq, &mut tail);
+                    self.buf.extend_from_slice(&text[2..]);
+                    cmd.arg(&self.buf[..]);
+                }
+                EntryId::Text(t) => {
+                    cmd.arg(t.as_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// How an `XACK` batch ended: the error's kind and message on failure.
+type AckOutcome = std::result::Result<(), (ErrorKind, String)>;
+
+/// One batch of acknowledgements: every `acknowledge` in it waits for this.
+type AckBatch = Arc<Completion<AckOutcome>>;
+
+/// Acknowledgements waiting to be written: `acknowledge` appends its id under a lock and waits
+/// for its batch's [`Completion`] (no channel, no per-message allocation).
+///
+/// Who writes a batch: while the reader is about to send a read that returns at once (the last
+/// one was a full batch), the reader takes what is pending and sends the `XACK`s on its own
+/// connection in the same write as the `XREADGROUP` — one round trip for both, as a hand-written
+/// client would do. Otherwise (the reader blocks, waits for room, reconnects or stands by) the
+/// first acknowledgement of a batch wakes the acknowledger task, which writes on the shared
+/// connection.
+struct AckQueue {
+    state: Mutex<AckState>,
+    wake: Notify,
+}
+
+struct AckState {
+    main: Vec<EntryId>,
+    retry: Vec<EntryId>,
+    /// The batch now being appended to.
+    current: AckBatch,
+    /// Batches being written (by the acknowledger, or by the reader along with a read).
+    writing: Vec<AckBatch>,
+    /// The reader is about to send a read that returns at once and carries what is pending.
+    reader_reading: bool,
+}
+
+impl AckQueue {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(AckState {
+                main: Vec::new(),
+                retry: Vec::new(),
+                current: Arc::new(Completion::new()),
+                writing: Vec::new(),
+                reader_reading: false,
+            }),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Queues one acknowledgement; returns its batch.
+    fn push(&self, entry: EntryRef) -> AckBatch {
+        let mut s = self.state.lock();
+        let first = s.main.is_empty() && s.retry.is_empty();
+        if entry.retry {
+            s.retry.push(entry.id);
+        } else {
+            s.main.push(entry.id);
+        }
+        let batch = s.current.clone();
+        let wake = first && !s.reader_reading;
+        drop(s);
+        if wake {
+            self.wake.notify_one();
+        }
+        batch
+    }
+
+    /// Moves what is pending into `main` and `retry` (empty on entry) for one write; its batch.
+    fn take_locked(
+        s: &mut AckState,
+        main: &mut Vec<EntryId>,
+        retry: &mut Vec<EntryId>,
+    ) -> Option<AckBatch> {
+        if s.main.is_empty() && s.retry.is_empty() {
+            return None;
+        }
+        std::mem::swap(&mut s.main, main);
+        std::mem::swap(&mut s.retry, retry);
+        let batch = std::mem::replace(&mut s.current, Arc::new(Completion::new()));
+        s.writing.push(batch.clone());
+        Some(batch)
+    }
+
+    /// The acknowledger takes what is pending.
+    fn take(&self, main: &mut Vec<EntryId>, retry: &mut Vec<EntryId>) -> Option<AckBatch> {
+        Self::take_locked(&mut self.state.lock(), main, retry)
+    }
+
+    /// The reader is about to send a read and takes what is pending to send along. `soon`: the
+    /// read returns at once, so acknowledgements until the next read may wait for that one.
+    fn take_for_read(
+        &self,
+        main: &mut Vec<EntryId>,
+        retry: &mut Vec<EntryId>,
+        soon: bool,
+    ) -> Option<AckBatch> {
+        let mut s = self.state.lock();
+        s.reader_reading = soon;
+        Self::take_locked(&mut s, main, retry)
+    }
+
+    /// The reader will not read soon (it blocks, waits for room, reconnects, stands by or
+    /// stopped): the acknowledger takes over what is pending and what comes.
+    fn reader_away(&self) {
+        let mut s = self.state.lock();
+        if !s.reader_reading {
+            return;
+        }
+        s.reader_reading = false;
+        let pending = !(s.main.is_empty() && s.retry.is_empty());
+        drop(s);
+        if pending {
+            self.wake.notify_one();
+        }
+    }
+
+    /// A batch was written.
+    fn done(&self, batch: &AckBatch) {
+        self.state.lock().writing.retain(|w| !Arc::ptr_eq(w, batch));
+    }
+
+    /// The batches that complete once everything acknowledged so far is written.
+    fn unfinished(&self) -> Vec<AckBatch> {
+        let s = self.state.lock();
+        let mut all = s.writing.clone();
+        if !(s.main.is_empty() && s.retry.is_empty()) {
+            all.push(s.current.clone());
+        }
+        all
+    }
+
+    /// Fails every batch not yet written (the acknowledger ended).
+    fn fail_all(&self) {
+        let mut s = self.state.lock();
+        s.main.clear();
+        s.retry.clear();
+        s.reader_reading = false;
+        let gone = || Err((ErrorKind::Closed, "the consumer closed".to_owned()));
+        s.current.set(gone());
+        for w in s.writing.drain(..) {
+            w.set(gone());
+        }
+    }
+}
+
+/// The `XACK`s (and, on the retry stream, `XDEL`s) of one batch.
+fn ack_pipeline(
+    names: &Names,
+    main: &[EntryId],
+    retry: &[EntryId],
+    fmt: &mut IdFormatter,
+) -> Pipeline {
+    let command =
+        |name: &str, key: &str, group: Option<&str>, ids: &[EntryId], fmt: &mut IdFormatter| {
+            let mut cmd = redis::Cmd::with_capacity(3 + ids.len(), 32 + key.len() + 24 * ids.len());
+            cmd.arg(name).arg(key);
+            if let Some(g) = group {
+                cmd.arg(g);
+            }
+            fmt.push_all(&mut cmd, ids);
+            cmd
+        };
+    let mut pipe = Pipeline::with_capacity(3);
+    for ids in main.chunks(ACK_BATCH) {
+        pipe.add_command(command("XACK", &names.stream, Some(&names.group), ids, fmt));
+    }
+    for ids in retry.chunks(ACK_BATCH) {
+        pipe.add_command(command("XACK", &names.retry, Some(&names.group), ids, fmt));
+        pipe.add_command(command("XDEL", &names.retry, None, ids, fmt));
+    }
+    pipe
+}
+
+/// A batch of acknowledgements the reader sends along with its read, on its own connection.
+/// If the reader stops before the reply came, the batch is finished on the shared connection.
+struct AlongWrite {
+    shared: Arc<Shared>,
+    queue: Arc<AckQueue>,
+    pipe: Pipeline,
+    batch: AckBatch,
+    finished: bool,
+}
+
+impl AlongWrite {
+    async fn run(mut self, mut conn: MultiplexedConnection) {
+        let n = self.pipe.len();
+        let outcome = match conn.req_packed_commands(&self.pipe, 0, n).await {
+            Ok(values) => match values.into_iter().find_map(|v| match v {
+                Value::ServerError(e) => Some(e),
+                _ => None,
+            }) {
+                None => Ok(()),
+                Some(e) => Err(self.shared.err(e.into(), "acknowledging failed")),
+            },
+            // the reader's connection broke: write them on the shared one (retrying)
+            Err(e) if is_connection_error(&e) => write_acks(&self.shared, &self.pipe).await,
+            Err(e) => Err(self.shared.err(e, "acknowledging failed")),
+        };
+        self.batch
+            .set(outcome.map_err(|e| (e.kind(), e.message().to_owned())));
+        self.queue.done(&self.batch);
+        self.finished = true;
+    }
+}
+
+impl Drop for AlongWrite {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let (shared, queue, batch) = (self.shared.clone(), self.queue.clone(), self.batch.clone());
+        let pipe = std::mem::replace(&mut self.pipe, Pipeline::new());
+        let finish = async move {
+            let outcome = write_acks(&shared, &pipe).await;
+            batch.set(outcome.map_err(|e| (e.kind(), e.message().to_owned())));
+            queue.done(&batch);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(rt) => {
+                rt.spawn(finish);
+            }
+            Err(_) => {
+                self.batch
+                    .set(Err((ErrorKind::Closed, "the consumer closed".to_owned())));
+                self.queue.done(&self.batch);
+            }
+        }
+    }
 }
 
 /// The names one consumer works with.
@@ -124,10 +383,10 @@ pub(crate) struct ConsumerCore {
     names: Names,
     consumer_type: ConsumerType,
     closed: AtomicBool,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Message>>,
+    inbox: Arc<Inbox>,
     stop: watch::Sender<bool>,
     reader_client: Arc<AtomicI64>,
-    acks: mpsc::Sender<AckReq>,
+    acks: Arc<AckQueue>,
     lease_token: Option<String>,
     reader: Mutex<Option<JoinHandle<()>>>,
     helpers: Mutex<Vec<JoinHandle<()>>>,
@@ -192,8 +451,8 @@ impl StreamConsumer {
         };
 
         let batch = shared.config.batch;
-        let (msg_tx, msg_rx) = mpsc::channel(batch * 2);
-        let (ack_tx, ack_rx) = mpsc::channel(ACK_BATCH * 4);
+        let inbox = Arc::new(Inbox::new(batch * 3));
+        let acks = Arc::new(AckQueue::new());
         let (stop_tx, stop_rx) = watch::channel(false);
         let reader_client = Arc::new(AtomicI64::new(0));
         let id = next_consumer_id();
@@ -202,13 +461,15 @@ impl StreamConsumer {
             shared: shared.clone(),
             names: names.clone(),
             consumer: id,
-            tx: msg_tx,
+            inbox: inbox.clone(),
+            acks: acks.clone(),
+            decoded: VecDeque::with_capacity(batch * 2),
             stop: stop_rx.clone(),
             active: active.subscribe(),
             client_id: reader_client.clone(),
         }));
         let mut helpers = vec![
-            tokio::spawn(run_acker(shared.clone(), names.clone(), ack_rx)),
+            tokio::spawn(run_acker(shared.clone(), names.clone(), acks.clone())),
             tokio::spawn(run_reclaimer(
                 shared.clone(),
                 names.clone(),
@@ -232,10 +493,10 @@ impl StreamConsumer {
                 names,
                 consumer_type: options.consumer_type,
                 closed: AtomicBool::new(false),
-                rx: tokio::sync::Mutex::new(msg_rx),
+                inbox,
                 stop: stop_tx,
                 reader_client,
-                acks: ack_tx,
+                acks,
                 lease_token,
                 reader: Mutex::new(Some(reader)),
                 helpers: Mutex::new(helpers),
@@ -368,9 +629,15 @@ impl ConsumerCore {
         self.stop.send_replace(true);
         self.stop_reader().await;
         // write out acknowledgements queued before the close
-        let (tx, rx) = oneshot::channel();
-        if self.acks.send(AckReq::Flush(tx)).await.is_ok() {
-            let _ = tokio::time::timeout(self.shared.config.connect_timeout, rx).await;
+        let unfinished = self.acks.unfinished();
+        if !unfinished.is_empty() {
+            self.acks.wake.notify_one();
+            let _ = tokio::time::timeout(self.shared.config.connect_timeout, async {
+                for batch in &unfinished {
+                    batch.wait().await;
+                }
+            })
+            .await;
         }
         let mut conn = self.shared.conn();
         let result = if unsubscribe {
@@ -481,32 +748,27 @@ impl Consumer for StreamConsumer {
                 .unwrap_or_else(|| Error::closed("consumer"))
         };
         // fast path: a buffered message needs no timer
-        if let Ok(mut rx) = core.rx.try_lock() {
-            match rx.try_recv() {
-                Ok(m) => return Ok(m),
-                Err(mpsc::error::TryRecvError::Disconnected) => return Err(closed()),
-                Err(mpsc::error::TryRecvError::Empty) if timeout.is_zero() => {
-                    return Err(receive_timeout(timeout))
-                }
-                Err(mpsc::error::TryRecvError::Empty) => {}
-            }
-        } else if timeout.is_zero() {
-            return Err(receive_timeout(timeout));
+        if let Some(m) = core.inbox.try_pop() {
+            return Ok(m);
         }
-        let got = tokio::time::timeout(timeout, async {
-            let mut rx = core.rx.lock().await;
-            rx.recv().await
-        })
-        .await;
-        match got {
-            Ok(Some(m)) => {
+        match core.inbox.pop() {
+            Popped::Message(m) => return Ok(m),
+            Popped::Closed => return Err(closed()),
+            Popped::Empty if timeout.is_zero() => return Err(receive_timeout(timeout)),
+            Popped::Empty => {}
+        }
+        match core.inbox.pop_wait(timeout).await {
+            Some(m) => {
                 core.check_open()?;
                 Ok(m)
             }
-            Ok(None) => Err(closed()),
-            Err(_) => {
+            None => {
                 core.check_open()?;
-                Err(receive_timeout(timeout))
+                match core.inbox.pop() {
+                    Popped::Message(m) => Ok(m),
+                    Popped::Closed => Err(closed()),
+                    Popped::Empty => Err(receive_timeout(timeout)),
+                }
             }
         }
     }
@@ -515,13 +777,13 @@ impl Consumer for StreamConsumer {
         let core = &self.core;
         let entry = core.own_entry(message)?;
         core.check_open()?;
-        let (tx, rx) = oneshot::channel();
-        let req = AckReq::Ack(entry, tx);
-        core.acks
-            .send(req)
-            .await
-            .map_err(|_| Error::closed("consumer"))?;
-        rx.await.map_err(|_| Error::closed("consumer"))?
+        match core.acks.push(entry).wait().await {
+            Ok(()) => Ok(()),
+            Err((ErrorKind::Closed, _)) => Err(Error::closed("consumer")),
+            Err((kind, message)) => Err(Error::new(*kind, message.clone())
+                .with_context("server", &core.shared.server)
+                .with_context("subscription", &core.names.group)),
+        }
     }
 
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
@@ -594,7 +856,10 @@ struct ReaderCtx {
     shared: Arc<Shared>,
     names: Names,
     consumer: u64,
-    tx: mpsc::Sender<Message>,
+    inbox: Arc<Inbox>,
+    acks: Arc<AckQueue>,
+    /// Messages of the last reply, decoded before they go to the inbox in one go.
+    decoded: VecDeque<Message>,
     stop: watch::Receiver<bool>,
     active: watch::Receiver<bool>,
     client_id: Arc<AtomicI64>,
@@ -613,39 +878,112 @@ impl ReaderCtx {
         }
     }
 
-    fn message(&self, retry: bool, id: String, fields: Value) -> Option<Message> {
+    /// Decodes every entry of an `XREADGROUP` reply (`[[stream, [[id, fields], …]], …]`, or a
+    /// map of streams under RESP3) straight into messages.
+    /// Returns the most entries one stream delivered.
+    fn decode_reply(&mut self, reply: Value) -> usize {
+        let streams: Vec<(Value, Value)> = match reply {
+            Value::Array(items) => items
+                .into_iter()
+                .filter_map(|s| match s {
+                    Value::Array(kv) if kv.len() == 2 => {
+                        let mut it = kv.into_iter();
+                        Some((it.next()?, it.next()?))
+                    }
+                    _ => None,
+                })
+                .collect(),
+            Value::Map(pairs) => pairs,
+            _ => return 0,
+        };
+        let mut most = 0;
+        for (key, entries) in streams {
+            let retry = as_bytes(&key) == Some(self.names.retry.as_bytes());
+            let Value::Array(entries) = entries else {
+                continue;
+            };
+            most = most.max(entries.len());
+            self.decoded.reserve(entries.len());
+            for e in entries {
+                let Value::Array(parts) = e else { continue };
+                let mut it = parts.into_iter();
+                let (Some(id), Some(fields)) = (it.next(), it.next()) else {
+                    continue;
+                };
+                let Some(id) = as_bytes(&id) else { continue };
+                if let Some(msg) = self.message(retry, id, fields) {
+                    self.decoded.push_back(msg);
+                }
+            }
+        }
+        most
+    }
+
+    fn message(&self, retry: bool, id: &[u8], fields: Value) -> Option<Message> {
         let entry = match decode_entry(fields) {
             Ok(e) => e,
             Err(e) => {
-                tracing::warn!(stream = %self.names.stream, id = %id, error = %e, "skipping an undecodable entry");
+                tracing::warn!(stream = %self.names.stream, id = %String::from_utf8_lossy(id), error = %e, "skipping an undecodable entry");
                 return None;
+            }
+        };
+        let entry_id = EntryId::from_bytes(id);
+        // the message id is the original entry's (a retry copy names it in `o`)
+        let (text, ms): (Arc<str>, Option<u64>) = match entry.original {
+            Some(o) => {
+                let ms = parse_id(o.as_bytes()).map(|(ms, _)| ms);
+                (o.into(), ms)
+            }
+            None => {
+                let ms = match entry_id {
+                    EntryId::Packed { ms, .. } => Some(ms),
+                    EntryId::Text(_) => None,
+                };
+                let text: Arc<str> = match std::str::from_utf8(id) {
+                    Ok(t) => t.into(),
+                    Err(_) => String::from_utf8_lossy(id).into(),
+                };
+                (text, ms)
             }
         };
         let entry_ref = EntryRef {
             retry,
-            id: EntryId::parse(&id),
-        };
-        let original: Arc<str> = match entry.original {
-            Some(o) => o.into(),
-            None => id.into(),
+            id: entry_id,
         };
         let mut msg = Message::new(
             entry.payload,
             entry.properties,
-            MessageId::from_text(original.clone()),
+            MessageId::from_text(text),
             entry_ref.handle(self.consumer),
-        )
-        .with_redelivery_count(entry.redeliveries)
-        .with_key(entry.key);
-        if let Some(t) = id_time(&original) {
+        );
+        // (each `with_*` moves the whole message: only the ones that change something)
+        if entry.redeliveries > 0 {
+            msg = msg.with_redelivery_count(entry.redeliveries);
+        }
+        if entry.key.is_some() {
+            msg = msg.with_key(entry.key);
+        }
+        if let Some(t) = ms.and_then(ms_time) {
             msg = msg.with_publish_time(t);
         }
         Some(msg)
     }
 }
 
-/// Reads batches with blocking `XREADGROUP` (retry stream first) into the consumer's buffer,
-/// reconnecting by itself, and only while the consumer is active (failover/exclusive).
+/// When the reader ends (also when aborted): receivers see the inbox close, and the
+/// acknowledger takes over all acknowledgements.
+struct ReaderExit(Arc<Inbox>, Arc<AckQueue>);
+
+impl Drop for ReaderExit {
+    fn drop(&mut self) {
+        self.0.close();
+        self.1.reader_away();
+    }
+}
+
+/// Reads batches with `XREADGROUP` (retry stream first) into the consumer's buffer, carrying the
+/// pending acknowledgements along; blocking only when the last read was not a full batch.
+/// Reconnects by itself, and reads only while the consumer is active (failover/exclusive).
 async fn run_reader(mut ctx: ReaderCtx) {
     let batch = ctx.shared.config.batch;
     let block_ms = ctx.shared.config.block.as_millis().max(1) as u64;
@@ -653,24 +991,38 @@ async fn run_reader(mut ctx: ReaderCtx) {
         ctx.shared.config.block + ctx.shared.config.connect_timeout + Duration::from_secs(1);
     let mut conn: Option<MultiplexedConnection> = None;
     let mut delay = Duration::from_millis(50);
-    let tx = ctx.tx.clone();
+    let inbox = ctx.inbox.clone();
+    let acks = ctx.acks.clone();
+    let _exit = ReaderExit(inbox.clone(), acks.clone());
+    let mut ids_fmt = IdFormatter::default();
+    let (mut ack_main, mut ack_retry) = (Vec::new(), Vec::new());
+    // block on the first read; after a full batch, read without blocking (more is likely
+    // there, and acknowledgements may then wait for the next read to go along)
+    let mut blocking = true;
     loop {
         if ctx.stopping() {
             break;
         }
         if !*ctx.active.borrow_and_update() {
+            acks.reader_away();
             tokio::select! {
                 r = ctx.active.changed() => if r.is_err() { break },
                 _ = ctx.stop.changed() => {},
             }
             continue;
         }
-        // wait for room for a batch, so what is read is buffered without waiting
-        let permits = tokio::select! {
-            p = tx.reserve_many(batch) => match p { Ok(p) => p, Err(_) => break },
-            _ = ctx.stop.changed() => continue,
-        };
+        // wait for room for a batch (the buffer holds at most about twice the batch, three
+        // times when both streams deliver a full batch at once)
+        if !inbox.has_room(batch) {
+            acks.reader_away();
+            tokio::select! {
+                _ = inbox.wait_room(batch) => {},
+                _ = ctx.stop.changed() => continue,
+            }
+        }
         if conn.is_none() {
+            acks.reader_away();
+            blocking = true;
             match ctx.shared.dedicated_connection().await {
                 Ok(mut c) => match redis::cmd("CLIENT")
                     .arg("ID")
@@ -686,7 +1038,6 @@ async fn run_reader(mut ctx: ReaderCtx) {
                 Err(e) => tracing::debug!(error = %e, "reader cannot connect yet"),
             }
             if conn.is_none() {
-                drop(permits);
                 if !ctx.pause(delay).await {
                     break;
                 }
@@ -700,25 +1051,58 @@ async fn run_reader(mut ctx: ReaderCtx) {
             .arg(&ctx.names.group)
             .arg(&ctx.names.member)
             .arg("COUNT")
-            .arg(batch)
-            .arg("BLOCK")
-            .arg(block_ms)
-            .arg("STREAMS")
+            .arg(batch);
+        if blocking {
+            cmd.arg("BLOCK").arg(block_ms);
+        }
+        cmd.arg("STREAMS")
             .arg(&ctx.names.retry)
             .arg(&ctx.names.stream)
             .arg(">")
             .arg(">");
-        let reply = tokio::time::timeout(read_timeout, cmd.query_async::<Value>(c)).await;
-        let entries = match reply {
+        // pending acknowledgements go along, written before the read in the same write
+        let along = acks
+            .take_for_read(&mut ack_main, &mut ack_retry, !blocking)
+            .map(|batch| {
+                let pipe = ack_pipeline(&ctx.names, &ack_main, &ack_retry, &mut ids_fmt);
+                ack_main.clear();
+                ack_retry.clear();
+                AlongWrite {
+                    shared: ctx.shared.clone(),
+                    queue: acks.clone(),
+                    pipe,
+                    batch,
+                    finished: false,
+                }
+            });
+        let ack_conn = along.as_ref().map(|_| c.clone());
+        // the raw reply: `query_async` would first walk and rebuild the whole reply looking for
+        // nested errors, which an XREADGROUP reply cannot hold (only a top-level one)
+        let read = async {
+            tokio::time::timeout(read_timeout, c.req_packed_command(&cmd))
+                .await
+                .map(|r| match r {
+                    Ok(Value::ServerError(e)) => Err(redis::RedisError::from(e)),
+                    other => other,
+                })
+        };
+        let reply = match (along, ack_conn) {
+            (Some(along), Some(ack_conn)) => tokio::join!(along.run(ack_conn), read).1,
+            _ => read.await,
+        };
+        if !matches!(reply, Ok(Ok(_))) {
+            acks.reader_away();
+            blocking = true;
+        }
+        let reply = match reply {
             Ok(Ok(v)) => {
                 delay = Duration::from_millis(50);
-                parse_read_reply(v, &ctx.names.retry)
+                v
             }
             Ok(Err(e)) if e.code() == Some("NOGROUP") => {
                 // the group or a stream vanished (a restart without persistence, or unsubscribe):
                 // recreate it at the start so nothing written since is lost
                 tracing::info!(stream = %ctx.names.stream, group = %ctx.names.group, "consumer group missing; recreating it");
-                drop(permits);
                 if ensure_groups(&ctx.shared, &ctx.names, "0").await.is_err()
                     && !ctx.pause(delay).await
                 {
@@ -734,7 +1118,6 @@ async fn run_reader(mut ctx: ReaderCtx) {
                 }
                 conn = None;
                 ctx.client_id.store(0, Ordering::Release);
-                drop(permits);
                 if !ctx.pause(delay).await {
                     break;
                 }
@@ -751,116 +1134,36 @@ async fn run_reader(mut ctx: ReaderCtx) {
             // the entries stay pending for this member; close hands them back
             break;
         }
-        let mut permits = permits;
-        for (retry, id, fields) in entries {
-            let Some(msg) = ctx.message(retry, id, fields) else {
-                continue;
-            };
-            match permits.next() {
-                Some(p) => p.send(msg),
-                None => {
-                    if tx.send(msg).await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
+        blocking = ctx.decode_reply(reply) < batch;
+        inbox.push_all(&mut ctx.decoded);
     }
-}
-
-/// `(in retry stream, id, fields)` of every entry of an `XREADGROUP` reply.
-fn parse_read_reply(v: Value, retry_key: &str) -> Vec<(bool, String, Value)> {
-    let streams: Vec<(Value, Value)> = match v {
-        Value::Array(items) => items
-            .into_iter()
-            .filter_map(|s| match s {
-                Value::Array(kv) if kv.len() == 2 => {
-                    let mut it = kv.into_iter();
-                    Some((it.next()?, it.next()?))
-                }
-                _ => None,
-            })
-            .collect(),
-        Value::Map(pairs) => pairs,
-        _ => return Vec::new(),
-    };
-    let mut out = Vec::new();
-    for (key, entries) in streams {
-        let retry = into_string(key).is_some_and(|k| k == retry_key);
-        let Value::Array(entries) = entries else {
-            continue;
-        };
-        out.reserve(entries.len());
-        for e in entries {
-            let Value::Array(parts) = e else { continue };
-            let mut it = parts.into_iter();
-            let (Some(id), Some(fields)) = (it.next(), it.next()) else {
-                continue;
-            };
-            if let Some(id) = into_string(id) {
-                out.push((retry, id, fields));
-            }
-        }
-    }
-    out
 }
 
 /// Writes acknowledgements in batches: `XACK` on the topic stream, `XACK` + `XDEL` on the retry
 /// stream (only this subscription reads it). Each `acknowledge` waits for its batch.
-async fn run_acker(shared: Arc<Shared>, names: Names, mut rx: mpsc::Receiver<AckReq>) {
+async fn run_acker(shared: Arc<Shared>, names: Names, queue: Arc<AckQueue>) {
+    /// Fails what is left when the acknowledger ends (aborted on close, or the runtime ends).
+    struct FailLeft(Arc<AckQueue>);
+    impl Drop for FailLeft {
+        fn drop(&mut self) {
+            self.0.fail_all();
+        }
+    }
+    let _fail_left = FailLeft(queue.clone());
+    let mut ids_fmt = IdFormatter::default();
     let mut main: Vec<EntryId> = Vec::new();
     let mut retry: Vec<EntryId> = Vec::new();
-    let mut waiters: Vec<oneshot::Sender<Result<()>>> = Vec::new();
-    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut reqs: Vec<AckReq> = Vec::with_capacity(ACK_BATCH);
-    while rx.recv_many(&mut reqs, ACK_BATCH).await > 0 {
-        for req in reqs.drain(..) {
-            match req {
-                AckReq::Ack(entry, tx) => {
-                    if entry.retry {
-                        retry.push(entry.id)
-                    } else {
-                        main.push(entry.id)
-                    }
-                    waiters.push(tx);
-                }
-                AckReq::Flush(tx) => flushes.push(tx),
-            }
-        }
-        if !waiters.is_empty() {
-            let mut pipe = Pipeline::with_capacity(3);
-            if !main.is_empty() {
-                pipe.cmd("XACK").arg(&names.stream).arg(&names.group);
-                for id in &main {
-                    pipe.arg(id);
-                }
-            }
-            if !retry.is_empty() {
-                pipe.cmd("XACK").arg(&names.retry).arg(&names.group);
-                for id in &retry {
-                    pipe.arg(id);
-                }
-                pipe.cmd("XDEL").arg(&names.retry);
-                for id in &retry {
-                    pipe.arg(id);
-                }
-            }
-            let result = write_acks(&shared, &pipe).await;
-            for tx in waiters.drain(..) {
-                let r = match &result {
-                    Ok(()) => Ok(()),
-                    Err(e) => Err(Error::new(e.kind(), e.message().to_owned())
-                        .with_context("server", &shared.server)
-                        .with_context("subscription", &names.group)),
-                };
-                let _ = tx.send(r);
-            }
-            main.clear();
-            retry.clear();
-        }
-        for f in flushes.drain(..) {
-            let _ = f.send(());
-        }
+    loop {
+        let Some(batch) = queue.take(&mut main, &mut retry) else {
+            queue.wake.notified().await;
+            continue;
+        };
+        let pipe = ack_pipeline(&names, &main, &retry, &mut ids_fmt);
+        let result = write_acks(&shared, &pipe).await;
+        batch.set(result.map_err(|e| (e.kind(), e.message().to_owned())));
+        queue.done(&batch);
+        main.clear();
+        retry.clear();
     }
 }
 

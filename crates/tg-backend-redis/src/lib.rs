@@ -9,6 +9,7 @@ mod error;
 mod producer;
 mod pubsub;
 mod scripts;
+mod sync;
 mod topic;
 
 pub use backend::RedisBackend;

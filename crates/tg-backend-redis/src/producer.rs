@@ -1,44 +1,213 @@
-//! The producer: a bounded queue into a writer task that pipelines `PUBLISH` (q0), `XADD` (q1)
-//! or the de-duplicating script (q2) in batches.
+//! The producer: `send` copies the message's parts into the last batch of a bounded queue (no
+//! allocation, no channel per message); a writer task turns each batch into a pipeline of
+//! `PUBLISH` (q0), `XADD` (q1) or the de-duplicating script (q2) and writes one pipeline at a
+//! time. Each batch has one [`Completion`] that its receipts wait on.
+//!
+//! The commands are built (and freed) by the writer, not by the sending task: with the system
+//! allocator, commands allocated by one thread and freed by another in bursts of a thousand cost
+//! more than building them.
 
+use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use parking_lot::Mutex;
 use redis::aio::ConnectionLike;
 use redis::{Pipeline, Value};
 use tg_backend_api::{
     Error, ErrorKind, MessageId, OutboundMessage, Producer, ProducerOptions, Qos, Result,
-    SendReceipt, Topic,
+    SendReceipt, Topic, DEDUP_ID_PROPERTY,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::backend::Shared;
 use crate::error::{convert, is_connection_error};
 use crate::scripts::DEDUP_XADD;
-use crate::topic::{into_string, push_fields, FrameArg, TopicKeys};
+use crate::sync::Completion;
+use crate::topic::{as_bytes, encode_record, now_ms, push_fields, FrameArg, Record, TopicKeys};
 
-/// Messages a producer queues before `send` waits.
-const QUEUE: usize = 8192;
+/// Messages a producer queues before `send` waits: the batch being written and the next one.
+const QUEUE: usize = 2 * MAX_BATCH;
 /// Most commands in one pipeline.
 const MAX_BATCH: usize = 1024;
 /// How many times the writer yields to let a busy producer fill a batch.
 const LINGER_YIELDS: usize = 16;
 
-enum Req {
-    Send(redis::Cmd, oneshot::Sender<Result<MessageId>>),
-    Flush(oneshot::Sender<()>),
+/// How a pipeline ended.
+enum Outcome {
+    /// Redis answered, one reply per command; q0 ids are `seq` + the command's index.
+    Replies { seq: u64, values: Vec<Value> },
+    /// Writing failed (kind, message).
+    Failed(ErrorKind, String),
+    /// The writer ended before it wrote the pipeline.
+    Closed,
+}
+
+/// One pipeline's outcome, which its receipts wait for.
+struct Batch {
+    done: Completion<Outcome>,
+    shared: Arc<Shared>,
+}
+
+impl Batch {
+    /// The receipt of the `index`-th command, once the batch completed.
+    fn reply(&self, index: usize) -> Result<MessageId> {
+        let server = &self.shared.server;
+        match self.done.get() {
+            Some(Outcome::Replies { seq, values }) => match values.get(index) {
+                Some(Value::ServerError(e)) => Err(convert(
+                    e.clone().into(),
+                    "Redis refused the message",
+                    server,
+                )),
+                Some(Value::Int(_)) => Ok(MessageId::from_u64(seq + index as u64)),
+                Some(v) => match as_bytes(v).and_then(|b| std::str::from_utf8(b).ok()) {
+                    Some(id) => Ok(MessageId::from_text(id)),
+                    None => Err(Error::new(
+                        ErrorKind::Unexpected,
+                        "unexpected reply to a send",
+                    )),
+                },
+                None => Err(Error::new(ErrorKind::Unexpected, "missing reply to a send")),
+            },
+            Some(Outcome::Failed(kind, message)) => {
+                Err(Error::new(*kind, message.clone()).with_context("server", server))
+            }
+            Some(Outcome::Closed) | None => Err(Error::new(
+                ErrorKind::Closed,
+                "the producer closed before the broker confirmed the message; it may or may not \
+                 have been delivered",
+            )),
+        }
+    }
+}
+
+/// A batch being filled or waiting for the writer: its messages as [`Record`]s.
+struct Pending {
+    records: Vec<u8>,
+    n: usize,
+    batch: Arc<Batch>,
+}
+
+struct QueueState {
+    pending: VecDeque<Pending>,
+    /// Messages in `pending`.
+    queued: usize,
+    /// The batch being written.
+    writing: Option<Arc<Batch>>,
+    /// The producer is gone: the writer ends once everything queued is written.
+    dropped: bool,
+    /// The writer ended: sends fail.
+    writer_gone: bool,
+    /// Record buffers of written batches, for reuse.
+    spare: Vec<Vec<u8>>,
+}
+
+/// The queue between `send` and the writer.
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Wakes the writer (the first message after the queue was empty).
+    wake: Notify,
+    /// Wakes senders waiting for room.
+    room: Notify,
+}
+
+impl Queue {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(QueueState {
+                pending: VecDeque::new(),
+                queued: 0,
+                writing: None,
+                dropped: false,
+                writer_gone: false,
+                spare: Vec::new(),
+            }),
+            wake: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
+    /// Appends a message to the last batch (a new one when it is full), waiting while the queue
+    /// is full; its batch and index, or `None` when the writer ended.
+    async fn push(
+        &self,
+        message: &OutboundMessage,
+        shared: &Arc<Shared>,
+    ) -> Option<(Arc<Batch>, usize)> {
+        loop {
+            {
+                let mut s = self.state.lock();
+                if s.writer_gone {
+                    return None;
+                }
+                if s.queued < QUEUE {
+                    let was_empty = s.queued == 0;
+                    s.queued += 1;
+                    if s.pending.back().is_none_or(|p| p.n >= MAX_BATCH) {
+                        let records = s.spare.pop().unwrap_or_default();
+                        s.pending.push_back(Pending {
+                            records,
+                            n: 0,
+                            batch: Arc::new(Batch {
+                                done: Completion::new(),
+                                shared: shared.clone(),
+                            }),
+                        });
+                    }
+                    let last = s.pending.back_mut()?;
+                    encode_record(
+                        &mut last.records,
+                        message.payload(),
+                        message.properties(),
+                        message.key_str(),
+                    );
+                    let index = last.n;
+                    last.n += 1;
+                    let batch = last.batch.clone();
+                    drop(s);
+                    if was_empty {
+                        self.wake.notify_one();
+                    }
+                    return Some((batch, index));
+                }
+            }
+            // full: wait until the writer takes a pipeline
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let s = self.state.lock();
+                if s.writer_gone {
+                    return None;
+                }
+                if s.queued < QUEUE {
+                    continue;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// The batch that completes after everything queued so far, if any.
+    fn last_batch(&self) -> Option<Arc<Batch>> {
+        let s = self.state.lock();
+        match s.pending.back() {
+            Some(p) => Some(p.batch.clone()),
+            None => s.writing.clone(),
+        }
+    }
 }
 
 /// The part of a producer the backend keeps (weakly) to close it.
 pub(crate) struct ProducerCore {
     shared: Arc<Shared>,
     topic: Topic,
-    keys: TopicKeys,
-    tx: mpsc::Sender<Req>,
+    queue: Arc<Queue>,
     closed: AtomicBool,
 }
 
@@ -51,13 +220,14 @@ impl ProducerCore {
     }
 
     async fn flush(&self) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.tx
-            .send(Req::Flush(tx))
-            .await
-            .map_err(|_| Error::closed("producer").with_context("topic", &self.topic))?;
-        rx.await
-            .map_err(|_| Error::closed("producer").with_context("topic", &self.topic))
+        if let Some(batch) = self.queue.last_batch() {
+            if let Outcome::Closed = batch.done.wait().await {
+                return Err(Error::closed("producer").with_context("topic", &self.topic));
+            }
+        } else if self.queue.state.lock().writer_gone {
+            return Err(Error::closed("producer").with_context("topic", &self.topic));
+        }
+        Ok(())
     }
 
     /// Flushes and closes; later sends fail with `Closed`.
@@ -69,22 +239,35 @@ impl ProducerCore {
     }
 }
 
+impl Drop for ProducerCore {
+    fn drop(&mut self) {
+        // the writer writes what is queued, then ends
+        self.queue.state.lock().dropped = true;
+        self.queue.wake.notify_one();
+    }
+}
+
 pub(crate) struct RedisProducer {
     core: Arc<ProducerCore>,
 }
 
 impl RedisProducer {
     pub(crate) fn new(shared: Arc<Shared>, topic: Topic, options: &ProducerOptions) -> Self {
-        let keys = TopicKeys::new(&shared.config.prefix, &topic);
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let commands = Commands {
+            qos: topic.qos(),
+            keys: TopicKeys::new(&shared.config.prefix, &topic),
+            max_len: shared.config.max_len.to_string(),
+            dedup_window: shared.config.dedup_window.as_secs().max(1).to_string(),
+        };
+        let queue = Arc::new(Queue::new());
         let send_timeout = options.send_timeout.unwrap_or(shared.config.send_timeout);
         // batching(false): every message goes out as soon as the writer sees it (no lingering);
         // messages that queued up meanwhile still share a pipeline
         let linger = options.batching.unwrap_or(true);
         tokio::spawn(run_writer(
             shared.clone(),
-            topic.qos(),
-            rx,
+            commands,
+            queue.clone(),
             send_timeout,
             linger,
         ));
@@ -92,8 +275,7 @@ impl RedisProducer {
             core: Arc::new(ProducerCore {
                 shared,
                 topic,
-                keys,
-                tx,
+                queue,
                 closed: AtomicBool::new(false),
             }),
         }
@@ -102,60 +284,64 @@ impl RedisProducer {
     pub(crate) fn core(&self) -> &Arc<ProducerCore> {
         &self.core
     }
+}
 
-    fn command(&self, mut message: OutboundMessage) -> redis::Cmd {
-        let config = &self.core.shared.config;
-        let keys = &self.core.keys;
-        match self.core.topic.qos() {
+/// What the writer needs to turn records into commands.
+struct Commands {
+    qos: Qos,
+    keys: TopicKeys,
+    /// `max_len` as a command argument.
+    max_len: String,
+    /// The de-duplication window in seconds, as a command argument.
+    dedup_window: String,
+}
+
+impl Commands {
+    fn command(&self, record: &Record<'_>, time_ms: u64) -> redis::Cmd {
+        let main = &self.keys.main;
+        match self.qos {
             Qos::Q0 => {
-                let (payload, properties, key) = message.into_parts();
-                let frame = FrameArg {
-                    payload: &payload,
-                    properties: &properties,
-                    key: key.as_deref(),
-                };
-                let mut cmd = redis::Cmd::with_capacity(3, 7 + keys.main.len() + frame.len());
-                cmd.arg("PUBLISH").arg(&keys.main).arg(frame);
+                let frame = FrameArg { record, time_ms };
+                let mut cmd = redis::Cmd::with_capacity(3, 7 + main.len() + frame.len());
+                cmd.arg("PUBLISH").arg(main).arg(frame);
                 cmd
             }
             Qos::Q1 => {
-                let (payload, properties, key) = message.into_parts();
                 let mut cmd = redis::Cmd::with_capacity(
-                    9 + 2 * properties.len(),
-                    64 + keys.main.len() + payload.len() + fields_len(&properties),
+                    9 + 2 * record.property_count(),
+                    64 + main.len() + record.payload.len() + record.properties_len(),
                 );
-                cmd.arg("XADD");
-                cmd.arg(&keys.main)
+                cmd.arg("XADD")
+                    .arg(main)
                     .arg("MAXLEN")
                     .arg("~")
-                    .arg(config.max_len)
+                    .arg(&self.max_len)
                     .arg("*");
-                push_fields(&mut cmd, &payload, &properties, key.as_deref());
+                push_fields(&mut cmd, record);
                 cmd
             }
             Qos::Q2 => {
-                let dedup_key = keys.dedup(message.ensure_dedup_id());
-                let (payload, properties, key) = message.into_parts();
+                // `send` set the id; a record without one (cannot happen) is de-duplicated on ""
+                let id = record
+                    .property(DEDUP_ID_PROPERTY)
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default();
                 let mut cmd = redis::Cmd::with_capacity(
-                    10 + 2 * properties.len(),
-                    160 + 2 * keys.main.len() + payload.len() + fields_len(&properties),
+                    10 + 2 * record.property_count(),
+                    160 + 2 * main.len() + record.payload.len() + record.properties_len(),
                 );
-                cmd.arg("EVALSHA");
-                cmd.arg(DEDUP_XADD.get_hash())
+                cmd.arg("EVALSHA")
+                    .arg(DEDUP_XADD.get_hash())
                     .arg(2)
-                    .arg(&keys.main)
-                    .arg(dedup_key)
-                    .arg(config.max_len)
-                    .arg(config.dedup_window.as_secs().max(1));
-                push_fields(&mut cmd, &payload, &properties, key.as_deref());
+                    .arg(main)
+                    .arg(self.keys.dedup(&id))
+                    .arg(&self.max_len)
+                    .arg(&self.dedup_window);
+                push_fields(&mut cmd, record);
                 cmd
             }
         }
     }
-}
-
-fn fields_len(properties: &tg_backend_api::Properties) -> usize {
-    properties.iter().map(|(k, v)| 2 + k.len() + v.len()).sum()
 }
 
 #[async_trait]
@@ -166,7 +352,8 @@ impl Producer for RedisProducer {
 
     async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
         self.core.check_open()?;
-        let max = self.core.shared.config.max_payload;
+        // (queued records carry 32-bit lengths; Redis itself takes at most 512 MiB by default)
+        let max = self.core.shared.config.max_payload.min(u32::MAX as usize);
         if message.payload().len() > max {
             return Err(Error::payload_too_large(message.payload().len(), max)
                 .with_context("topic", &self.core.topic));
@@ -178,14 +365,19 @@ impl Producer for RedisProducer {
             )
             .with_context("topic", &self.core.topic));
         }
-        let cmd = self.command(message);
-        let (tx, rx) = oneshot::channel();
-        self.core
-            .tx
-            .send(Req::Send(cmd, tx))
-            .await
-            .map_err(|_| Error::closed("producer").with_context("topic", &self.core.topic))?;
-        Ok(SendReceipt::from_channel(rx))
+        // a send never waits while there is room: keep other tasks of this worker running
+        tokio::task::coop::consume_budget().await;
+        let mut message = message;
+        if self.core.topic.qos() == Qos::Q2 {
+            message.ensure_dedup_id();
+        }
+        let Some((batch, index)) = self.core.queue.push(&message, &self.core.shared).await else {
+            return Err(Error::closed("producer").with_context("topic", &self.core.topic));
+        };
+        Ok(SendReceipt::from_future(async move {
+            batch.done.wait().await;
+            batch.reply(index)
+        }))
     }
 
     async fn flush(&self) -> Result<()> {
@@ -207,59 +399,110 @@ impl fmt::Debug for RedisProducer {
     }
 }
 
-/// Takes queued messages in batches and writes each batch as one pipeline.
+/// Fails what is left when the writer ends (the runtime shut down): receipts, flushes and
+/// senders waiting for room see `Closed` instead of waiting for ever.
+struct WriterGone(Arc<Queue>);
+
+impl Drop for WriterGone {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock();
+        s.writer_gone = true;
+        for p in s.pending.drain(..) {
+            p.batch.done.set(Outcome::Closed);
+        }
+        s.queued = 0;
+        if let Some(w) = s.writing.take() {
+            w.done.set(Outcome::Closed);
+        }
+        drop(s);
+        self.0.room.notify_waiters();
+    }
+}
+
+/// Writes the queued pipelines one after the other.
 async fn run_writer(
     shared: Arc<Shared>,
-    qos: Qos,
-    mut rx: mpsc::Receiver<Req>,
+    commands: Commands,
+    queue: Arc<Queue>,
     send_timeout: Duration,
     linger: bool,
 ) {
-    let seq = AtomicU64::new(0);
-    let mut reqs: Vec<Req> = Vec::with_capacity(MAX_BATCH);
-    let mut waiters: Vec<oneshot::Sender<Result<MessageId>>> = Vec::with_capacity(MAX_BATCH);
-    let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
+    let _gone = WriterGone(queue.clone());
+    let qos = commands.qos;
+    let mut pipe = Pipeline::with_capacity(MAX_BATCH);
+    let mut seq = 0u64;
     let mut last_batch = 0usize;
-    // `recv_many` frees many queue slots at once, so a sender waiting for room is woken once per
-    // batch rather than once per message
-    while rx.recv_many(&mut reqs, MAX_BATCH).await > 0 {
+    loop {
+        let front = {
+            let s = queue.state.lock();
+            match s.pending.front() {
+                Some(p) => Some((p.n, s.pending.len())),
+                None if s.dropped => return,
+                None => None,
+            }
+        };
+        let Some((mut n, count)) = front else {
+            queue.wake.notified().await;
+            continue;
+        };
         // Under load (the last batch had company), give the senders a moment to fill this batch:
         // fewer, larger pipelines cost Redis and both ends far less per message. A lone message
         // of an idle producer goes out at once.
-        if linger && last_batch > 1 {
+        if linger && last_batch > 1 && count == 1 {
             for _ in 0..LINGER_YIELDS {
-                if reqs.len() >= MAX_BATCH {
+                if n >= MAX_BATCH {
                     break;
                 }
                 tokio::task::yield_now().await;
-                let before = reqs.len();
-                while reqs.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(r) => reqs.push(r),
-                        Err(_) => break,
-                    }
-                }
-                if reqs.len() == before {
+                let now = queue.state.lock().pending.front().map_or(0, |p| p.n);
+                if now == n {
                     break;
                 }
+                n = now;
             }
         }
-        let mut pipe = Pipeline::with_capacity(reqs.len());
-        for req in reqs.drain(..) {
-            match req {
-                Req::Send(cmd, tx) => {
-                    pipe.add_command(cmd);
-                    waiters.push(tx);
-                }
-                Req::Flush(tx) => flushes.push(tx),
-            }
+        let (pending, was_full) = {
+            let mut s = queue.state.lock();
+            let Some(p) = s.pending.pop_front() else {
+                continue;
+            };
+            let was_full = s.queued >= QUEUE;
+            s.queued -= p.n;
+            s.writing = Some(p.batch.clone());
+            (p, was_full)
+        };
+        if was_full {
+            queue.room.notify_waiters();
         }
-        last_batch = waiters.len();
-        if !waiters.is_empty() {
-            write_batch(&shared, qos, &pipe, &mut waiters, send_timeout, &seq).await;
+        let Pending {
+            mut records,
+            n,
+            batch,
+        } = pending;
+        last_batch = n;
+        // one publish time per q0 batch: its messages are written together
+        let time_ms = if qos == Qos::Q0 { now_ms() } else { 0 };
+        let mut rest = &records[..];
+        while let Some(record) = Record::decode(&mut rest) {
+            pipe.add_command(commands.command(&record, time_ms));
         }
-        for f in flushes.drain(..) {
-            let _ = f.send(());
+        let outcome = if pipe.len() == n {
+            write_batch(&shared, qos, &pipe, n, send_timeout, &mut seq).await
+        } else {
+            Outcome::Failed(
+                ErrorKind::Unexpected,
+                "a queued message was corrupt".to_owned(),
+            )
+        };
+        pipe.clear();
+        batch.done.set(outcome);
+        records.clear();
+        let mut s = queue.state.lock();
+        if s.writing.as_ref().is_some_and(|w| Arc::ptr_eq(w, &batch)) {
+            s.writing = None;
+        }
+        if s.spare.len() < 2 {
+            s.spare.push(records);
         }
     }
 }
@@ -268,25 +511,23 @@ async fn write_batch(
     shared: &Shared,
     qos: Qos,
     pipe: &Pipeline,
-    waiters: &mut Vec<oneshot::Sender<Result<MessageId>>>,
+    n: usize,
     send_timeout: Duration,
-    seq: &AtomicU64,
-) {
-    let n = waiters.len();
+    seq: &mut u64,
+) -> Outcome {
     let deadline = Instant::now() + send_timeout;
     let mut conn = shared.conn();
     let mut delay = Duration::from_millis(20);
-    let outcome: std::result::Result<Vec<Value>, Error> = loop {
+    loop {
         match tokio::time::timeout_at(deadline, conn.req_packed_commands(pipe, 0, n)).await {
             Err(_) => {
-                break Err(Error::new(
+                return Outcome::Failed(
                     ErrorKind::Timeout,
                     format!(
                         "Redis did not confirm the message within the send timeout of \
                          {send_timeout:?}; it may or may not have been stored"
                     ),
                 )
-                .with_context("server", &shared.server))
             }
             Ok(Ok(values)) => {
                 let noscript = qos == Qos::Q2
@@ -299,46 +540,18 @@ async fn write_batch(
                     let _ = DEDUP_XADD.prepare_invoke().load_async(&mut conn).await;
                     continue;
                 }
-                break Ok(values);
+                let base = *seq;
+                *seq += n as u64;
+                return Outcome::Replies { seq: base, values };
             }
             Ok(Err(e)) if is_connection_error(&e) && Instant::now() + delay < deadline => {
                 tracing::debug!(server = %shared.server, error = %e, "send failed; retrying after reconnect");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_millis(500));
             }
-            Ok(Err(e)) => break Err(shared.err(e, "sending to Redis failed")),
-        }
-    };
-    match outcome {
-        Ok(values) => {
-            let mut values = values.into_iter();
-            for tx in waiters.drain(..) {
-                let result = match values.next() {
-                    Some(Value::ServerError(e)) => Err(convert(
-                        e.into(),
-                        "Redis refused the message",
-                        &shared.server,
-                    )),
-                    Some(Value::Int(_)) => {
-                        Ok(MessageId::from_u64(seq.fetch_add(1, Ordering::Relaxed)))
-                    }
-                    Some(v) => match into_string(v) {
-                        Some(id) => Ok(MessageId::from_text(id)),
-                        None => Err(Error::new(
-                            ErrorKind::Unexpected,
-                            "unexpected reply to a send",
-                        )),
-                    },
-                    None => Err(Error::new(ErrorKind::Unexpected, "missing reply to a send")),
-                };
-                let _ = tx.send(result);
-            }
-        }
-        Err(e) => {
-            for tx in waiters.drain(..) {
-                let copy = Error::new(e.kind(), e.message().to_owned())
-                    .with_context("server", &shared.server);
-                let _ = tx.send(Err(copy));
+            Ok(Err(e)) => {
+                let e = shared.err(e, "sending to Redis failed");
+                return Outcome::Failed(e.kind(), e.message().to_owned());
             }
         }
     }

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -15,19 +16,49 @@ use tg_backend_api::{
     next_consumer_id, receive_timeout, AckHandle, Consumer, ConsumerOptions, Error, ErrorKind,
     Message, MessageId, Result, Topic,
 };
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
 use crate::backend::Shared;
+use crate::sync::{Inbox, Popped};
 use crate::topic::{decode_frame, TopicKeys};
 
 struct Route {
     consumer: u64,
     subscription: String,
-    tx: mpsc::Sender<Message>,
+    inbox: Arc<Inbox>,
+    capacity: usize,
     dropped: AtomicU64,
 }
 
-type Routes = Arc<RwLock<HashMap<Vec<u8>, Vec<Arc<Route>>>>>;
+/// A cheap multiplicative hash (FxHash-like, 8 bytes a step) for the channel lookup of every
+/// pushed message; channel names are ours, so no protection against chosen collisions is needed.
+#[derive(Default)]
+struct ChannelHasher(u64);
+
+impl Hasher for ChannelHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        const K: u64 = 0x517c_c1b7_2722_0a95;
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(w)).wrapping_mul(K);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(K);
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.0 = (self.0.rotate_left(5) ^ n as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Routes = Arc<RwLock<HashMap<Vec<u8>, Vec<Arc<Route>>, BuildHasherDefault<ChannelHasher>>>>;
 
 /// Hands pushed messages to the consumers of their channel without blocking the connection.
 struct Dispatcher {
@@ -59,28 +90,51 @@ impl AsyncPushSender for Dispatcher {
             tracing::debug!(channel = %String::from_utf8_lossy(&channel), "ignoring a q0 message that is not a tg-pubsub frame");
             return Ok(());
         };
-        let id = MessageId::from_u64(self.seq.fetch_add(1, Ordering::Relaxed));
-        for route in list {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (last, others) = match list.split_last() {
+            Some(x) => x,
+            None => return Ok(()),
+        };
+        for route in others {
             let msg = Message::new(
                 frame.payload.clone(),
                 frame.properties.clone(),
-                id.clone(),
+                MessageId::from_u64(seq),
                 AckHandle::new(route.consumer, 0),
             )
             .with_key(frame.key.clone())
             .with_publish_time(frame.time);
-            if route.tx.try_send(msg).is_err() {
-                let n = route.dropped.fetch_add(1, Ordering::Relaxed);
-                if n.is_power_of_two() {
-                    tracing::warn!(
-                        subscription = %route.subscription,
-                        dropped = n + 1,
-                        "q0 consumer buffer full: dropping messages (best effort)"
-                    );
-                }
+            route.deliver(msg);
+        }
+        // the last (usually only) consumer gets the decoded parts themselves, not copies
+        let mut msg = Message::new(
+            frame.payload,
+            frame.properties,
+            MessageId::from_u64(seq),
+            AckHandle::new(last.consumer, 0),
+        )
+        .with_publish_time(frame.time);
+        if frame.key.is_some() {
+            msg = msg.with_key(frame.key);
+        }
+        last.deliver(msg);
+        Ok(())
+    }
+}
+
+impl Route {
+    /// Buffers a message for the consumer, or drops it when the buffer is full (best effort).
+    fn deliver(&self, msg: Message) {
+        if !self.inbox.push_bounded(msg, self.capacity) {
+            let n = self.dropped.fetch_add(1, Ordering::Relaxed);
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    subscription = %self.subscription,
+                    dropped = n + 1,
+                    "q0 consumer buffer full: dropping messages (best effort)"
+                );
             }
         }
-        Ok(())
     }
 }
 
@@ -223,7 +277,11 @@ impl PubSubHub {
     /// Drops every route (the backend closed): consumers see their channel close.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
-        self.routes.write().clear();
+        for (_, list) in self.routes.write().drain() {
+            for route in list {
+                route.inbox.close();
+            }
+        }
         self.conn.lock().take();
         self.disconnected.notify_one();
     }
@@ -274,7 +332,7 @@ pub(crate) struct PubSubConsumer {
     topic: Topic,
     subscription: String,
     channel: String,
-    rx: tokio::sync::Mutex<mpsc::Receiver<Message>>,
+    inbox: Arc<Inbox>,
     closed: AtomicBool,
 }
 
@@ -286,11 +344,13 @@ impl PubSubConsumer {
     ) -> Result<Self> {
         let channel = TopicKeys::new(&hub.shared.config.prefix, &topic).main;
         let id = next_consumer_id();
-        let (tx, rx) = mpsc::channel(hub.shared.config.q0_buffer);
+        let capacity = hub.shared.config.q0_buffer;
+        let inbox = Arc::new(Inbox::new(capacity.min(256)));
         let route = Arc::new(Route {
             consumer: id,
             subscription: options.subscription.clone(),
-            tx,
+            inbox: inbox.clone(),
+            capacity,
             dropped: AtomicU64::new(0),
         });
         hub.add(&channel, route)
@@ -302,7 +362,7 @@ impl PubSubConsumer {
             topic,
             subscription: options.subscription,
             channel,
-            rx: tokio::sync::Mutex::new(rx),
+            inbox,
             closed: AtomicBool::new(false),
         })
     }
@@ -347,32 +407,27 @@ impl Consumer for PubSubConsumer {
     async fn receive(&self, timeout: Duration) -> Result<Message> {
         self.check_open()?;
         // fast path: a buffered message needs no timer
-        if let Ok(mut rx) = self.rx.try_lock() {
-            match rx.try_recv() {
-                Ok(m) => return Ok(m),
-                Err(mpsc::error::TryRecvError::Disconnected) => return Err(self.closed_error()),
-                Err(mpsc::error::TryRecvError::Empty) if timeout.is_zero() => {
-                    return Err(receive_timeout(timeout))
-                }
-                Err(mpsc::error::TryRecvError::Empty) => {}
-            }
-        } else if timeout.is_zero() {
-            return Err(receive_timeout(timeout));
+        if let Some(m) = self.inbox.try_pop() {
+            return Ok(m);
         }
-        let got = tokio::time::timeout(timeout, async {
-            let mut rx = self.rx.lock().await;
-            rx.recv().await
-        })
-        .await;
-        match got {
-            Ok(Some(m)) => {
+        match self.inbox.pop() {
+            Popped::Message(m) => return Ok(m),
+            Popped::Closed => return Err(self.closed_error()),
+            Popped::Empty if timeout.is_zero() => return Err(receive_timeout(timeout)),
+            Popped::Empty => {}
+        }
+        match self.inbox.pop_wait(timeout).await {
+            Some(m) => {
                 self.check_open()?;
                 Ok(m)
             }
-            Ok(None) => Err(self.closed_error()),
-            Err(_) => {
+            None => {
                 self.check_open()?;
-                Err(receive_timeout(timeout))
+                match self.inbox.pop() {
+                    Popped::Message(m) => Ok(m),
+                    Popped::Closed => Err(self.closed_error()),
+                    Popped::Empty => Err(receive_timeout(timeout)),
+                }
             }
         }
     }

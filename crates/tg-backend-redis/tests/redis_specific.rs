@@ -330,6 +330,141 @@ async fn topic_mapping_as_seen_in_redis() {
     }
 }
 
+/// The batched paths (many sends per pipeline, reads of full batches that carry the previous
+/// acknowledgements, acknowledgements arriving while the reader blocks): order, ids, properties
+/// and keys survive, every receipt and acknowledgement resolves, nothing stays pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_sends_reads_and_acknowledgements() {
+    let prefix = format!("tgps-batch-{}", std::process::id());
+    let Some((backend, url)) = shared_backend(&prefix).await else {
+        return;
+    };
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let topic = Topic::new(Qos::Q1, "tenant-b", "batch", "jobs").unwrap();
+    let consumer: Arc<dyn Consumer> = backend
+        .create_consumer(&topic, ConsumerOptions::new("workers"))
+        .await
+        .unwrap()
+        .into();
+    let producer = backend
+        .create_producer(&topic, Default::default())
+        .await
+        .unwrap();
+    let n = 5000;
+    let mut receipts = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut m = OutboundMessage::new(format!("m{i}"));
+        if i % 3 == 0 {
+            m = m.property("i", i.to_string()).property("tg-x", "y");
+        }
+        if i % 5 == 0 {
+            m = m.key(format!("k{i}"));
+        }
+        receipts.push(producer.send(m).await.unwrap());
+    }
+    let mut ids = Vec::with_capacity(n);
+    for r in receipts {
+        ids.push(r.await.unwrap());
+    }
+    let parsed: Vec<(u64, u64)> = ids
+        .iter()
+        .map(|id| {
+            let t = id.to_string();
+            let (ms, seq) = t.split_once('-').expect("a stream id");
+            (ms.parse().unwrap(), seq.parse().unwrap())
+        })
+        .collect();
+    assert!(
+        parsed.windows(2).all(|w| w[0] < w[1]),
+        "stream ids increase"
+    );
+
+    // receive everything; acknowledge most in concurrent groups, some one at a time, and the
+    // last ones after a pause (the reader then blocks, so the acknowledger writes them)
+    let mut pending_acks = Vec::new();
+    let mut group = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let m = consumer.receive(Duration::from_secs(10)).await.unwrap();
+        assert_eq!(m.payload().as_ref(), format!("m{i}").as_bytes(), "order");
+        assert_eq!(m.id(), id);
+        assert_eq!(
+            m.property("i").map(str::to_owned),
+            (i % 3 == 0).then(|| i.to_string())
+        );
+        assert_eq!(
+            m.key().map(str::to_owned),
+            (i % 5 == 0).then(|| format!("k{i}"))
+        );
+        assert!(m.publish_time().is_some());
+        if i >= n - 10 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            consumer.acknowledge(&m).await.unwrap();
+        } else if i % 7 == 0 {
+            consumer.acknowledge(&m).await.unwrap();
+        } else {
+            group.push(m);
+            if group.len() == 50 {
+                let c = consumer.clone();
+                let msgs = std::mem::take(&mut group);
+                pending_acks.push(tokio::spawn(async move {
+                    for r in futures::future::join_all(msgs.iter().map(|m| c.acknowledge(m))).await
+                    {
+                        r.unwrap();
+                    }
+                }));
+            }
+        }
+    }
+    for m in &group {
+        consumer.acknowledge(m).await.unwrap();
+    }
+    for a in pending_acks {
+        a.await.unwrap();
+    }
+    let key = format!("{prefix}/{{q1/tenant-b/batch/jobs}}");
+    let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+        .arg(&key)
+        .arg("workers")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(pending.0, 0, "every acknowledgement reached Redis");
+    assert!(consumer.receive(Duration::ZERO).await.is_err());
+
+    // q0 receipts are the producer's sequence numbers, in order across pipelines
+    let q0 = backend
+        .create_producer(&topic.with_qos(Qos::Q0), Default::default())
+        .await
+        .unwrap();
+    let mut receipts = Vec::new();
+    for i in 0..3000 {
+        receipts.push(
+            q0.send(OutboundMessage::new(format!("p{i}")))
+                .await
+                .unwrap(),
+        );
+    }
+    for (i, r) in receipts.into_iter().enumerate() {
+        assert_eq!(r.await.unwrap().as_u64(), Some(i as u64));
+    }
+
+    consumer.close().await.unwrap();
+    backend.close().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}/*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
 /// A consumer "crashes" (its runtime is dropped: no close, no lease release, its message stays
 /// unacknowledged): a second exclusive consumer is refused until the lease expires, then takes
 /// over and gets the crashed consumer's message once the visibility timeout passed.

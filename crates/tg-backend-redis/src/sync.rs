@@ -1,0 +1,275 @@
+//! Small synchronisation pieces that replace per-message channels on the hot paths:
+//! [`Completion`] (one result many tasks wait for: a pipeline's replies, an `XACK` batch) and
+//! [`Inbox`] (a consumer's buffer of received messages, filled a batch at a time).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tg_backend_api::Message;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// A value set once, which any number of tasks can wait for: one notification per batch
+/// instead of one channel per message. Waiting registers the task's waker once (a task waiting
+/// for many acknowledgements of one batch is woken once).
+pub(crate) struct Completion<T> {
+    value: OnceLock<T>,
+    wakers: Mutex<Vec<Waker>>,
+}
+
+impl<T> Completion<T> {
+    pub(crate) fn new() -> Self {
+        Self {
+            value: OnceLock::new(),
+            wakers: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Sets the value (the first call wins) and wakes every waiter.
+    pub(crate) fn set(&self, value: T) {
+        if self.value.set(value).is_ok() {
+            let wakers = std::mem::take(&mut *self.wakers.lock());
+            for w in wakers {
+                w.wake();
+            }
+        }
+    }
+
+    /// The value, if set.
+    pub(crate) fn get(&self) -> Option<&T> {
+        self.value.get()
+    }
+
+    /// Waits until the value is set.
+    pub(crate) fn wait(&self) -> Wait<'_, T> {
+        Wait(self)
+    }
+
+    fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<&T> {
+        if let Some(v) = self.value.get() {
+            return Poll::Ready(v);
+        }
+        let mut wakers = self.wakers.lock();
+        // `set` stores the value before it takes the wakers, so a second look under the lock
+        // cannot miss it
+        if let Some(v) = self.value.get() {
+            return Poll::Ready(v);
+        }
+        if !wakers.iter().rev().take(4).any(|w| w.will_wake(cx.waker())) {
+            wakers.push(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+/// The future of [`Completion::wait`]. Dropping it early leaves at most a stale waker behind
+/// (one spurious wake-up).
+pub(crate) struct Wait<'a, T>(&'a Completion<T>);
+
+impl<'a, T> Future for Wait<'a, T> {
+    type Output = &'a T;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<&'a T> {
+        let completion: &'a Completion<T> = self.0;
+        completion.poll_wait(cx)
+    }
+}
+
+/// What [`Inbox::pop`] found.
+pub(crate) enum Popped {
+    Message(Message),
+    Empty,
+    Closed,
+}
+
+struct InboxState {
+    buf: VecDeque<Message>,
+    /// Receivers waiting for a message (only then does a push notify).
+    waiting: usize,
+    /// The reader waits for the buffer to shrink to this many messages.
+    room_wanted: Option<usize>,
+    closed: bool,
+}
+
+/// A consumer's buffer of received messages: the reader (or the pub/sub dispatcher) pushes, any
+/// number of tasks calling `receive` pop. A pop is one uncontended lock; nobody is notified
+/// unless someone waits.
+pub(crate) struct Inbox {
+    state: Mutex<InboxState>,
+    available: Notify,
+    room: Notify,
+}
+
+impl Inbox {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(InboxState {
+                buf: VecDeque::with_capacity(capacity),
+                waiting: 0,
+                room_wanted: None,
+                closed: false,
+            }),
+            available: Notify::new(),
+            room: Notify::new(),
+        }
+    }
+
+    /// Takes the next message if there is one (the fast path of `receive`).
+    pub(crate) fn try_pop(&self) -> Option<Message> {
+        let mut s = self.state.lock();
+        let m = s.buf.pop_front()?;
+        let room = match s.room_wanted {
+            Some(limit) if s.buf.len() <= limit => {
+                s.room_wanted = None;
+                true
+            }
+            _ => false,
+        };
+        drop(s);
+        if room {
+            self.room.notify_one();
+        }
+        Some(m)
+    }
+
+    /// Takes the next message, if any. Buffered messages are still handed out after `close`.
+    pub(crate) fn pop(&self) -> Popped {
+        match self.pop_or_wait(false) {
+            Ok(p) => p,
+            Err(_) => Popped::Empty,
+        }
+    }
+
+    /// Pops; when empty (and open) and `register`, counts the caller as waiting in the same
+    /// critical section, so a push right after is sure to notify it.
+    fn pop_or_wait(&self, register: bool) -> Result<Popped, Waiting<'_>> {
+        let mut s = self.state.lock();
+        match s.buf.pop_front() {
+            Some(m) => {
+                let room = match s.room_wanted {
+                    Some(limit) if s.buf.len() <= limit => {
+                        s.room_wanted = None;
+                        true
+                    }
+                    _ => false,
+                };
+                drop(s);
+                if room {
+                    self.room.notify_one();
+                }
+                Ok(Popped::Message(m))
+            }
+            None if s.closed => Ok(Popped::Closed),
+            None if register => {
+                s.waiting += 1;
+                Err(Waiting(self))
+            }
+            None => Ok(Popped::Empty),
+        }
+    }
+
+    /// Waits up to `timeout` for a message: `None` when none came (or the inbox closed and is
+    /// empty; the caller tells these apart with its own state).
+    pub(crate) async fn pop_wait(&self, timeout: Duration) -> Option<Message> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let notified = self.available.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let waiting = match self.pop_or_wait(true) {
+                Ok(Popped::Message(m)) => return Some(m),
+                Ok(_) => return None,
+                Err(w) => w,
+            };
+            let woken = tokio::time::timeout_at(deadline, notified).await.is_ok();
+            drop(waiting);
+            if !woken {
+                return match self.pop() {
+                    Popped::Message(m) => Some(m),
+                    _ => None,
+                };
+            }
+        }
+    }
+
+    /// Appends messages (the reader's batch, left empty) and wakes waiting receivers. When the
+    /// buffer is empty (the consumer keeps up), the two buffers are swapped instead of moving
+    /// every message.
+    pub(crate) fn push_all(&self, messages: &mut VecDeque<Message>) {
+        if messages.is_empty() {
+            return;
+        }
+        let mut s = self.state.lock();
+        if s.buf.is_empty() {
+            std::mem::swap(&mut s.buf, messages);
+        } else {
+            s.buf.append(messages);
+        }
+        let wake = s.waiting > 0;
+        drop(s);
+        if wake {
+            self.available.notify_waiters();
+        }
+    }
+
+    /// Appends one message unless `capacity` messages are buffered (then it is dropped and
+    /// `false` returned).
+    pub(crate) fn push_bounded(&self, message: Message, capacity: usize) -> bool {
+        let mut s = self.state.lock();
+        if s.closed || s.buf.len() >= capacity {
+            return false;
+        }
+        s.buf.push_back(message);
+        let wake = s.waiting > 0;
+        drop(s);
+        if wake {
+            self.available.notify_waiters();
+        }
+        true
+    }
+
+    /// Whether at most `limit` messages are buffered.
+    pub(crate) fn has_room(&self, limit: usize) -> bool {
+        self.state.lock().buf.len() <= limit
+    }
+
+    /// Waits until at most `limit` messages are buffered (the reader, before it reads a batch).
+    pub(crate) async fn wait_room(&self, limit: usize) {
+        loop {
+            let notified = self.room.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut s = self.state.lock();
+                if s.buf.len() <= limit || s.closed {
+                    s.room_wanted = None;
+                    return;
+                }
+                s.room_wanted = Some(limit);
+            }
+            notified.await;
+        }
+    }
+
+    /// No more messages come: waiting receivers get `None` once the buffer is empty.
+    pub(crate) fn close(&self) {
+        self.state.lock().closed = true;
+        self.available.notify_waiters();
+        self.room.notify_one();
+    }
+}
+
+/// A receiver counted as waiting (by [`Inbox::pop_or_wait`]) until dropped, also when its
+/// `receive` is cancelled.
+struct Waiting<'a>(&'a Inbox);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().waiting -= 1;
+    }
+}
