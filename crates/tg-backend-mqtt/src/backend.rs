@@ -46,6 +46,13 @@ pub struct MqttBackend {
     inner: Arc<Inner>,
 }
 
+/// A q1/q2 consumer's buffer, in multiples of `receive_maximum`. A broker that keeps to Receive
+/// Maximum never fills more than one of them. Mosquitto 2.0.11 does not keep to it: it sends a
+/// consumer with a backlog everything it holds for it, which with its default
+/// `max_queued_messages` (1,000) is up to about 1,100 messages; 20 × the default 100 takes that
+/// without refusing (refusing means resuming the session, see `ConsumerCore::deliver`).
+const Q12_BUFFER_FACTOR: usize = 20;
+
 pub(crate) struct Inner {
     config: MqttConfig,
     producer: Arc<Connection>,
@@ -185,7 +192,14 @@ impl Backend for MqttBackend {
         let id = next_consumer_id();
         let mqtt = mqtt_topic(topic);
         let redeliver = redeliver_topic(topic, &options.subscription);
-        let capacity = usize::from(config.receive_maximum) * 2;
+        // q1/q2: room for what a broker that exceeds Receive Maximum sends (see
+        // `Q12_BUFFER_FACTOR`); q0 drops what does not fit.
+        let factor = if topic.qos() == Qos::Q0 {
+            2
+        } else {
+            Q12_BUFFER_FACTOR
+        };
+        let capacity = usize::from(config.receive_maximum) * factor;
         let (tx, rx) = mpsc::channel::<Message>(capacity);
         let core = Arc::new(ConsumerCore::new(
             id,

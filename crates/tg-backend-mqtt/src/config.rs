@@ -60,14 +60,16 @@ pub struct MqttConfig {
     /// Default: 1 MiB.
     pub max_payload: usize,
     /// Requests (publishes, acks) queued towards one connection before `send` waits
-    /// (`capacity`). Default: 1,000.
+    /// (`capacity`); acknowledgements never wait (beyond it they queue in the consumer, bounded
+    /// by the messages it holds). Default: 1,000.
     pub request_capacity: usize,
     /// Unacknowledged QoS 1/2 publishes one connection keeps in flight (`inflight`, 1–65535);
     /// the broker's Receive Maximum lowers it. Default: 100.
     pub inflight: u16,
     /// Unacknowledged QoS 1/2 messages the broker may send one consumer before it waits for
-    /// acknowledgements (`receive_maximum`, 1–65535, MQTT 5 Receive Maximum). The consumer's
-    /// buffer holds twice this. Default: 100.
+    /// acknowledgements (`receive_maximum`, 1–65535, MQTT 5 Receive Maximum). A q1/q2
+    /// consumer's buffer holds twenty times this (room for brokers that send more, as Mosquitto
+    /// 2.0.11 does), a q0 consumer's twice. Default: 100.
     pub receive_maximum: u16,
     /// Time allowed for TCP + MQTT connect (`connect_timeout`, seconds). Default: 5 s.
     pub connect_timeout: Duration,

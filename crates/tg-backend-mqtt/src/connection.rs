@@ -8,7 +8,11 @@
 //! When the connection breaks, the task takes back every publish and subscribe that was not yet
 //! confirmed (rumqttc drops them when the broker has no session for the client), waits with
 //! exponential backoff and full jitter, reconnects, and queues them again first, in their
-//! original order. Consumers resubscribe when the broker lost their session.
+//! original order, publishes no faster than the in-flight window allows. Consumers resubscribe
+//! after every reconnect, and get back the acknowledgements rumqttc dropped.
+//!
+//! The task never waits for the application (a consumer's receivers hand their acknowledgements
+//! to it): it must keep polling to write acknowledgements, ping, and notice a dead connection.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -31,6 +35,10 @@ use tokio::sync::{oneshot, Notify};
 
 use crate::config::{MqttConfig, MAX_PACKET};
 use crate::consumer::ConsumerCore;
+
+/// How long a consumer waits for the broker to close the connection after the DISCONNECT of a
+/// session resume before it drops the connection itself.
+const RESUME_CLOSE_LIMIT: Duration = Duration::from_secs(5);
 
 /// Room left in a packet for the topic, properties and header when a payload is at the limit.
 pub(crate) const PACKET_HEADROOM: usize = 64 * 1024;
@@ -77,17 +85,26 @@ struct Tracker {
     inflight: HashMap<u16, PubOp>,
     /// A publish rumqttc held back because its packet id was still in use.
     collided: Option<PubOp>,
-    /// Publishes taken back after a disconnect, queued again after the next CONNACK.
-    resend: Vec<PubOp>,
+    /// Publishes taken back after a disconnect, queued again after the next CONNACK, in order.
+    resend: VecDeque<PubOp>,
+    /// Publishes of `resend` handed to rumqttc's pending queue that have no packet id yet. That
+    /// queue goes before its request queue, so these come before `unassigned`.
+    fed: VecDeque<PubOp>,
     subs_unassigned: VecDeque<SubOp>,
     subs_inflight: HashMap<u16, SubOp>,
     subs_resend: Vec<SubOp>,
 }
 
 impl Tracker {
+    /// The publish rumqttc gives a packet id next: what was fed to its pending queue first.
+    fn next_assigned(&mut self) -> Option<PubOp> {
+        self.fed.pop_front().or_else(|| self.unassigned.pop_front())
+    }
+
     fn lowest_outstanding(&self) -> Option<u64> {
         let mut low = self.unassigned.front().map(|o| o.seq);
         let mut take = |s: u64| low = Some(low.map_or(s, |l| l.min(s)));
+        self.fed.iter().for_each(|o| take(o.seq));
         self.inflight.values().for_each(|o| take(o.seq));
         self.resend.iter().for_each(|o| take(o.seq));
         if let Some(o) = &self.collided {
@@ -107,6 +124,11 @@ struct Shared {
     broker_max_packet: AtomicU32,
     connected: AtomicBool,
     closed: AtomicBool,
+    /// Consumers: a DISCONNECT to resume the session went out; the broker closes the
+    /// connection, and the connection task reconnects at once. Whatever rumqttc writes after the
+    /// DISCONNECT is ignored by the broker, so acknowledgements written meanwhile still count as
+    /// unwritten (and go out again on the resumed session).
+    resuming: AtomicBool,
     shutdown: Notify,
     progress: Notify,
     consumer: Option<Arc<ConsumerCore>>,
@@ -135,6 +157,7 @@ impl Connection {
             broker_max_packet: AtomicU32::new(MAX_PACKET),
             connected: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            resuming: AtomicBool::new(false),
             shutdown: Notify::new(),
             progress: Notify::new(),
             consumer: spec.consumer,
@@ -179,6 +202,14 @@ impl Connection {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Consumers: disconnects and reconnects at once with the same session, so that the broker
+    /// sends again what it holds unacknowledged for it (see [`ConsumerCore::resume_due`]). The
+    /// DISCONNECT goes through the request queue, after the acknowledgements queued before it.
+    /// False when it could not be queued now.
+    pub(crate) fn resume_session(&self) -> bool {
+        !self.is_closed() && self.client.try_disconnect().is_ok()
     }
 
     /// The broker's Maximum Packet Size.
@@ -499,14 +530,45 @@ async fn run(
     // error. When that repeats, the session is given up once (clean start) to get out of it.
     let mut unsolicited = 0u32;
     let persistent = !eventloop.options.clean_start();
+    // Consumers: when the broker has to have closed the connection after a resume's DISCONNECT.
+    let mut resume_deadline: Option<tokio::time::Instant> = None;
+    // rumqttc's in-flight window: the configured one, lowered by the broker's Receive Maximum.
+    let upper = eventloop
+        .options
+        .get_outgoing_inflight_upper_limit()
+        .unwrap_or(u16::MAX);
+    let mut window = upper;
     loop {
+        if let Some(consumer) = &shared.consumer {
+            consumer.flush_local_acks(&mut eventloop);
+        }
+        if shared.connected.load(Ordering::Acquire) {
+            feed_resends(&mut eventloop, &shared, window);
+        }
         let polled = tokio::select! {
             polled = eventloop.poll() => polled,
             _ = shared.shutdown.notified(), if shared.closed.load(Ordering::Acquire) => break,
+            _ = until(resume_deadline), if resume_deadline.is_some() => {
+                // The broker did not close the connection: drop it and reconnect.
+                resume_deadline = None;
+                shared.connected.store(false, Ordering::Release);
+                let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
+                for event in stale {
+                    handle(&shared, event, &mut eventloop.pending);
+                }
+                if let Some(consumer) = &shared.consumer {
+                    consumer.recover_acks(&mut eventloop);
+                }
+                take_back(&mut eventloop, &shared);
+                shared.resuming.store(false, Ordering::Release);
+                continue;
+            }
         };
         match polled {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 attempt = 0;
+                resume_deadline = None;
+                shared.resuming.store(false, Ordering::Release);
                 shared.connected.store(true, Ordering::Release);
                 *shared.last_error.lock() = None;
                 let max = ack
@@ -516,6 +578,9 @@ async fn run(
                     .unwrap_or(MAX_PACKET)
                     .min(MAX_PACKET);
                 shared.broker_max_packet.store(max, Ordering::Release);
+                if let Some(receive_max) = ack.properties.as_ref().and_then(|p| p.receive_max) {
+                    window = receive_max.min(upper);
+                }
                 if connected_before {
                     tracing::info!(client_id = %shared.client_id, broker = %shared.address,
                         session_present = ack.session_present, "MQTT connection re-established");
@@ -534,10 +599,26 @@ async fn run(
                     let _ = tx.send(Ok(()));
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-            Ok(event) => handle(&shared, event, &mut eventloop.pending).await,
+            Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                let Some(consumer) = shared.consumer.as_ref() else {
+                    break;
+                };
+                if shared.closed.load(Ordering::Acquire) {
+                    break;
+                }
+                // Not a close: the consumer asked for its session to be resumed. The broker
+                // closes the connection (dropping it here, with unread data, would reset it and
+                // could lose the acknowledgements written just before); then reconnect at once.
+                tracing::debug!(client_id = %shared.client_id, refused = consumer.refused_pending(),
+                    "resuming the MQTT session to fetch the messages the buffer had no room for");
+                shared.resuming.store(true, Ordering::Release);
+                resume_deadline = Some(tokio::time::Instant::now() + RESUME_CLOSE_LIMIT);
+            }
+            Ok(event) => handle(&shared, event, &mut eventloop.pending),
             Err(e) => {
                 shared.connected.store(false, Ordering::Release);
+                resume_deadline = None;
+                let resumed = shared.resuming.load(Ordering::Acquire);
                 let err = classify(&e, &shared.address);
                 if matches!(e, ConnectionError::MqttState(StateError::Unsolicited(_))) {
                     unsolicited += 1;
@@ -555,16 +636,29 @@ async fn run(
                 // Events rumqttc produced before failing still count (acks read in the same batch).
                 let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
                 for event in stale {
-                    handle(&shared, event, &mut eventloop.pending).await;
+                    handle(&shared, event, &mut eventloop.pending);
+                }
+                if let Some(consumer) = &shared.consumer {
+                    consumer.recover_acks(&mut eventloop);
                 }
                 take_back(&mut eventloop, &shared);
+                shared.resuming.store(false, Ordering::Release);
                 if shared.closed.load(Ordering::Acquire) {
                     break;
                 }
+                // A session resume asked for and not yet sent: the reconnect resumes it anyway.
+                eventloop
+                    .pending
+                    .retain(|r| !matches!(r, Request::Disconnect));
                 if let Some(tx) = first.take() {
                     let _ = tx.send(Err(err));
                     shared.closed.store(true, Ordering::Release);
                     break;
+                }
+                if resumed {
+                    // The end of a session resume: reconnect at once.
+                    tracing::debug!(client_id = %shared.client_id, "reconnecting to resume the session");
+                    continue;
                 }
                 let delay = backoff(attempt, backoff_cap);
                 attempt = attempt.saturating_add(1);
@@ -596,13 +690,29 @@ async fn run(
     }
 }
 
-/// Answers what rumqttc reports.
-async fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
+/// Waits until `deadline`, forever without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Answers what rumqttc reports. Never waits: the event loop must keep being polled.
+fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
     match event {
         Event::Incoming(Packet::Publish(publish)) => {
             if let Some(consumer) = &shared.consumer {
-                if let Some(ack) = consumer.deliver(publish).await {
+                if let Some(ack) = consumer.deliver(publish) {
+                    consumer.record_ack(&ack);
                     pending.push_back(ack);
+                }
+            }
+        }
+        Event::Outgoing(Outgoing::PubAck(pkid) | Outgoing::PubRec(pkid)) => {
+            if let Some(consumer) = &shared.consumer {
+                if !shared.resuming.load(Ordering::Acquire) {
+                    consumer.ack_written(pkid);
                 }
             }
         }
@@ -612,7 +722,7 @@ async fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) 
                 Some(op) if op.publish.pkid == pkid => Some(op),
                 other => {
                     t.collided = other;
-                    t.unassigned.pop_front()
+                    t.next_assigned()
                 }
             };
             if let Some(mut op) = op {
@@ -626,7 +736,7 @@ async fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) 
         }
         Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
             let mut t = shared.tracker.lock();
-            if let Some(mut op) = t.unassigned.pop_front() {
+            if let Some(mut op) = t.next_assigned() {
                 op.publish.pkid = pkid;
                 t.collided = Some(op);
             }
@@ -766,14 +876,19 @@ fn take_back(eventloop: &mut EventLoop, shared: &Shared) {
         back.push(op);
     }
     eventloop.state.collision = None;
-    for _ in 0..fresh_publishes {
+    // The publishes without a packet id in the pending queue: first those fed from `resend`,
+    // then those rumqttc took from its request queue.
+    let fed: Vec<PubOp> = t.fed.drain(..).collect();
+    let fresh = fresh_publishes.saturating_sub(fed.len());
+    back.extend(fed);
+    for _ in 0..fresh {
         match t.unassigned.pop_front() {
             Some(op) => back.push(op),
             None => break,
         }
     }
     t.resend.extend(back);
-    t.resend.sort_by_key(|o| o.seq);
+    t.resend.make_contiguous().sort_by_key(|o| o.seq);
     let mut subs: Vec<SubOp> = t.subs_inflight.drain().map(|(_, op)| op).collect();
     for _ in 0..fresh_subs {
         match t.subs_unassigned.pop_front() {
@@ -826,7 +941,7 @@ fn requeue(eventloop: &mut EventLoop, shared: &Shared, session_present: bool, re
     // The broker may have come back with a smaller Maximum Packet Size: a packet over it would
     // break the connection again and again, so fail those sends instead.
     let max = shared.broker_max_packet.load(Ordering::Acquire) as usize;
-    let (resend, too_large): (Vec<PubOp>, Vec<PubOp>) = std::mem::take(&mut t.resend)
+    let (resend, too_large): (VecDeque<PubOp>, VecDeque<PubOp>) = std::mem::take(&mut t.resend)
         .into_iter()
         .partition(|op| op.publish.size() <= max);
     for mut op in too_large {
@@ -846,16 +961,8 @@ fn requeue(eventloop: &mut EventLoop, shared: &Shared, session_present: bool, re
     if !resend.is_empty() {
         tracing::debug!(client_id = %shared.client_id, count = resend.len(), "publishing again what the broker had not confirmed");
     }
-    for op in resend.iter() {
-        let mut p = op.publish.clone();
-        p.pkid = 0;
-        p.dup = false;
-        front.push(Request::Publish(p));
-    }
-    for mut op in resend.into_iter().rev() {
-        op.publish.pkid = 0;
-        t.unassigned.push_front(op);
-    }
+    // Sent again by `feed_resends`, as the in-flight window allows.
+    t.resend = resend;
     drop(t);
     for request in front.into_iter().rev() {
         eventloop.pending.push_front(request);
@@ -865,12 +972,36 @@ fn requeue(eventloop: &mut EventLoop, shared: &Shared, session_present: bool, re
     }
 }
 
+/// Hands publishes taken back after a disconnect to rumqttc again, in order, no more than its
+/// in-flight window has room for. Publishes in rumqttc's pending queue bypass that window (and
+/// then collide on packet ids, which loses all but the last of the colliding publishes), while
+/// its request queue waits as long as the window is full or a collision is pending: so
+/// nothing queued later overtakes them.
+fn feed_resends(eventloop: &mut EventLoop, shared: &Shared, window: u16) {
+    let mut t = shared.tracker.lock();
+    if t.resend.is_empty() || eventloop.state.collision.is_some() {
+        return;
+    }
+    let busy = usize::from(eventloop.state.inflight()) + t.fed.len();
+    for _ in busy..usize::from(window) {
+        let Some(mut op) = t.resend.pop_front() else {
+            break;
+        };
+        op.publish.pkid = 0;
+        let mut publish = op.publish.clone();
+        publish.dup = false;
+        eventloop.pending.push_back(Request::Publish(publish));
+        t.fed.push_back(op);
+    }
+}
+
 fn fail_all(shared: &Shared) {
     let mut guard = shared.tracker.lock();
     let t = &mut *guard;
     let mut ops: Vec<PubOp> = t.unassigned.drain(..).collect();
     ops.extend(t.inflight.drain().map(|(_, op)| op));
-    ops.append(&mut t.resend);
+    ops.extend(t.resend.drain(..));
+    ops.extend(t.fed.drain(..));
     ops.extend(t.collided.take());
     let subs: Vec<SubOp> = t
         .subs_unassigned
@@ -917,6 +1048,97 @@ mod tests {
         // Jitter: many clients restarting together do not pick the same delay.
         let delays: std::collections::HashSet<_> = (0..20).map(|_| backoff(6, cap)).collect();
         assert!(delays.len() > 10, "{delays:?}");
+    }
+
+    fn test_shared() -> Shared {
+        Shared {
+            client_id: "t".into(),
+            address: "127.0.0.1:1".into(),
+            tracker: Mutex::new(Tracker::default()),
+            submit: tokio::sync::Mutex::new(()),
+            broker_max_packet: AtomicU32::new(MAX_PACKET),
+            connected: AtomicBool::new(true),
+            closed: AtomicBool::new(false),
+            resuming: AtomicBool::new(false),
+            shutdown: Notify::new(),
+            progress: Notify::new(),
+            consumer: None,
+            last_error: Mutex::new(None),
+            publish_ids: AtomicU64::new(0),
+        }
+    }
+
+    /// rumqttc takes what is in its pending queue even when its in-flight window is full or a
+    /// packet id collision is pending; two publishes then collide and the first one is lost.
+    /// So publishes sent again after a reconnect go there no faster than the window allows.
+    #[test]
+    fn resends_go_to_rumqttc_within_its_in_flight_window() {
+        const WINDOW: u16 = 4;
+        let mut options = MqttOptions::new("t", "127.0.0.1", 1);
+        options.set_outgoing_inflight_upper_limit(WINDOW);
+        let mut eventloop = EventLoop::new(options, 10);
+        let shared = test_shared();
+        {
+            let mut t = shared.tracker.lock();
+            for seq in 1..=10 {
+                let (done, _) = oneshot::channel();
+                t.resend.push_back(PubOp {
+                    seq,
+                    publish: Publish::new("a/b/c", QoS::AtLeastOnce, format!("{seq}"), None),
+                    done: Some(done),
+                    matched: true,
+                });
+            }
+        }
+        let publishes = |el: &EventLoop| {
+            el.pending
+                .iter()
+                .filter(|r| matches!(r, Request::Publish(_)))
+                .count()
+        };
+        feed_resends(&mut eventloop, &shared, WINDOW);
+        assert_eq!(publishes(&eventloop), 4);
+        feed_resends(&mut eventloop, &shared, WINDOW);
+        assert_eq!(publishes(&eventloop), 4, "what was fed still counts");
+        // rumqttc writes them: each gets a packet id and takes a slot of the window.
+        let mut pkids = Vec::new();
+        while let Some(request) = eventloop.pending.pop_front() {
+            eventloop.state.handle_outgoing_packet(request).unwrap();
+            while let Some(event) = eventloop.state.events.pop_front() {
+                if let Event::Outgoing(Outgoing::Publish(pkid)) = event {
+                    pkids.push(pkid);
+                }
+                handle(&shared, event, &mut eventloop.pending);
+            }
+        }
+        assert_eq!(pkids.len(), 4);
+        assert_eq!(eventloop.state.inflight(), 4);
+        feed_resends(&mut eventloop, &shared, WINDOW);
+        assert_eq!(publishes(&eventloop), 0, "the window is full");
+        // One acknowledged: one more goes, the next in order.
+        let ack = rumqttc::v5::mqttbytes::v5::PubAck::new(pkids[1], None);
+        eventloop
+            .state
+            .handle_incoming_packet(rumqttc::v5::Incoming::PubAck(ack))
+            .unwrap();
+        for event in eventloop.state.events.drain(..).collect::<Vec<_>>() {
+            handle(&shared, event, &mut eventloop.pending);
+        }
+        feed_resends(&mut eventloop, &shared, WINDOW);
+        assert_eq!(publishes(&eventloop), 1);
+        match eventloop.pending.front() {
+            Some(Request::Publish(p)) => assert_eq!(p.payload.as_ref(), b"5"),
+            other => panic!("{other:?}"),
+        }
+        // Nothing while a collision is pending.
+        eventloop.pending.clear();
+        shared.tracker.lock().fed.clear();
+        eventloop.state.collision = Some(Publish::new("a/b/c", QoS::AtLeastOnce, "x", None));
+        feed_resends(&mut eventloop, &shared, WINDOW);
+        assert_eq!(publishes(&eventloop), 0);
+        let t = shared.tracker.lock();
+        assert_eq!(t.resend.len(), 5);
+        assert_eq!(t.inflight.len(), 3);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use async_trait::async_trait;
 use parking_lot::Mutex;
 use rumqttc::v5::mqttbytes::v5::{Filter, PubAck, PubRec, Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::Request;
+use rumqttc::v5::{AsyncClient, EventLoop, Request};
 use tg_backend_api::{
     receive_timeout, AckHandle, Consumer, Error, ErrorKind, Message, MessageId, Properties, Qos,
     Result, Topic, DEDUP_ID_PROPERTY,
@@ -43,6 +43,38 @@ struct HeldState {
     next_seq: u64,
     unacked: HashMap<u64, Held>,
     by_pkid: HashMap<u16, u64>,
+    /// Packet ids of QoS 1/2 messages not taken because the buffer was full (the broker sent
+    /// more than Receive Maximum unacknowledged messages). They stay unacknowledged in the
+    /// session, and the broker sends them again when the session is resumed.
+    refused: HashSet<u16>,
+    /// Messages refused since the last CONNACK: the session is resumed once the buffer has room.
+    refused_since_connack: usize,
+    /// A session resume was asked of the connection and its CONNACK has not come yet.
+    resume_requested: bool,
+}
+
+/// Acknowledgements on their way to the broker.
+#[derive(Default)]
+struct Acks {
+    /// Packet ids whose PUBACK / PUBREC was handed to rumqttc and not yet reported written.
+    /// When the connection breaks, rumqttc drops the PUBACKs still in its request queue; these
+    /// are queued again for the resumed session (and the broker's resend of such a message is
+    /// not delivered again: the acknowledgement is on its way).
+    unwritten: HashMap<u16, QoS>,
+    /// Packet ids whose acknowledgement was written, with the connection it was written on.
+    /// On a resumed session the broker sends what it holds unacknowledged again (DUP) right
+    /// after its CONNACK: a resend crossing an acknowledgement written on the same connection is
+    /// not a new delivery; one whose acknowledgement went out on an earlier connection means
+    /// the broker never got it (the connection died first), and it is acknowledged again.
+    /// Forgotten when the packet id comes with a new message (no DUP: the broker had the
+    /// acknowledgement), after two reconnects, or when the session is lost; at most one entry
+    /// per packet id.
+    written: HashMap<u16, (u64, QoS)>,
+    /// Connections (CONNACKs) so far.
+    generation: u64,
+    /// Acknowledgements rumqttc's request queue had no room for; the connection task moves
+    /// them to rumqttc's pending queue. Bounded by the messages held.
+    local: Vec<Request>,
 }
 
 struct Dedup {
@@ -78,9 +110,14 @@ pub(crate) struct ConsumerCore {
     redeliver_topic: String,
     filters: Mutex<Vec<Filter>>,
     held: Mutex<HeldState>,
+    acks: Mutex<Acks>,
+    /// `acks.local` is not empty.
+    local_acks: AtomicBool,
     tx: mpsc::Sender<Message>,
     dedup: Option<Mutex<Dedup>>,
-    dropped_q0: std::sync::atomic::AtomicU64,
+    dropped_q0: AtomicU64,
+    /// QoS 1/2 messages refused because the buffer was full (see [`HeldState::refused`]).
+    refused_total: AtomicU64,
 }
 
 impl ConsumerCore {
@@ -105,10 +142,18 @@ impl ConsumerCore {
             redeliver_topic,
             filters: Mutex::new(Vec::new()),
             held: Mutex::new(HeldState::default()),
+            acks: Mutex::new(Acks::default()),
+            local_acks: AtomicBool::new(false),
             tx,
             dedup,
             dropped_q0: Default::default(),
+            refused_total: Default::default(),
         }
+    }
+
+    /// Messages in the buffer, not yet received by the application.
+    fn buffered(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
     }
 
     pub(crate) fn filters(&self) -> Vec<Filter> {
@@ -122,20 +167,150 @@ impl ConsumerCore {
     /// A CONNACK arrived; when the broker has no session for us, what we hold is no longer
     /// acknowledgeable (it will not be redelivered by the broker either).
     pub(crate) fn session_resumed(&self, present: bool) {
+        let mut held = self.held.lock();
+        held.refused_since_connack = 0;
+        held.resume_requested = false;
         if !present {
-            let mut held = self.held.lock();
             held.by_pkid.clear();
             for h in held.unacked.values_mut() {
                 h.live = false;
             }
+            if !held.refused.is_empty() {
+                tracing::warn!(
+                    refused = held.refused.len(),
+                    "the MQTT broker lost the session: messages this consumer refused when its \
+                     buffer was full went with it"
+                );
+                held.refused.clear();
+            }
+            drop(held);
+            // rumqttc cleared its pending acknowledgements; those of the old session are moot.
+            let mut acks = self.acks.lock();
+            acks.generation += 1;
+            acks.unwritten.clear();
+            acks.written.clear();
+            acks.local.clear();
+            self.local_acks.store(false, Ordering::Release);
+        } else {
+            drop(held);
+            let mut acks = self.acks.lock();
+            acks.generation += 1;
+            let previous = acks.generation - 1;
+            acks.written.retain(|_, (g, _)| *g >= previous);
         }
+    }
+
+    /// Hands the acknowledgement of `publish` to the connection without waiting: into rumqttc's
+    /// request queue, or when that is full into a local one the connection task empties.
+    pub(crate) fn queue_ack(&self, client: &AsyncClient, publish: &Publish) {
+        let Some(request) = ack_request(publish) else {
+            return;
+        };
+        // Under the lock: the connection task takes it to recover what rumqttc dropped.
+        let mut acks = self.acks.lock();
+        acks.unwritten.insert(publish.pkid, publish.qos);
+        if client.try_ack(publish).is_err() {
+            acks.local.push(request);
+            self.local_acks.store(true, Ordering::Release);
+        }
+    }
+
+    /// Records an acknowledgement the connection task puts in rumqttc's pending queue itself.
+    pub(crate) fn record_ack(&self, request: &Request) {
+        if let Request::PubAck(PubAck { pkid, .. }) | Request::PubRec(PubRec { pkid, .. }) = request
+        {
+            let qos = match request {
+                Request::PubAck(_) => QoS::AtLeastOnce,
+                _ => QoS::ExactlyOnce,
+            };
+            self.acks.lock().unwritten.insert(*pkid, qos);
+        }
+    }
+
+    /// rumqttc wrote the PUBACK / PUBREC of `pkid`.
+    pub(crate) fn ack_written(&self, pkid: u16) {
+        let mut acks = self.acks.lock();
+        if let Some(qos) = acks.unwritten.remove(&pkid) {
+            let generation = acks.generation;
+            acks.written.insert(pkid, (generation, qos));
+        }
+    }
+
+    /// Moves the acknowledgements rumqttc's request queue had no room for to its pending queue.
+    pub(crate) fn flush_local_acks(&self, eventloop: &mut EventLoop) {
+        if self.local_acks.swap(false, Ordering::AcqRel) {
+            let local = std::mem::take(&mut self.acks.lock().local);
+            eventloop.pending.extend(local);
+        }
+    }
+
+    /// After the connection broke (rumqttc has cleaned up): drops the network for good, takes
+    /// what is still in rumqttc's request queue, and queues again, for the resumed session, every
+    /// acknowledgement rumqttc dropped before writing it. Nothing is queued twice: the lock keeps
+    /// the application from handing over acknowledgements meanwhile.
+    pub(crate) fn recover_acks(&self, eventloop: &mut EventLoop) {
+        let mut acks = self.acks.lock();
+        eventloop.clean();
+        let queued: HashSet<u16> = eventloop
+            .pending
+            .iter()
+            .chain(acks.local.iter())
+            .filter_map(|r| match r {
+                Request::PubAck(a) => Some(a.pkid),
+                Request::PubRec(r) => Some(r.pkid),
+                _ => None,
+            })
+            .collect();
+        let lost: Vec<Request> = acks
+            .unwritten
+            .iter()
+            .filter(|(pkid, _)| !queued.contains(pkid))
+            .map(|(&pkid, &qos)| match qos {
+                QoS::ExactlyOnce => Request::PubRec(PubRec::new(pkid, None)),
+                _ => Request::PubAck(PubAck::new(pkid, None)),
+            })
+            .collect();
+        if !lost.is_empty() {
+            tracing::debug!(
+                count = lost.len(),
+                "acknowledgements the connection dropped queued again"
+            );
+        }
+        eventloop.pending.extend(lost);
+        let local = std::mem::take(&mut acks.local);
+        eventloop.pending.extend(local);
+        self.local_acks.store(false, Ordering::Release);
+    }
+
+    /// True (once per episode) when messages were refused because the buffer was full and the
+    /// buffer has room again: time to resume the session so that the broker sends them again.
+    pub(crate) fn resume_due(&self) -> bool {
+        let mut held = self.held.lock();
+        if held.refused_since_connack == 0
+            || held.resume_requested
+            || self.buffered() > self.tx.max_capacity() / 2
+        {
+            return false;
+        }
+        held.resume_requested = true;
+        true
+    }
+
+    /// The resume could not be asked for now; the next receive asks again.
+    pub(crate) fn resume_failed(&self) {
+        self.held.lock().resume_requested = false;
+    }
+
+    /// Messages refused since the last CONNACK (for the log of a resume).
+    pub(crate) fn refused_pending(&self) -> usize {
+        self.held.lock().refused_since_connack
     }
 
     pub(crate) fn connection_ended(&self) {}
 
     /// Turns an incoming PUBLISH into a message for the application. Returns an acknowledgement
     /// to send at once for a message that is dropped as a duplicate.
-    pub(crate) async fn deliver(&self, publish: Publish) -> Option<Request> {
+    pub(crate) fn deliver(&self, publish: Publish) -> Option<Request> {
         let via_redeliver = publish.topic.as_ref() == self.redeliver_topic.as_bytes();
         if !via_redeliver && publish.topic.as_ref() != self.mqtt_topic.as_bytes() {
             tracing::debug!(topic = %String::from_utf8_lossy(&publish.topic), "message on an unexpected topic ignored");
@@ -155,12 +330,32 @@ impl ConsumerCore {
                 }
             }
         }
-        if !via_redeliver {
-            count = u32::from(publish.dup);
-        }
         let qos = publish.qos;
-        let message = {
-            let mut held = self.held.lock();
+        if qos != QoS::AtMostOnce {
+            let mut acks = self.acks.lock();
+            if publish.dup {
+                if acks.unwritten.contains_key(&publish.pkid) {
+                    // Sent again after a reconnect; its acknowledgement is on its way.
+                    return None;
+                }
+                if let Some((generation, _)) = acks.written.get(&publish.pkid).copied() {
+                    if generation == acks.generation {
+                        // Crossed the acknowledgement written on this connection.
+                        return None;
+                    }
+                    // The acknowledgement went out on a connection that died before the broker
+                    // read it: acknowledge again (nothing else for this packet id is pending).
+                    acks.written.remove(&publish.pkid);
+                    return ack_request(&publish);
+                }
+            } else {
+                acks.written.remove(&publish.pkid);
+            }
+        }
+        // Never waits for the application: the connection task has to keep polling (acks,
+        // pings, disconnects), and the application's acknowledgements go through it.
+        let mut held = self.held.lock();
+        {
             if qos != QoS::AtMostOnce {
                 if let Some(seq) = held.by_pkid.get(&publish.pkid).copied() {
                     let same = held.unacked.get(&seq).is_some_and(|h| {
@@ -181,6 +376,41 @@ impl ConsumerCore {
                     }
                 }
             }
+            let permit = match self.tx.try_reserve() {
+                Ok(permit) => permit,
+                Err(mpsc::error::TrySendError::Closed(())) => return None,
+                Err(mpsc::error::TrySendError::Full(())) if qos == QoS::AtMostOnce => {
+                    // QoS 0 is at most once: when the application does not keep up, drop.
+                    let n = self.dropped_q0.fetch_add(1, Ordering::Relaxed);
+                    if n.is_power_of_two() {
+                        tracing::warn!(
+                            dropped = n + 1,
+                            "q0 consumer buffer full: messages dropped"
+                        );
+                    }
+                    return None;
+                }
+                Err(mpsc::error::TrySendError::Full(())) => {
+                    // The broker sent far more unacknowledged messages than Receive Maximum
+                    // (a broker keeping to it never fills a twentieth of the buffer). Neither
+                    // taken nor acknowledged: the broker keeps it in the session and sends it
+                    // again when the session is resumed, once the buffer has room.
+                    held.refused.insert(publish.pkid);
+                    held.refused_since_connack += 1;
+                    let n = self.refused_total.fetch_add(1, Ordering::Relaxed);
+                    if n == 0 {
+                        tracing::warn!(
+                            topic = %self.mqtt_topic,
+                            buffer = self.tx.max_capacity(),
+                            "the MQTT broker sends more unacknowledged messages than the \
+                             consumer's Receive Maximum allows (Mosquitto 2.0.11 does); those \
+                             that do not fit the buffer are left with the broker and fetched \
+                             again by resuming the session"
+                        );
+                    }
+                    return None;
+                }
+            };
             if !via_redeliver {
                 if let (Some(dedup), Some(id)) = (&self.dedup, properties.get(DEDUP_ID_PROPERTY)) {
                     if !dedup.lock().insert(id) {
@@ -188,6 +418,11 @@ impl ConsumerCore {
                         return ack_request(&publish);
                     }
                 }
+            }
+            // A message refused earlier never reached the application: not a redelivery.
+            let was_refused = qos != QoS::AtMostOnce && held.refused.remove(&publish.pkid);
+            if !via_redeliver {
+                count = u32::from(publish.dup && !was_refused);
             }
             held.next_seq += 1;
             let seq = held.next_seq;
@@ -210,20 +445,7 @@ impl ConsumerCore {
                     },
                 );
             }
-            message
-        };
-        if qos == QoS::AtMostOnce {
-            // QoS 0 is at most once: when the application does not keep up, drop rather than
-            // stall the connection.
-            if self.tx.try_send(message).is_err() {
-                let n = self.dropped_q0.fetch_add(1, Ordering::Relaxed);
-                if n.is_power_of_two() {
-                    tracing::warn!(dropped = n + 1, "q0 consumer buffer full: messages dropped");
-                }
-            }
-        } else {
-            // Bounded by the Receive Maximum: the broker sends no more unacknowledged messages.
-            let _ = self.tx.send(message).await;
+            permit.send(message);
         }
         None
     }
@@ -350,10 +572,16 @@ impl MqttConsumer {
         Ok(handle.seq())
     }
 
-    async fn send_ack(&self, publish: &Publish) -> Result<()> {
-        self.conn.client().ack(publish).await.map_err(|_| {
-            Error::closed("MQTT connection").with_context("subscription", &self.subscription)
-        })
+    /// Hands the PUBACK / PUBREC to the connection; never waits for it (the connection task
+    /// may itself be waiting for room in the buffer this consumer's receivers empty).
+    fn send_ack(&self, publish: &Publish) -> Result<()> {
+        if self.conn.is_closed() {
+            return Err(
+                Error::closed("MQTT connection").with_context("subscription", &self.subscription)
+            );
+        }
+        self.core.queue_ack(self.conn.client(), publish);
+        Ok(())
     }
 
     /// Republishes a held message to the subscription's redelivery topic; true if a consumer
@@ -421,7 +649,7 @@ impl MqttConsumer {
                 };
                 if matched || !hand_back {
                     if h.live {
-                        let _ = self.send_ack(&h.publish).await;
+                        let _ = self.send_ack(&h.publish);
                     }
                 } else {
                     stranded += 1;
@@ -491,6 +719,9 @@ impl Consumer for MqttConsumer {
             .flatten()
         };
         self.check_open()?;
+        if self.core.resume_due() && !self.conn.resume_session() {
+            self.core.resume_failed();
+        }
         match got {
             Some(m) => Ok(m),
             None if self.conn.is_closed() => {
@@ -505,7 +736,7 @@ impl Consumer for MqttConsumer {
         self.check_open()?;
         if let Some(h) = self.core.take(seq) {
             if h.live {
-                self.send_ack(&h.publish).await?;
+                self.send_ack(&h.publish)?;
             }
         }
         Ok(())
@@ -520,7 +751,7 @@ impl Consumer for MqttConsumer {
         match self.hand_back(&h).await {
             Ok(_) => {
                 if h.live {
-                    self.send_ack(&h.publish).await?;
+                    self.send_ack(&h.publish)?;
                 }
                 Ok(())
             }
@@ -577,6 +808,89 @@ mod tests {
         assert!(!d.insert("a"));
         assert!(d.insert("c"));
         assert!(d.insert("a"), "a fell out of the window");
+    }
+
+    fn incoming(pkid: u16, dup: bool, payload: &'static str) -> Publish {
+        let mut p = Publish::new("t/n/q", QoS::AtLeastOnce, payload, None);
+        p.pkid = pkid;
+        p.dup = dup;
+        p
+    }
+
+    fn core(buffer: usize) -> (ConsumerCore, mpsc::Receiver<Message>) {
+        let (tx, rx) = mpsc::channel(buffer);
+        let core = ConsumerCore::new(
+            1,
+            Qos::Q1,
+            "t/n/q".into(),
+            "tg-redeliver/s/t/n/q".into(),
+            0,
+            tx,
+        );
+        core.session_resumed(true);
+        (core, rx)
+    }
+
+    /// The connection task never waits for the application: with the buffer full, a message
+    /// the broker should not have sent (beyond Receive Maximum) is left unacknowledged with the
+    /// broker, and a session resume, once the buffer has room, brings it back.
+    #[test]
+    fn a_full_buffer_refuses_at_once_and_a_resume_brings_the_message_back() {
+        let (core, mut rx) = core(2);
+        assert!(core.deliver(incoming(1, false, "a")).is_none());
+        assert!(core.deliver(incoming(2, false, "b")).is_none());
+        assert!(
+            core.deliver(incoming(3, false, "c")).is_none(),
+            "refused, not acknowledged"
+        );
+        assert!(!core.resume_due(), "no room yet");
+        let a = rx.try_recv().unwrap();
+        assert_eq!(a.payload().as_ref(), b"a");
+        assert!(core.resume_due());
+        assert!(!core.resume_due(), "asked for once");
+        // The resumed session: the broker sends again all it holds unacknowledged.
+        core.session_resumed(true);
+        assert!(core.deliver(incoming(1, true, "a")).is_none());
+        assert!(core.deliver(incoming(2, true, "b")).is_none());
+        assert!(core.deliver(incoming(3, true, "c")).is_none());
+        assert_eq!(rx.try_recv().unwrap().payload().as_ref(), b"b");
+        let c = rx.try_recv().unwrap();
+        assert_eq!(c.payload().as_ref(), b"c");
+        assert_eq!(c.redelivery_count(), 0, "the application never had it");
+        assert!(
+            rx.try_recv().is_err(),
+            "held messages are not handed out twice"
+        );
+        assert!(!core.resume_due());
+    }
+
+    #[test]
+    fn resends_crossing_an_acknowledgement_are_not_delivered_again() {
+        let (client, _eventloop) =
+            AsyncClient::new(rumqttc::v5::MqttOptions::new("t", "127.0.0.1", 1), 10);
+        let (core, mut rx) = core(10);
+        assert!(core.deliver(incoming(7, false, "x")).is_none());
+        let m = rx.try_recv().unwrap();
+        let held = core.take(m.ack_handle().seq()).unwrap();
+        core.queue_ack(&client, &held.publish);
+        // Reconnected before rumqttc wrote the acknowledgement: the resend is not delivered.
+        core.session_resumed(true);
+        assert!(core.deliver(incoming(7, true, "x")).is_none());
+        // Written on this connection: a resend crossing it is not delivered either.
+        core.ack_written(7);
+        assert!(core.deliver(incoming(7, true, "x")).is_none());
+        assert!(rx.try_recv().is_err());
+        // Sent again on the next connection: the broker never got the acknowledgement (the
+        // connection died first); acknowledged again, not delivered.
+        core.session_resumed(true);
+        match core.deliver(incoming(7, true, "x")) {
+            Some(Request::PubAck(a)) => assert_eq!(a.pkid, 7),
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.try_recv().is_err());
+        // The packet id with a new message: delivered.
+        assert!(core.deliver(incoming(7, false, "y")).is_none());
+        assert_eq!(rx.try_recv().unwrap().payload().as_ref(), b"y");
     }
 
     #[test]

@@ -27,6 +27,14 @@ fn start_broker(extra: &str) -> Option<OwnServer> {
 
 const EXPECT: Duration = Duration::from_secs(15);
 
+/// `f`, or a panic naming `what` when it takes longer than 60 s (a regression fails, not hangs).
+async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(Duration::from_secs(60), f).await {
+        Ok(v) => v,
+        Err(_) => panic!("{what} did not finish within 60 s"),
+    }
+}
+
 fn shared_url() -> String {
     std::env::var("MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".to_owned())
 }
@@ -786,4 +794,227 @@ async fn earliest_behaves_as_latest_with_one_warning() {
         "{text}"
     );
     backend.close().await.unwrap();
+}
+
+/// A burst of sends queued when the connection drops is published again once the broker is
+/// back, every receipt confirmed, though it is many more than the in-flight window (a broker
+/// Receive Maximum of 2 here): the publishes taken back go to rumqttc no faster than its window
+/// allows (given all at once they bypass it, collide on packet ids and get lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_queued_when_the_connection_drops_is_published_again() {
+    const N: usize = 2000;
+    let Some(broker) = start_broker("max_inflight_messages 2") else {
+        return;
+    };
+    let config = MqttConfig::from_url(broker.url())
+        .unwrap()
+        .reconnect_max_delay(Duration::from_millis(300));
+    let backend = MqttBackend::connect(config).await.unwrap();
+    let t = topic(Qos::Q1, "burst");
+    // A named consumer: its session keeps the subscription across the restart.
+    let consumer = backend
+        .create_consumer(&t, ConsumerOptions::new("burst").consumer_name("b1"))
+        .await
+        .unwrap();
+    let producer: Arc<dyn Producer> = backend
+        .create_producer(&t, Default::default())
+        .await
+        .unwrap()
+        .into();
+    // As fast as the request queue takes them: most are still queued when the broker stops.
+    let writer = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            let mut receipts = Vec::with_capacity(N);
+            for i in 0..N {
+                let message = OutboundMessage::new(format!("m{i:05}"));
+                receipts.push(producer.send(message).await.expect("queued"));
+            }
+            receipts
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let broker = tokio::task::spawn_blocking(move || {
+        let mut broker = broker;
+        broker.restart(Duration::from_millis(300));
+        broker
+    })
+    .await
+    .unwrap();
+    let mut unmatched = 0;
+    for (i, r) in within("sending", writer)
+        .await
+        .unwrap()
+        .into_iter()
+        .enumerate()
+    {
+        match tokio::time::timeout(EXPECT, r).await {
+            Ok(Ok(id)) => {
+                if id.to_string().ends_with(NO_SUBSCRIBERS_SUFFIX) {
+                    unmatched += 1;
+                }
+            }
+            Ok(Err(e)) => panic!("send {i} failed: {e}"),
+            Err(_) => panic!("send {i} not confirmed within {EXPECT:?}"),
+        }
+    }
+    // Everything the broker routed to the consumer's session arrives (what it routed to nobody,
+    // before the consumer resubscribed after the restart, does not).
+    let mut seen = HashSet::new();
+    let deadline = Instant::now() + EXPECT;
+    while seen.len() + unmatched < N && Instant::now() < deadline {
+        if let Ok(m) = consumer.receive(Duration::from_millis(200)).await {
+            seen.insert(text(&m));
+            within("acknowledge", consumer.acknowledge(&m))
+                .await
+                .unwrap();
+        }
+    }
+    eprintln!(
+        "burst: {N} sent, {unmatched} routed to nobody, {} received",
+        seen.len()
+    );
+    assert_eq!(
+        seen.len() + unmatched,
+        N,
+        "messages the broker confirmed got lost"
+    );
+    within("unsubscribe", consumer.unsubscribe()).await.unwrap();
+    within("close", backend.close()).await.unwrap();
+    drop(broker);
+}
+
+/// Regression test for a consumer that stalled for good under load: its connection task waited
+/// for room in the consumer's buffer while the application's receivers waited for room in that
+/// connection's request queue to hand over their acknowledgements, which only the waiting
+/// connection task empties. What filled the buffer: once a backlog builds up, Mosquitto 2.0.11
+/// sends a consumer more unacknowledged messages than its Receive Maximum. Here the backlog is
+/// queued at the broker first, then 16 receivers acknowledge concurrently (as the runtime's
+/// consumer runner does) while the broker restarts: every message must be handled, soon.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_receivers_work_off_a_backlog_across_a_broker_restart() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    const N: usize = 6000;
+    const RECEIVERS: usize = 16;
+    let Some(broker) = start_broker("") else {
+        return;
+    };
+    let config = MqttConfig::from_url(broker.url())
+        .unwrap()
+        .reconnect_max_delay(Duration::from_millis(500));
+    let receive_maximum = usize::from(config.receive_maximum);
+    let backend = MqttBackend::connect(config).await.unwrap();
+    let t = topic(Qos::Q1, "backlog");
+    let consumer: Arc<dyn Consumer> = backend
+        .create_consumer(&t, ConsumerOptions::new("busy"))
+        .await
+        .unwrap()
+        .into();
+    let producer = backend
+        .create_producer(&t, Default::default())
+        .await
+        .unwrap();
+    // The backlog: all of it queued for the consumer's session before anyone receives.
+    let mut receipts = Vec::with_capacity(N);
+    for i in 0..N {
+        let message = OutboundMessage::new(format!("m{i:05}"));
+        receipts.push(producer.send(message).await.expect("send"));
+    }
+    for r in receipts {
+        let id = tokio::time::timeout(EXPECT, r)
+            .await
+            .expect("confirmed in time")
+            .expect("confirmed");
+        assert!(!id.to_string().ends_with(NO_SUBSCRIBERS_SUFFIX));
+    }
+
+    let counts = Arc::new(std::sync::Mutex::new(vec![0u32; N]));
+    let distinct = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut receivers = Vec::new();
+    for _ in 0..RECEIVERS {
+        let (consumer, counts, distinct, stop) = (
+            consumer.clone(),
+            counts.clone(),
+            distinct.clone(),
+            stop.clone(),
+        );
+        receivers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match consumer.receive(Duration::from_millis(100)).await {
+                    Ok(m) => {
+                        let i: usize = text(&m)[1..].parse().expect("m<index>");
+                        let first = {
+                            let mut counts = counts.lock().unwrap();
+                            counts[i] += 1;
+                            counts[i] == 1
+                        };
+                        if first {
+                            distinct.fetch_add(1, Ordering::Relaxed);
+                        }
+                        within("acknowledge", consumer.acknowledge(&m))
+                            .await
+                            .expect("acknowledge");
+                    }
+                    Err(e) if e.kind() == ErrorKind::Timeout => {}
+                    Err(e) => panic!("receive: {e}"),
+                }
+            }
+        }));
+    }
+    let handled_within = |target: usize, limit: Duration| {
+        let distinct = distinct.clone();
+        async move {
+            let deadline = Instant::now() + limit;
+            while distinct.load(Ordering::Relaxed) < target {
+                if Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            true
+        }
+    };
+    let before = handled_within(N / 4, Duration::from_secs(60)).await;
+    assert!(
+        before,
+        "the consumer stalled before the restart: {} of {N} handled",
+        distinct.load(Ordering::Relaxed)
+    );
+    let broker = tokio::task::spawn_blocking(move || {
+        let mut broker = broker;
+        broker.restart(Duration::from_millis(500));
+        broker
+    })
+    .await
+    .unwrap();
+    let all = handled_within(N, Duration::from_secs(60)).await;
+    // Let redeliveries still on their way arrive, so that duplicates are counted.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    for r in receivers {
+        within("a receiver", r).await.unwrap();
+    }
+    let counts = counts.lock().unwrap().clone();
+    let lost: Vec<usize> = (0..N).filter(|&i| counts[i] == 0).collect();
+    let duplicates: u32 = counts.iter().map(|&c| c.saturating_sub(1)).sum();
+    eprintln!(
+        "backlog + restart: {N} queued, {} never received, {duplicates} received twice",
+        lost.len()
+    );
+    assert!(
+        all && lost.is_empty(),
+        "the consumer stalled: {} of {N} never received, first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+    // Duplicates only of what was in flight at the restart: the consumer's buffer and what its
+    // receivers held.
+    let bound = 2 * receive_maximum + RECEIVERS;
+    assert!(
+        duplicates as usize <= bound,
+        "{duplicates} duplicates, more than could have been in flight ({bound})"
+    );
+    within("close", backend.close()).await.unwrap();
+    drop(broker);
 }
