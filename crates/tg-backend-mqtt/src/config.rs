@@ -74,11 +74,20 @@ pub struct MqttConfig {
     /// Time allowed for TCP + MQTT connect (`connect_timeout`, seconds). Default: 5 s.
     pub connect_timeout: Duration,
     /// Upper bound of the reconnect delay (`reconnect_max`, milliseconds). Delays grow
-    /// exponentially from 100 ms with full jitter. Default: 10 s.
+    /// exponentially from 100 ms with full jitter, so a client tries again at most this long
+    /// after the broker is back. Default: 2 s.
     pub reconnect_max_delay: Duration,
     /// De-duplication ids (`tg-dedup-id`) one q2 consumer remembers (`dedup_window`).
     /// Default: 10,000.
     pub dedup_window: usize,
+    /// For this long after a connection is re-established (`rejoin_grace`, milliseconds; 0 =
+    /// off), a q1/q2 publish the broker answers with "no matching subscribers" is published
+    /// again (after 100 ms, doubling to 1 s) instead of being confirmed as routed to nobody:
+    /// after a broker restart its consumers need time to reconnect and resubscribe, and
+    /// Mosquitto does not route to a shared subscription it restored until then. Keep it above
+    /// the consumers' `reconnect_max`. At most `request_capacity` publishes wait like this; the
+    /// ones beyond resolve at once. Default: 15 s.
+    pub rejoin_grace: Duration,
 }
 
 impl Default for MqttConfig {
@@ -99,8 +108,9 @@ impl Default for MqttConfig {
             inflight: 100,
             receive_maximum: 100,
             connect_timeout: Duration::from_secs(5),
-            reconnect_max_delay: Duration::from_secs(10),
+            reconnect_max_delay: Duration::from_secs(2),
             dedup_window: 10_000,
+            rejoin_grace: Duration::from_secs(15),
         }
     }
 }
@@ -211,6 +221,9 @@ impl MqttConfig {
                     config.reconnect_max_delay = Duration::from_millis(int(100, 3_600_000)?)
                 }
                 "dedup_window" => config.dedup_window = int(0, 1 << 24)? as usize,
+                "rejoin_grace" => {
+                    config.rejoin_grace = Duration::from_millis(int(0, 3_600_000)?)
+                }
                 "ca_file" => {
                     if value.is_empty() {
                         return Err(Error::config("MQTT URL parameter ca_file is empty"));
@@ -221,7 +234,8 @@ impl MqttConfig {
                     return Err(Error::config(format!(
                         "unknown MQTT URL parameter {other:?}; known: client_id, keep_alive, \
                          session_expiry, tcp_nodelay, max_payload, capacity, inflight, \
-                         receive_maximum, connect_timeout, reconnect_max, dedup_window, ca_file"
+                         receive_maximum, connect_timeout, reconnect_max, dedup_window, rejoin_grace, \
+                         ca_file"
                     )))
                 }
             }
@@ -335,6 +349,14 @@ impl MqttConfig {
         self
     }
 
+    /// Sets how long after a reconnect unrouted q1/q2 publishes are published again
+    /// ([`Duration::ZERO`] turns it off).
+    #[must_use]
+    pub fn rejoin_grace(mut self, grace: Duration) -> Self {
+        self.rejoin_grace = grace;
+        self
+    }
+
     /// `host:port`, for messages (never with credentials).
     pub fn address(&self) -> String {
         if self.host.contains(':') {
@@ -430,6 +452,7 @@ impl fmt::Debug for MqttConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("reconnect_max_delay", &self.reconnect_max_delay)
             .field("dedup_window", &self.dedup_window)
+            .field("rejoin_grace", &self.rejoin_grace)
             .finish()
     }
 }
@@ -444,7 +467,7 @@ mod tests {
         let c = MqttConfig::from_url(
             "mqtt://user:p%40ss%3Aword@10.0.0.5:1884?client_id=svc-1&keep_alive=15&tcp_nodelay=false\
              &session_expiry=60&max_payload=65536&capacity=10&inflight=20&receive_maximum=30\
-             &connect_timeout=2&reconnect_max=5000&dedup_window=7",
+             &connect_timeout=2&reconnect_max=5000&dedup_window=7&rejoin_grace=2500",
         )
         .unwrap();
         assert_eq!((c.host.as_str(), c.port, c.tls), ("10.0.0.5", 1884, false));
@@ -466,6 +489,7 @@ mod tests {
         assert_eq!(c.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.reconnect_max_delay, Duration::from_secs(5));
         assert_eq!(c.dedup_window, 7);
+        assert_eq!(c.rejoin_grace, Duration::from_millis(2500));
     }
 
     #[test]

@@ -11,6 +11,9 @@
 //! original order, publishes no faster than the in-flight window allows. Consumers resubscribe
 //! after every reconnect, and get back the acknowledgements rumqttc dropped.
 //!
+//! After a reconnect, for `rejoin_grace`, a q1/q2 publish the broker routed to nobody is
+//! published again after a delay: a restarted broker's consumers may not have resubscribed yet.
+//!
 //! The task never waits for the application (a consumer's receivers hand their acknowledgements
 //! to it): it must keep polling to write acknowledgements, ping, and notice a dead connection.
 
@@ -32,6 +35,7 @@ use rumqttc::v5::{
 use rumqttc::Outgoing;
 use tg_backend_api::{Error, ErrorKind, MessageId, Result};
 use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
 
 use crate::config::{MqttConfig, MAX_PACKET};
 use crate::consumer::ConsumerCore;
@@ -39,6 +43,11 @@ use crate::consumer::ConsumerCore;
 /// How long a consumer waits for the broker to close the connection after the DISCONNECT of a
 /// session resume before it drops the connection itself.
 const RESUME_CLOSE_LIMIT: Duration = Duration::from_secs(5);
+
+/// First delay before a publish routed to nobody within the rejoin grace is published again;
+/// it doubles per attempt up to [`UNROUTED_RETRY_MAX`].
+const UNROUTED_RETRY_FIRST: Duration = Duration::from_millis(100);
+const UNROUTED_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// Room left in a packet for the topic, properties and header when a payload is at the limit.
 pub(crate) const PACKET_HEADROOM: usize = 64 * 1024;
@@ -68,6 +77,20 @@ struct PubOp {
     publish: Publish,
     done: Option<PublishDone>,
     matched: bool,
+    /// Times it was published again because the broker routed it to nobody.
+    unrouted: u32,
+}
+
+impl PubOp {
+    fn new(seq: u64, publish: Publish, done: PublishDone) -> Self {
+        Self {
+            seq,
+            publish,
+            done: Some(done),
+            matched: true,
+            unrouted: 0,
+        }
+    }
 }
 
 struct SubOp {
@@ -93,6 +116,13 @@ struct Tracker {
     subs_unassigned: VecDeque<SubOp>,
     subs_inflight: HashMap<u16, SubOp>,
     subs_resend: Vec<SubOp>,
+    /// Until when a q1/q2 publish the broker routed to nobody is published again (the
+    /// connection was re-established; its `rejoin_grace`).
+    rejoin_until: Option<Instant>,
+    /// Publishes routed to nobody within the grace, with when they go again.
+    unrouted: Vec<(Instant, PubOp)>,
+    /// The earliest time in `unrouted`.
+    unrouted_due: Option<Instant>,
 }
 
 impl Tracker {
@@ -107,10 +137,50 @@ impl Tracker {
         self.fed.iter().for_each(|o| take(o.seq));
         self.inflight.values().for_each(|o| take(o.seq));
         self.resend.iter().for_each(|o| take(o.seq));
+        self.unrouted.iter().for_each(|(_, o)| take(o.seq));
         if let Some(o) = &self.collided {
             take(o.seq);
         }
         low
+    }
+
+    /// Keeps a publish the broker routed to nobody to publish it again later, if the connection
+    /// came back within the grace and there is room; otherwise hands it back to be completed.
+    fn hold_unrouted(&mut self, mut op: PubOp, now: Instant, cap: usize) -> Option<PubOp> {
+        let within = self.rejoin_until.is_some_and(|until| now < until);
+        if !within || op.publish.retain || self.unrouted.len() >= cap {
+            return Some(op);
+        }
+        let delay = UNROUTED_RETRY_FIRST
+            .saturating_mul(1 << op.unrouted.min(8))
+            .min(UNROUTED_RETRY_MAX);
+        op.unrouted += 1;
+        op.matched = true;
+        let due = now + delay;
+        self.unrouted_due = Some(self.unrouted_due.map_or(due, |d| d.min(due)));
+        self.unrouted.push((due, op));
+        None
+    }
+
+    /// Moves the unrouted publishes that are due to `resend`, in their original order.
+    fn release_unrouted(&mut self, now: Instant) {
+        if self.unrouted_due.is_none_or(|d| now < d) {
+            return;
+        }
+        let mut next: Option<Instant> = None;
+        let mut i = 0;
+        while i < self.unrouted.len() {
+            let due = self.unrouted[i].0;
+            if due <= now {
+                let (_, op) = self.unrouted.swap_remove(i);
+                self.resend.push_back(op);
+            } else {
+                next = Some(next.map_or(due, |n| n.min(due)));
+                i += 1;
+            }
+        }
+        self.unrouted_due = next;
+        self.resend.make_contiguous().sort_by_key(|o| o.seq);
     }
 }
 
@@ -134,6 +204,10 @@ struct Shared {
     consumer: Option<Arc<ConsumerCore>>,
     last_error: Mutex<Option<String>>,
     publish_ids: AtomicU64,
+    /// `MqttConfig::rejoin_grace`.
+    rejoin_grace: Duration,
+    /// Most publishes held for the rejoin grace at once (`MqttConfig::request_capacity`).
+    unrouted_cap: usize,
 }
 
 /// A connection to the broker. Cheap to share behind an `Arc`.
@@ -163,6 +237,8 @@ impl Connection {
             consumer: spec.consumer,
             last_error: Mutex::new(None),
             publish_ids: AtomicU64::new(0),
+            rejoin_grace: config.rejoin_grace,
+            unrouted_cap: config.request_capacity,
         });
         let (first_tx, first_rx) = oneshot::channel();
         let backoff_cap = config.reconnect_max_delay;
@@ -242,12 +318,7 @@ impl Connection {
             let mut t = self.shared.tracker.lock();
             t.next_seq += 1;
             let seq = t.next_seq;
-            t.unassigned.push_back(PubOp {
-                seq,
-                publish: publish.clone(),
-                done: Some(tx),
-                matched: true,
-            });
+            t.unassigned.push_back(PubOp::new(seq, publish.clone(), tx));
             seq
         };
         let Publish {
@@ -531,7 +602,7 @@ async fn run(
     let mut unsolicited = 0u32;
     let persistent = !eventloop.options.clean_start();
     // Consumers: when the broker has to have closed the connection after a resume's DISCONNECT.
-    let mut resume_deadline: Option<tokio::time::Instant> = None;
+    let mut resume_deadline: Option<Instant> = None;
     // rumqttc's in-flight window: the configured one, lowered by the broker's Receive Maximum.
     let upper = eventloop
         .options
@@ -542,11 +613,18 @@ async fn run(
         if let Some(consumer) = &shared.consumer {
             consumer.flush_local_acks(&mut eventloop);
         }
+        let unrouted_due = {
+            let mut t = shared.tracker.lock();
+            t.release_unrouted(Instant::now());
+            t.unrouted_due
+        };
         if shared.connected.load(Ordering::Acquire) {
             feed_resends(&mut eventloop, &shared, window);
         }
         let polled = tokio::select! {
             polled = eventloop.poll() => polled,
+            // Unrouted publishes are due: go round to release them.
+            _ = until(unrouted_due), if unrouted_due.is_some() => continue,
             _ = shared.shutdown.notified(), if shared.closed.load(Ordering::Acquire) => break,
             _ = until(resume_deadline), if resume_deadline.is_some() => {
                 // The broker did not close the connection: drop it and reconnect.
@@ -612,7 +690,7 @@ async fn run(
                 tracing::debug!(client_id = %shared.client_id, refused = consumer.refused_pending(),
                     "resuming the MQTT session to fetch the messages the buffer had no room for");
                 shared.resuming.store(true, Ordering::Release);
-                resume_deadline = Some(tokio::time::Instant::now() + RESUME_CLOSE_LIMIT);
+                resume_deadline = Some(Instant::now() + RESUME_CLOSE_LIMIT);
             }
             Ok(event) => handle(&shared, event, &mut eventloop.pending),
             Err(e) => {
@@ -691,7 +769,7 @@ async fn run(
 }
 
 /// Waits until `deadline`, forever without one.
-async fn until(deadline: Option<tokio::time::Instant>) {
+async fn until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
@@ -742,14 +820,21 @@ fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
             }
         }
         Event::Incoming(Packet::PubAck(ack)) => {
-            let op = shared.tracker.lock().inflight.remove(&ack.pkid);
+            let mut t = shared.tracker.lock();
+            let op = t.inflight.remove(&ack.pkid);
+            let op = match (op, &ack.reason) {
+                (Some(op), PubAckReason::NoMatchingSubscribers) => t
+                    .hold_unrouted(op, Instant::now(), shared.unrouted_cap)
+                    .map(|mut op| {
+                        op.matched = false;
+                        op
+                    }),
+                (op, _) => op,
+            };
+            drop(t);
             if let Some(mut op) = op {
                 let outcome = match ack.reason {
-                    PubAckReason::Success => Ok(()),
-                    PubAckReason::NoMatchingSubscribers => {
-                        op.matched = false;
-                        Ok(())
-                    }
+                    PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
                     other => Err(refused(format!("{other:?}"))),
                 };
                 complete(shared, &mut op, outcome);
@@ -773,7 +858,17 @@ fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
             }
         }
         Event::Incoming(Packet::PubComp(comp)) => {
-            let op = shared.tracker.lock().inflight.remove(&comp.pkid);
+            let mut t = shared.tracker.lock();
+            let op = match t.inflight.remove(&comp.pkid) {
+                Some(op) if !op.matched => t
+                    .hold_unrouted(op, Instant::now(), shared.unrouted_cap)
+                    .map(|mut op| {
+                        op.matched = false;
+                        op
+                    }),
+                op => op,
+            };
+            drop(t);
             if let Some(mut op) = op {
                 complete(shared, &mut op, Ok(()));
             }
@@ -903,6 +998,9 @@ fn take_back(eventloop: &mut EventLoop, shared: &Shared) {
 /// After a CONNACK: queues again what was taken back, before anything new.
 fn requeue(eventloop: &mut EventLoop, shared: &Shared, session_present: bool, reconnect: bool) {
     let mut t = shared.tracker.lock();
+    if reconnect && !shared.rejoin_grace.is_zero() {
+        t.rejoin_until = Some(Instant::now() + shared.rejoin_grace);
+    }
     let mut front: Vec<Request> = Vec::new();
     // Resubscribe after every reconnect, first: when the broker lost the session the
     // subscriptions are gone, and Mosquitto 2.0 does not route to shared subscriptions it
@@ -1002,6 +1100,8 @@ fn fail_all(shared: &Shared) {
     ops.extend(t.inflight.drain().map(|(_, op)| op));
     ops.extend(t.resend.drain(..));
     ops.extend(t.fed.drain(..));
+    ops.extend(t.unrouted.drain(..).map(|(_, op)| op));
+    t.unrouted_due = None;
     ops.extend(t.collided.take());
     let subs: Vec<SubOp> = t
         .subs_unassigned
@@ -1065,6 +1165,8 @@ mod tests {
             consumer: None,
             last_error: Mutex::new(None),
             publish_ids: AtomicU64::new(0),
+            rejoin_grace: Duration::from_secs(15),
+            unrouted_cap: 1000,
         }
     }
 
@@ -1082,12 +1184,11 @@ mod tests {
             let mut t = shared.tracker.lock();
             for seq in 1..=10 {
                 let (done, _) = oneshot::channel();
-                t.resend.push_back(PubOp {
+                t.resend.push_back(PubOp::new(
                     seq,
-                    publish: Publish::new("a/b/c", QoS::AtLeastOnce, format!("{seq}"), None),
-                    done: Some(done),
-                    matched: true,
-                });
+                    Publish::new("a/b/c", QoS::AtLeastOnce, format!("{seq}"), None),
+                    done,
+                ));
             }
         }
         let publishes = |el: &EventLoop| {
@@ -1139,6 +1240,58 @@ mod tests {
         let t = shared.tracker.lock();
         assert_eq!(t.resend.len(), 5);
         assert_eq!(t.inflight.len(), 3);
+    }
+
+    #[test]
+    fn unrouted_publishes_are_held_only_within_the_grace_and_come_back_in_order() {
+        let op = |seq: u64, retain: bool| {
+            let mut publish = Publish::new("a/b/c", QoS::AtLeastOnce, format!("{seq}"), None);
+            publish.retain = retain;
+            PubOp::new(seq, publish, oneshot::channel().0)
+        };
+        let now = Instant::now();
+        let mut t = Tracker::default();
+        assert!(
+            t.hold_unrouted(op(1, false), now, 10).is_some(),
+            "no reconnect, no grace"
+        );
+        t.rejoin_until = Some(now + Duration::from_secs(15));
+        assert!(t.hold_unrouted(op(3, false), now, 10).is_none());
+        assert!(t.hold_unrouted(op(2, false), now, 10).is_none());
+        assert!(
+            t.hold_unrouted(op(4, true), now, 10).is_some(),
+            "retained: the broker keeps it"
+        );
+        assert!(
+            t.hold_unrouted(op(5, false), now, 2).is_some(),
+            "at the cap"
+        );
+        assert_eq!(
+            t.lowest_outstanding(),
+            Some(2),
+            "flush waits for held publishes"
+        );
+        t.release_unrouted(now + Duration::from_millis(50));
+        assert!(t.resend.is_empty(), "not due yet");
+        t.release_unrouted(now + UNROUTED_RETRY_FIRST);
+        let order: Vec<u64> = t.resend.iter().map(|o| o.seq).collect();
+        assert_eq!(order, [2, 3]);
+        assert!(t.unrouted.is_empty() && t.unrouted_due.is_none());
+        // The next time it waits twice as long, up to the maximum.
+        let mut again = t.resend.pop_front().unwrap();
+        for _ in 0..10 {
+            assert!(t.hold_unrouted(again, now, 10).is_none());
+            let (due, op) = t.unrouted.pop().unwrap();
+            assert!(due - now <= UNROUTED_RETRY_MAX);
+            again = op;
+        }
+        assert_eq!(again.unrouted, 11);
+        t.unrouted_due = None;
+        let after = now + Duration::from_secs(16);
+        assert!(
+            t.hold_unrouted(again, after, 10).is_some(),
+            "the grace is over"
+        );
     }
 
     #[test]
