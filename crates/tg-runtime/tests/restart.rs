@@ -344,7 +344,6 @@ fn postgres_restart_loses_nothing() {
 }
 
 #[test]
-#[ignore = "the MQTT consumer stalls after a broker restart under the runner (being fixed); run with --ignored"]
 fn mqtt_restart_loses_nothing() {
     let Some(server) = OwnServer::mosquitto("") else {
         return;
