@@ -7,6 +7,7 @@ mod capabilities;
 mod error;
 mod message;
 mod options;
+mod registry;
 mod typed;
 
 pub use backend::{receive_timeout, Backend, Consumer, Producer, SendReceipt};
@@ -18,5 +19,6 @@ pub use message::{
     CORRELATION_ID_PROPERTY, DEDUP_ID_PROPERTY,
 };
 pub use options::{ConsumerOptions, ConsumerType, InitialPosition, ProducerOptions};
+pub use registry::HandleRegistry;
 pub use tg_topic::{topic, Qos, Topic, TopicError};
 pub use typed::{BackendExt, TypedConsumer, TypedMessage, TypedProducer};

@@ -2,17 +2,16 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
 use pulsar::{
     Authentication, ConnectionRetryOptions, OperationRetryOptions, Pulsar, TokioExecutor,
 };
 use tg_backend_api::{
-    Backend, Capabilities, Consumer, ConsumerOptions, Error, ErrorKind, Producer, ProducerOptions,
-    Qos, Result, Topic,
+    Backend, Capabilities, Consumer, ConsumerOptions, Error, ErrorKind, HandleRegistry, Producer,
+    ProducerOptions, Qos, Result, Topic,
 };
 
 use crate::config::PulsarConfig;
@@ -30,8 +29,8 @@ pub(crate) struct Shared {
     /// The client (connection) of consumers.
     pub(crate) consumer_client: Pulsar<TokioExecutor>,
     closed: AtomicBool,
-    consumers: Mutex<Vec<Weak<ConsumerCore>>>,
-    producers: Mutex<Vec<Weak<ProducerCore>>>,
+    consumers: HandleRegistry<ConsumerCore>,
+    producers: HandleRegistry<ProducerCore>,
 }
 
 impl Shared {
@@ -72,15 +71,11 @@ impl Shared {
     }
 
     fn register_consumer(&self, core: &Arc<ConsumerCore>) {
-        let mut list = self.consumers.lock();
-        list.retain(|w| w.strong_count() > 0);
-        list.push(Arc::downgrade(core));
+        self.consumers.register(core);
     }
 
     fn register_producer(&self, core: &Arc<ProducerCore>) {
-        let mut list = self.producers.lock();
-        list.retain(|w| w.strong_count() > 0);
-        list.push(Arc::downgrade(core));
+        self.producers.register(core);
     }
 }
 
@@ -192,8 +187,8 @@ impl PulsarBackend {
                 client,
                 consumer_client,
                 closed: AtomicBool::new(false),
-                consumers: Mutex::default(),
-                producers: Mutex::default(),
+                consumers: HandleRegistry::new(),
+                producers: HandleRegistry::new(),
             }),
         })
     }
@@ -291,24 +286,10 @@ impl Backend for PulsarBackend {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let producers: Vec<_> = self
-            .shared
-            .producers
-            .lock()
-            .drain(..)
-            .filter_map(|w| w.upgrade())
-            .collect();
-        for p in producers {
+        for p in self.shared.producers.drain_live() {
             let _ = p.shutdown().await;
         }
-        let consumers: Vec<_> = self
-            .shared
-            .consumers
-            .lock()
-            .drain(..)
-            .filter_map(|w| w.upgrade())
-            .collect();
-        for c in consumers {
+        for c in self.shared.consumers.drain_live() {
             let _ = c.shutdown().await;
         }
         Ok(())

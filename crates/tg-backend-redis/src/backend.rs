@@ -2,16 +2,15 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parking_lot::Mutex;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::AsyncConnectionConfig;
 use tg_backend_api::{
     Backend, Capabilities, Consumer, ConsumerOptions, ConsumerType, Error, ErrorKind,
-    InitialPosition, Producer, ProducerOptions, Qos, Result, Topic,
+    HandleRegistry, InitialPosition, Producer, ProducerOptions, Qos, Result, Topic,
 };
 
 use crate::config::RedisConfig;
@@ -28,8 +27,8 @@ pub(crate) struct Shared {
     pub(crate) conn: ConnectionManager,
     closed: AtomicBool,
     pubsub: tokio::sync::OnceCell<Arc<PubSubHub>>,
-    consumers: Mutex<Vec<Weak<ConsumerCore>>>,
-    producers: Mutex<Vec<Weak<ProducerCore>>>,
+    consumers: HandleRegistry<ConsumerCore>,
+    producers: HandleRegistry<ProducerCore>,
 }
 
 impl Shared {
@@ -86,15 +85,11 @@ impl Shared {
     }
 
     pub(crate) fn register_consumer(&self, core: &Arc<ConsumerCore>) {
-        let mut list = self.consumers.lock();
-        list.retain(|w| w.strong_count() > 0);
-        list.push(Arc::downgrade(core));
+        self.consumers.register(core);
     }
 
     pub(crate) fn register_producer(&self, core: &Arc<ProducerCore>) {
-        let mut list = self.producers.lock();
-        list.retain(|w| w.strong_count() > 0);
-        list.push(Arc::downgrade(core));
+        self.producers.register(core);
     }
 
     async fn pubsub(self: &Arc<Self>) -> Result<Arc<PubSubHub>> {
@@ -190,8 +185,8 @@ impl RedisBackend {
                 conn,
                 closed: AtomicBool::new(false),
                 pubsub: tokio::sync::OnceCell::new(),
-                consumers: Mutex::default(),
-                producers: Mutex::default(),
+                consumers: HandleRegistry::new(),
+                producers: HandleRegistry::new(),
             }),
         })
     }
@@ -311,24 +306,10 @@ impl Backend for RedisBackend {
         if self.shared.closed.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let producers: Vec<_> = self
-            .shared
-            .producers
-            .lock()
-            .drain(..)
-            .filter_map(|w| w.upgrade())
-            .collect();
-        for p in producers {
+        for p in self.shared.producers.drain_live() {
             let _ = p.shutdown().await;
         }
-        let consumers: Vec<_> = self
-            .shared
-            .consumers
-            .lock()
-            .drain(..)
-            .filter_map(|w| w.upgrade())
-            .collect();
-        for c in consumers {
+        for c in self.shared.consumers.drain_live() {
             let _ = c.shutdown(false).await;
         }
         if let Some(hub) = self.shared.pubsub.get() {
