@@ -630,15 +630,7 @@ async fn run(
                 // The broker did not close the connection: drop it and reconnect.
                 resume_deadline = None;
                 shared.connected.store(false, Ordering::Release);
-                let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
-                for event in stale {
-                    handle(&shared, event, &mut eventloop.pending);
-                }
-                if let Some(consumer) = &shared.consumer {
-                    consumer.recover_acks(&mut eventloop);
-                }
-                take_back(&mut eventloop, &shared);
-                shared.resuming.store(false, Ordering::Release);
+                after_disconnect(&mut eventloop, &shared);
                 continue;
             }
         };
@@ -711,16 +703,7 @@ async fn run(
                 } else {
                     unsolicited = 0;
                 }
-                // Events rumqttc produced before failing still count (acks read in the same batch).
-                let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
-                for event in stale {
-                    handle(&shared, event, &mut eventloop.pending);
-                }
-                if let Some(consumer) = &shared.consumer {
-                    consumer.recover_acks(&mut eventloop);
-                }
-                take_back(&mut eventloop, &shared);
-                shared.resuming.store(false, Ordering::Release);
+                after_disconnect(&mut eventloop, &shared);
                 if shared.closed.load(Ordering::Acquire) {
                     break;
                 }
@@ -766,6 +749,21 @@ async fn run(
     if let Some(consumer) = &shared.consumer {
         consumer.connection_ended();
     }
+}
+
+/// After the connection dropped: answers the events rumqttc produced before (acks read in the
+/// same batch still count), gets back the acknowledgements it dropped, takes back what the
+/// broker has not confirmed, and ends a session resume.
+fn after_disconnect(eventloop: &mut EventLoop, shared: &Shared) {
+    let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
+    for event in stale {
+        handle(shared, event, &mut eventloop.pending);
+    }
+    if let Some(consumer) = &shared.consumer {
+        consumer.recover_acks(eventloop);
+    }
+    take_back(eventloop, shared);
+    shared.resuming.store(false, Ordering::Release);
 }
 
 /// Waits until `deadline`, forever without one.

@@ -144,7 +144,7 @@ async fn broker_restart_loses_no_confirmed_q1_message() {
     // Mosquitto drops QoS 1/2 messages for a subscriber whose queue holds max_queued_messages
     // (default 1000) while still acknowledging them to the producer; after the restart the
     // producer may reconnect before the consumer, so let the queue hold the whole run.
-    let Some(mut broker) = start_broker("") else {
+    let Some(broker) = start_broker("") else {
         return;
     };
     let config = MqttConfig::from_url(broker.url())
@@ -211,14 +211,7 @@ async fn broker_restart_loses_no_confirmed_q1_message() {
         })
     };
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let b = tokio::task::spawn_blocking(move || {
-        broker.stop();
-        std::thread::sleep(Duration::from_millis(500));
-        broker.start();
-        broker
-    })
-    .await
-    .unwrap();
+    let b = broker.restarted(Duration::from_millis(500)).await;
     let (confirmed, unmatched, failed) = writer.await.unwrap();
     let (seen, deliveries) = reader.await.unwrap();
     let lost: Vec<_> = confirmed.iter().filter(|m| !seen.contains(*m)).collect();
@@ -292,13 +285,7 @@ async fn unrouted_sends_after_a_reconnect_wait_for_subscribers_within_the_grace(
         started.elapsed()
     );
 
-    let broker = tokio::task::spawn_blocking(move || {
-        let mut broker = broker;
-        broker.restart(Duration::from_millis(200));
-        broker
-    })
-    .await
-    .unwrap();
+    let broker = broker.restarted(Duration::from_millis(200)).await;
     // Within the grace: sent before anyone subscribed, taken by the consumer that comes later.
     let sent = Instant::now();
     let receipt = producer_late
@@ -741,7 +728,7 @@ async fn mqtts_with_a_private_ca() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacked_message_survives_a_broker_restart_and_is_acked_after_it() {
-    let Some(mut broker) = start_broker("") else {
+    let Some(broker) = start_broker("") else {
         return;
     };
     let config = MqttConfig::from_url(broker.url())
@@ -764,14 +751,7 @@ async fn unacked_message_survives_a_broker_restart_and_is_acked_after_it() {
     let held = consumer.receive(EXPECT).await.unwrap();
     assert_eq!(text(&held), "work");
     // The application is still working on it when the broker restarts.
-    let broker_back = tokio::task::spawn_blocking(move || {
-        broker.stop();
-        std::thread::sleep(Duration::from_millis(300));
-        broker.start();
-        broker
-    })
-    .await
-    .unwrap();
+    let broker_back = broker.restarted(Duration::from_millis(300)).await;
     // Wait for the consumer to be back (a message sent now reaches it), then finish the work.
     let deadline = Instant::now() + EXPECT;
     loop {
@@ -922,13 +902,7 @@ async fn a_burst_queued_when_the_connection_drops_is_published_again() {
         })
     };
     tokio::time::sleep(Duration::from_millis(20)).await;
-    let broker = tokio::task::spawn_blocking(move || {
-        let mut broker = broker;
-        broker.restart(Duration::from_millis(300));
-        broker
-    })
-    .await
-    .unwrap();
+    let broker = broker.restarted(Duration::from_millis(300)).await;
     let mut unmatched = 0;
     for (i, r) in within("sending", writer)
         .await
@@ -1070,13 +1044,7 @@ async fn concurrent_receivers_work_off_a_backlog_across_a_broker_restart() {
         "the consumer stalled before the restart: {} of {N} handled",
         distinct.load(Ordering::Relaxed)
     );
-    let broker = tokio::task::spawn_blocking(move || {
-        let mut broker = broker;
-        broker.restart(Duration::from_millis(500));
-        broker
-    })
-    .await
-    .unwrap();
+    let broker = broker.restarted(Duration::from_millis(500)).await;
     let all = handled_within(N, Duration::from_secs(60)).await;
     // Let redeliveries still on their way arrive, so that duplicates are counted.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -405,6 +405,17 @@ impl OwnServer {
         std::thread::sleep(down);
         self.start();
     }
+
+    /// [`restart`](Self::restart) from async code: on a blocking thread, so that the runtime
+    /// (the clients under test) keeps running meanwhile.
+    pub async fn restarted(mut self, down: Duration) -> Self {
+        tokio::task::spawn_blocking(move || {
+            self.restart(down);
+            self
+        })
+        .await
+        .expect("the restart thread panicked")
+    }
 }
 
 impl Drop for OwnServer {
