@@ -515,6 +515,9 @@ impl Stats {
 struct Gen<T: tg_schema::Message, C: Codec> {
     consumer: Arc<TypedConsumer<T, C>>,
     closed: AtomicBool,
+    /// Set when it is no longer the current consumer (a connection error): workers keep the
+    /// current one between messages and look here instead of at the slot's lock.
+    retired: AtomicBool,
 }
 
 impl<T: tg_schema::Message, C: Codec> Drop for Gen<T, C> {
@@ -617,6 +620,7 @@ struct Slot<T: tg_schema::Message, C: Codec> {
 impl<T: tg_schema::Message, C: Codec> Slot<T, C> {
     fn invalidate(&self, failed: &Arc<Gen<T, C>>) -> bool {
         let mut cur = self.current.write();
+        failed.retired.store(true, Ordering::Release);
         if cur.as_ref().is_some_and(|g| Arc::ptr_eq(g, failed)) {
             *cur = None;
             true
@@ -697,6 +701,7 @@ where
                     return Ok(Arc::new(Gen {
                         consumer: Arc::new(TypedConsumer::with_codec(c, self.codec.clone())),
                         closed: AtomicBool::new(false),
+                        retired: AtomicBool::new(false),
                     }));
                 }
                 Err(e) => {
@@ -743,20 +748,35 @@ where
         }
     }
 
+    /// The current consumer for a receive loop, or `None` when it must stop (the reason noted).
+    async fn current_or_stop(&self) -> Option<Arc<Gen<T, C>>> {
+        match self.consumer().await {
+            Ok(g) => Some(g),
+            Err(e) => {
+                if e.kind() == ErrorKind::Closed && !self.stop.is_cancelled() {
+                    self.stopped_by(&e);
+                }
+                None
+            }
+        }
+    }
+
+    /// Counts a received message.
+    fn received(&self) {
+        inc(&self.stats.received);
+        if let Some(m) = &self.metrics {
+            m.received.inc();
+        }
+    }
+
     /// Receives once. `Ok(None)`: nothing came (or a recoverable error, after its back-off);
     /// `Err(())`: stop.
     async fn receive_one(
         &self,
         errors: &mut u32,
     ) -> std::result::Result<Option<(Arc<Gen<T, C>>, Message)>, ()> {
-        let gen = match self.consumer().await {
-            Ok(g) => g,
-            Err(e) => {
-                if e.kind() == ErrorKind::Closed && !self.stop.is_cancelled() {
-                    self.stopped_by(&e);
-                }
-                return Err(());
-            }
+        let Some(gen) = Box::pin(self.current_or_stop()).await else {
+            return Err(());
         };
         match TypedConsumer::inner(&gen.consumer)
             .receive(self.config.poll_interval)
@@ -764,10 +784,7 @@ where
         {
             Ok(raw) => {
                 *errors = 0;
-                inc(&self.stats.received);
-                if let Some(m) = &self.metrics {
-                    m.received.inc();
-                }
+                self.received();
                 Ok(Some((gen, raw)))
             }
             Err(e) if e.kind() == ErrorKind::Timeout => Ok(None),
@@ -775,34 +792,37 @@ where
                 self.stopped_by(&e);
                 Err(())
             }
-            Err(e) => Box::pin(self.after_receive_error(gen, e, errors)).await,
+            Err(e) => Box::pin(self.after_receive_error(&gen, e, errors))
+                .await
+                .map(|()| None),
         }
     }
 
     /// A receive error: recreate the consumer on connection errors, back off on repeated ones.
+    /// `Err(())`: stop.
     async fn after_receive_error(
         &self,
-        gen: Arc<Gen<T, C>>,
+        gen: &Arc<Gen<T, C>>,
         e: Error,
         errors: &mut u32,
-    ) -> std::result::Result<Option<(Arc<Gen<T, C>>, Message)>, ()> {
+    ) -> std::result::Result<(), ()> {
         *errors += 1;
         if e.kind() == ErrorKind::Connection {
-            if self.slot.invalidate(&gen) {
+            if self.slot.invalidate(gen) {
                 if let Some(m) = &self.metrics {
                     m.connection.connected.set(0);
                 }
                 tracing::warn!(topic = %self.topic, error = %e, "connection lost; recreating the consumer");
             }
             if *errors == 1 {
-                return Ok(None);
+                return Ok(());
             }
         } else {
             tracing::warn!(topic = %self.topic, error = %e, "receive failed");
         }
         let delay = self.config.reconnect_backoff.delay(*errors);
         if sleep_unless(&self.stop, delay).await {
-            Ok(None)
+            Ok(())
         } else {
             Err(())
         }
@@ -816,16 +836,32 @@ where
         }
     }
 
-    fn first_attempt(&self, raw: &Message) -> u32 {
+    /// Failed attempts counted in process so far (0 where the backend counts redeliveries).
+    fn counted_failures(&self, raw: &Message) -> u32 {
+        if self.use_redelivery_count {
+            0
+        } else {
+            self.attempts.lock().get(raw.id())
+        }
+    }
+
+    /// The number of the attempt about to run, given [`counted_failures`](Self::counted_failures).
+    fn attempt(&self, raw: &Message, counted: u32) -> u32 {
         if self.use_redelivery_count {
             raw.redelivery_count().saturating_add(1)
         } else {
-            self.attempts.lock().get(raw.id()).saturating_add(1)
+            counted.saturating_add(1)
         }
     }
 
     async fn ack(&self, gen: &Gen<T, C>, raw: &Message) {
-        if let Err(e) = TypedConsumer::inner(&gen.consumer).acknowledge(raw).await {
+        let result = TypedConsumer::inner(&gen.consumer).acknowledge(raw).await;
+        self.acked(raw, result);
+    }
+
+    /// After an acknowledgement: count a failure, forget the attempts.
+    fn acked(&self, raw: &Message, result: Result<()>) {
+        if let Err(e) = result {
             inc(&self.stats.ack_errors);
             tracing::warn!(topic = %self.topic, message_id = %raw.id(), error = %e, "acknowledge failed; the message will be delivered again");
         }
@@ -850,9 +886,39 @@ where
         }
     }
 
-    async fn run_handler(&self, msg: TypedMessage<T>) -> Outcome {
+    /// Before a handler runs: `Some(start time)` when the latency is measured.
+    fn handler_starts(&self) -> Option<Instant> {
         self.running.fetch_add(1, Ordering::Relaxed);
-        let started = self.metrics.as_ref().map(|_| Instant::now());
+        self.metrics.as_ref().map(|_| Instant::now())
+    }
+
+    /// After a handler ran (a panic is counted and becomes a [`HandlerErrorKind::Failed`]).
+    fn handler_ended(
+        &self,
+        started: Option<Instant>,
+        result: std::thread::Result<std::result::Result<(), HandlerError>>,
+    ) -> std::result::Result<(), HandlerError> {
+        if let (Some(m), Some(started)) = (&self.metrics, started) {
+            m.latency.observe(started.elapsed().as_secs_f64());
+        }
+        match result {
+            Ok(r) => r,
+            Err(panic) => {
+                inc(&self.stats.panicked);
+                if let Some(m) = &self.metrics {
+                    m.panic.inc();
+                }
+                Err(HandlerError::failed(format!(
+                    "handler panicked: {}",
+                    panic_text(&*panic)
+                )))
+            }
+        }
+    }
+
+    /// Runs the handler once (retries; the first attempt runs in [`process`](Self::process)).
+    async fn run_handler(&self, msg: TypedMessage<T>) -> Outcome {
+        let started = self.handler_starts();
         let fut = AssertUnwindSafe(self.handler.handle(msg)).catch_unwind();
         // Workers are aborted through their join handles; lane tasks watch the abort token.
         let result = if self.dispatcher_mode {
@@ -868,35 +934,60 @@ where
         let Some(result) = result else {
             return Outcome::Aborted;
         };
-        if let (Some(m), Some(started)) = (&self.metrics, started) {
-            m.latency.observe(started.elapsed().as_secs_f64());
-        }
-        match result {
-            Ok(Ok(())) => Outcome::Ok,
-            Ok(Err(e)) => Outcome::Err(e),
-            Err(panic) => {
-                inc(&self.stats.panicked);
-                if let Some(m) = &self.metrics {
-                    m.panic.inc();
-                }
-                Outcome::Err(HandlerError::failed(format!(
-                    "handler panicked: {}",
-                    panic_text(&*panic)
-                )))
-            }
+        match self.handler_ended(started, result) {
+            Ok(()) => Outcome::Ok,
+            Err(e) => Outcome::Err(e),
         }
     }
 
-    async fn process(self: &Arc<Self>, job: Job<T, C>) {
-        let Job {
-            gen,
-            raw,
-            _permit: permit,
-        } = job;
+    /// The de-duplication check: `Err(())` for a duplicate (counted), else the key to forget if
+    /// handling fails.
+    fn dedup_check(&self, typed: &TypedMessage<T>) -> std::result::Result<Option<String>, ()> {
+        let Some((seen, key)) = &self.dedup else {
+            return Ok(None);
+        };
+        let Some(k) = key(typed) else {
+            return Ok(None);
+        };
+        if seen.first_time(&k) {
+            return Ok(Some(k));
+        }
+        inc(&self.stats.duplicates);
+        if let Some(m) = &self.metrics {
+            m.duplicate.inc();
+        }
+        tracing::debug!(topic = %self.topic, id = %k, "duplicate dropped");
+        Err(())
+    }
+
+    /// A payload that does not decode: straight to the dead-letter topic.
+    async fn undecodable(
+        self: &Arc<Self>,
+        gen: &Arc<Gen<T, C>>,
+        raw: &Message,
+        e: Error,
+        attempt: u32,
+    ) {
+        tracing::warn!(topic = %self.topic, message_id = %raw.id(), error = %e, "poison message: payload does not decode");
+        self.dead_letter(gen, raw, "decode", &e.to_string(), attempt)
+            .await;
+    }
+
+    /// Handles a received message to the end: decode, de-duplicate, run the handler, acknowledge.
+    ///
+    /// This is the per-message path, so it awaits nothing but the handler and the backend's
+    /// acknowledgement; the rare paths (poison message, duplicate, failure) are boxed futures
+    /// of their own so this one stays small.
+    async fn process(
+        self: &Arc<Self>,
+        gen: &Arc<Gen<T, C>>,
+        raw: Message,
+        permit: Option<OwnedSemaphorePermit>,
+    ) {
         if self.aborting.load(Ordering::Relaxed) {
             return;
         }
-        let attempt = self.first_attempt(&raw);
+        let counted = self.counted_failures(&raw);
         if raw.redelivery_count() > 0 {
             if let Some(m) = &self.metrics {
                 m.redeliveries.inc();
@@ -905,38 +996,43 @@ where
         let typed = match gen.consumer.decode(raw.clone()) {
             Ok(t) => t,
             Err(e) => {
-                tracing::warn!(topic = %self.topic, message_id = %raw.id(), error = %e, "poison message: payload does not decode");
-                Box::pin(self.dead_letter(&gen, &raw, "decode", &e.to_string(), attempt)).await;
+                let attempt = self.attempt(&raw, counted);
+                Box::pin(self.undecodable(gen, &raw, e, attempt)).await;
                 return;
             }
         };
-        let mut dedup_key: Option<String> = None;
-        if let Some((seen, key)) = &self.dedup {
-            if let Some(k) = key(&typed) {
-                if !seen.first_time(&k) {
-                    inc(&self.stats.duplicates);
-                    if let Some(m) = &self.metrics {
-                        m.duplicate.inc();
-                    }
-                    tracing::debug!(topic = %self.topic, id = %k, "duplicate dropped");
-                    self.ack(&gen, &raw).await;
-                    return;
-                }
-                dedup_key = Some(k);
+        let Ok(dedup_key) = self.dedup_check(&typed) else {
+            Box::pin(self.ack(gen, &raw)).await;
+            return;
+        };
+        let started = self.handler_starts();
+        let fut = AssertUnwindSafe(self.handler.handle(typed)).catch_unwind();
+        // Workers are aborted through their join handles; lane tasks watch the abort token.
+        let result = if self.dispatcher_mode {
+            tokio::select! {
+                biased;
+                _ = self.abort.cancelled() => None,
+                r = fut => Some(r),
             }
-        }
-        match self.run_handler(typed).await {
-            Outcome::Aborted => {}
-            Outcome::Ok => {
+        } else {
+            Some(fut.await)
+        };
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        let Some(result) = result else {
+            return;
+        };
+        match self.handler_ended(started, result) {
+            Ok(()) => {
                 inc(&self.stats.succeeded);
                 if let Some(m) = &self.metrics {
                     m.ok.inc();
                 }
-                self.ack(&gen, &raw).await;
+                let acked = TypedConsumer::inner(&gen.consumer).acknowledge(&raw).await;
+                self.acked(&raw, acked);
             }
-            // The failure path lives in its own (boxed) future so the common path stays small.
-            Outcome::Err(e) => {
-                Box::pin(self.after_failure(gen, raw, permit, attempt, dedup_key, e)).await;
+            Err(e) => {
+                let attempt = self.attempt(&raw, counted);
+                Box::pin(self.after_failure(gen.clone(), raw, permit, attempt, dedup_key, e)).await;
             }
         }
     }
@@ -1127,8 +1223,13 @@ where
         let Some(key) = self.ordering_key(&job.raw) else {
             let s = self.clone();
             let span = self.span(&job.raw);
-            self.tracker
-                .spawn(async move { s.process(job).await }.instrument(span));
+            self.tracker.spawn(
+                async move {
+                    let Job { gen, raw, _permit } = job;
+                    s.process(&gen, raw, _permit).await;
+                }
+                .instrument(span),
+            );
             return;
         };
         {
@@ -1142,9 +1243,9 @@ where
         let s = self.clone();
         self.tracker.spawn(async move {
             let mut next = Some(job);
-            while let Some(job) = next {
-                let span = s.span(&job.raw);
-                s.process(job).instrument(span).await;
+            while let Some(Job { gen, raw, _permit }) = next {
+                let span = s.span(&raw);
+                s.process(&gen, raw, _permit).instrument(span).await;
                 let mut lanes = s.lanes.lock();
                 next = lanes.get_mut(&key).and_then(VecDeque::pop_front);
                 if next.is_none() {
@@ -1163,23 +1264,42 @@ where
     C: Codec,
 {
     let mut errors = 0u32;
+    // The current consumer, kept between messages: a retired one (connection error) is
+    // dropped and the slot asked again.
+    let mut current: Option<Arc<Gen<T, C>>> = None;
     while !shared.stopping.load(Ordering::Relaxed) {
-        match shared.receive_one(&mut errors).await {
-            Ok(Some((gen, raw))) => {
-                let span = shared.span(&raw);
-                let job = Job {
-                    gen,
-                    raw,
-                    _permit: None,
-                };
-                if span.is_disabled() {
-                    shared.process(job).await;
-                } else {
-                    shared.process(job).instrument(span).await;
-                }
+        if current
+            .as_ref()
+            .is_none_or(|g| g.retired.load(Ordering::Acquire))
+        {
+            drop(current.take());
+            current = Box::pin(shared.current_or_stop()).await;
+        }
+        let Some(gen) = &current else {
+            break;
+        };
+        let raw = match TypedConsumer::inner(&gen.consumer)
+            .receive(shared.config.poll_interval)
+            .await
+        {
+            Ok(raw) => raw,
+            Err(e) if e.kind() == ErrorKind::Timeout => continue,
+            Err(e) if e.kind() == ErrorKind::Closed => {
+                shared.stopped_by(&e);
+                break;
             }
-            Ok(None) => {}
-            Err(()) => break,
+            Err(e) => match Box::pin(shared.after_receive_error(gen, e, &mut errors)).await {
+                Ok(()) => continue,
+                Err(()) => break,
+            },
+        };
+        errors = 0;
+        shared.received();
+        let span = shared.span(&raw);
+        if span.is_disabled() {
+            shared.process(gen, raw, None).await;
+        } else {
+            shared.process(gen, raw, None).instrument(span).await;
         }
     }
 }
