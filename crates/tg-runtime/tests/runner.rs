@@ -840,3 +840,112 @@ async fn per_property_ordering() {
         assert_eq!(log.lock()[s], (0..10).collect::<Vec<_>>(), "order of {s}");
     }
 }
+
+/// The `tg.handle` spans a subscriber sees: span id → its `correlation_id` field.
+#[derive(Clone, Default)]
+struct HandleSpans(Arc<Mutex<HashMap<u64, String>>>);
+
+impl<S> tracing_subscriber::Layer<S> for HandleSpans
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        _ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        struct Correlation(Option<String>);
+        impl tracing::field::Visit for Correlation {
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "correlation_id" {
+                    self.0 = Some(value.to_owned());
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        if attrs.metadata().name() == "tg.handle" {
+            let mut c = Correlation(None);
+            attrs.record(&mut c);
+            self.0.lock().insert(id.into_u64(), c.0.unwrap_or_default());
+        }
+    }
+}
+
+/// Every attempt (first ones, retries, ordered lanes) runs in a `tg.handle` span carrying the
+/// message's correlation id (the `id` property, else `correlationid`).
+#[tokio::test]
+async fn handlers_run_in_a_span_with_the_correlation_id() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let spans = HandleSpans::default();
+    let _guard =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(spans.clone()));
+    for ordering in [KeyOrdering::None, KeyOrdering::MessageKey] {
+        let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+        let topic = fresh_topic("spans");
+        // (message, correlation id of the span it ran in, redelivery count)
+        let seen = Arc::new(Mutex::new(Vec::<(u32, Option<String>, u32)>::new()));
+        let (s, sp) = (seen.clone(), spans.clone());
+        let runner = ConsumerRunner::new(
+            backend.clone(),
+            topic.clone(),
+            ConsumerOptions::new("svc"),
+            move |m: TypedMessage<Num>| {
+                let (s, sp) = (s.clone(), sp.clone());
+                async move {
+                    let span = tracing::Span::current()
+                        .id()
+                        .and_then(|id| sp.0.lock().get(&id.into_u64()).cloned());
+                    let first = {
+                        let mut s = s.lock();
+                        let first = s.iter().all(|(v, _, _)| *v != m.value().0);
+                        s.push((m.value().0, span, m.message().redelivery_count()));
+                        first
+                    };
+                    tokio::task::yield_now().await;
+                    if m.value().0 % 3 == 0 && first {
+                        return Err(HandlerError::failed("once"));
+                    }
+                    Ok::<_, HandlerError>(())
+                }
+            },
+        )
+        .config(
+            quick()
+                .concurrency(4)
+                .ordering(ordering.clone())
+                .retry_backoff(Backoff::new(
+                    Duration::from_millis(5),
+                    Duration::from_millis(5),
+                )),
+        )
+        .start()
+        .await
+        .unwrap();
+        let p = backend
+            .create_producer(&topic, Default::default())
+            .await
+            .unwrap();
+        let msgs = (0..12u32).map(|i| {
+            let m = OutboundMessage::new(i.to_string()).key(format!("k{}", i % 2));
+            if i == 7 {
+                m.property("correlationid", "c7")
+            } else {
+                m.property("id", format!("c{i}"))
+            }
+        });
+        send_all(&*p, msgs).await;
+        wait_until("12 handled", || runner.stats().succeeded == 12).await;
+        let report = runner.shutdown().await.unwrap();
+        assert_eq!(report.stats.failed, 4, "{ordering:?}");
+        let seen = seen.lock();
+        assert_eq!(seen.len(), 16, "{ordering:?}: 12 messages, 4 of them twice");
+        for (v, span, _) in seen.iter() {
+            assert_eq!(
+                span.as_deref(),
+                Some(format!("c{v}").as_str()),
+                "{ordering:?}: message {v}"
+            );
+        }
+    }
+}
