@@ -3,7 +3,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -536,7 +538,7 @@ impl<T: tg_schema::Message, C: Codec> Drop for Gen<T, C> {
 struct Job<T: tg_schema::Message, C: Codec> {
     gen: Arc<Gen<T, C>>,
     raw: Message,
-    _permit: Option<OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
 }
 
 /// Attempts counted in process, for backends without a redelivery count.
@@ -860,14 +862,20 @@ where
     }
 
     /// After an acknowledgement: count a failure, forget the attempts.
+    #[inline]
     fn acked(&self, raw: &Message, result: Result<()>) {
         if let Err(e) = result {
-            inc(&self.stats.ack_errors);
-            tracing::warn!(topic = %self.topic, message_id = %raw.id(), error = %e, "acknowledge failed; the message will be delivered again");
+            self.ack_failed(raw, &e);
         }
         if !self.use_redelivery_count {
             self.attempts.lock().remove(raw.id());
         }
+    }
+
+    #[cold]
+    fn ack_failed(&self, raw: &Message, e: &Error) {
+        inc(&self.stats.ack_errors);
+        tracing::warn!(topic = %self.topic, message_id = %raw.id(), error = %e, "acknowledge failed; the message will be delivered again");
     }
 
     async fn nack(&self, gen: &Gen<T, C>, raw: &Message) {
@@ -893,6 +901,7 @@ where
     }
 
     /// After a handler ran (a panic is counted and becomes a [`HandlerErrorKind::Failed`]).
+    #[inline]
     fn handler_ended(
         &self,
         started: Option<Instant>,
@@ -903,20 +912,20 @@ where
         }
         match result {
             Ok(r) => r,
-            Err(panic) => {
-                inc(&self.stats.panicked);
-                if let Some(m) = &self.metrics {
-                    m.panic.inc();
-                }
-                Err(HandlerError::failed(format!(
-                    "handler panicked: {}",
-                    panic_text(&*panic)
-                )))
-            }
+            Err(panic) => Err(self.panicked(&*panic)),
         }
     }
 
-    /// Runs the handler once (retries; the first attempt runs in [`process`](Self::process)).
+    #[cold]
+    fn panicked(&self, panic: &(dyn std::any::Any + Send)) -> HandlerError {
+        inc(&self.stats.panicked);
+        if let Some(m) = &self.metrics {
+            m.panic.inc();
+        }
+        HandlerError::failed(format!("handler panicked: {}", panic_text(panic)))
+    }
+
+    /// Runs the handler once (retries; the first attempt runs in [`drive`]).
     async fn run_handler(&self, msg: TypedMessage<T>) -> Outcome {
         let started = self.handler_starts();
         let fut = AssertUnwindSafe(self.handler.handle(msg)).catch_unwind();
@@ -942,7 +951,15 @@ where
 
     /// The de-duplication check: `Err(())` for a duplicate (counted), else the key to forget if
     /// handling fails.
+    #[inline]
     fn dedup_check(&self, typed: &TypedMessage<T>) -> std::result::Result<Option<String>, ()> {
+        match &self.dedup {
+            None => Ok(None),
+            Some(_) => self.dedup_lookup(typed),
+        }
+    }
+
+    fn dedup_lookup(&self, typed: &TypedMessage<T>) -> std::result::Result<Option<String>, ()> {
         let Some((seen, key)) = &self.dedup else {
             return Ok(None);
         };
@@ -971,70 +988,6 @@ where
         tracing::warn!(topic = %self.topic, message_id = %raw.id(), error = %e, "poison message: payload does not decode");
         self.dead_letter(gen, raw, "decode", &e.to_string(), attempt)
             .await;
-    }
-
-    /// Handles a received message to the end: decode, de-duplicate, run the handler, acknowledge.
-    ///
-    /// This is the per-message path, so it awaits nothing but the handler and the backend's
-    /// acknowledgement; the rare paths (poison message, duplicate, failure) are boxed futures
-    /// of their own so this one stays small.
-    async fn process(
-        self: &Arc<Self>,
-        gen: &Arc<Gen<T, C>>,
-        raw: Message,
-        permit: Option<OwnedSemaphorePermit>,
-    ) {
-        if self.aborting.load(Ordering::Relaxed) {
-            return;
-        }
-        let counted = self.counted_failures(&raw);
-        if raw.redelivery_count() > 0 {
-            if let Some(m) = &self.metrics {
-                m.redeliveries.inc();
-            }
-        }
-        let typed = match gen.consumer.decode(raw.clone()) {
-            Ok(t) => t,
-            Err(e) => {
-                let attempt = self.attempt(&raw, counted);
-                Box::pin(self.undecodable(gen, &raw, e, attempt)).await;
-                return;
-            }
-        };
-        let Ok(dedup_key) = self.dedup_check(&typed) else {
-            Box::pin(self.ack(gen, &raw)).await;
-            return;
-        };
-        let started = self.handler_starts();
-        let fut = AssertUnwindSafe(self.handler.handle(typed)).catch_unwind();
-        // Workers are aborted through their join handles; lane tasks watch the abort token.
-        let result = if self.dispatcher_mode {
-            tokio::select! {
-                biased;
-                _ = self.abort.cancelled() => None,
-                r = fut => Some(r),
-            }
-        } else {
-            Some(fut.await)
-        };
-        self.running.fetch_sub(1, Ordering::Relaxed);
-        let Some(result) = result else {
-            return;
-        };
-        match self.handler_ended(started, result) {
-            Ok(()) => {
-                inc(&self.stats.succeeded);
-                if let Some(m) = &self.metrics {
-                    m.ok.inc();
-                }
-                let acked = TypedConsumer::inner(&gen.consumer).acknowledge(&raw).await;
-                self.acked(&raw, acked);
-            }
-            Err(e) => {
-                let attempt = self.attempt(&raw, counted);
-                Box::pin(self.after_failure(gen.clone(), raw, permit, attempt, dedup_key, e)).await;
-            }
-        }
     }
 
     /// Retries, delays, dead-letters: everything after a failed attempt.
@@ -1202,7 +1155,18 @@ where
         }
     }
 
+    /// The span a message is handled in (disabled when no subscriber wants it).
+    #[inline]
     fn span(&self, raw: &Message) -> tracing::Span {
+        // No subscriber was ever installed: one load instead of the callsite's interest check.
+        if tracing::dispatcher::has_been_set() {
+            self.new_span(raw)
+        } else {
+            tracing::Span::none()
+        }
+    }
+
+    fn new_span(&self, raw: &Message) -> tracing::Span {
         if !tracing::span_enabled!(tracing::Level::INFO) {
             return tracing::Span::none();
         }
@@ -1221,15 +1185,9 @@ where
 
     fn dispatch(self: &Arc<Self>, job: Job<T, C>) {
         let Some(key) = self.ordering_key(&job.raw) else {
-            let s = self.clone();
             let span = self.span(&job.raw);
-            self.tracker.spawn(
-                async move {
-                    let Job { gen, raw, _permit } = job;
-                    s.process(&gen, raw, _permit).await;
-                }
-                .instrument(span),
-            );
+            self.tracker
+                .spawn(drive(self.clone(), Source::One, Some(job)).instrument(span));
             return;
         };
         {
@@ -1240,66 +1198,192 @@ where
             }
             lanes.insert(key.clone(), VecDeque::new());
         }
-        let s = self.clone();
-        self.tracker.spawn(async move {
-            let mut next = Some(job);
-            while let Some(Job { gen, raw, _permit }) = next {
-                let span = s.span(&raw);
-                s.process(&gen, raw, _permit).instrument(span).await;
-                let mut lanes = s.lanes.lock();
-                next = lanes.get_mut(&key).and_then(VecDeque::pop_front);
-                if next.is_none() {
-                    lanes.remove(&key);
-                }
-            }
-        });
+        self.tracker
+            .spawn(drive(self.clone(), Source::Lane(key), Some(job)));
     }
 }
 
-/// One of `concurrency` workers: receive, handle, acknowledge, again.
-async fn worker<T, H, C>(shared: Arc<Shared<T, H, C>>)
+/// Where a [`drive`] loop takes its messages from.
+enum Source {
+    /// A worker: receives from the current consumer until shutdown.
+    Receive,
+    /// A lane (ordering mode): the jobs queued under this key, until there are none.
+    Lane(String),
+    /// One job, already inside its span.
+    One,
+}
+
+/// [`drive`] for one job inside `span`, as a boxed future of its own.
+fn drive_in_span<T, H, C>(
+    shared: Arc<Shared<T, H, C>>,
+    job: Job<T, C>,
+    span: tracing::Span,
+) -> Pin<Box<dyn Future<Output = ()> + Send>>
+where
+    T: tg_schema::Message,
+    H: Handler<T>,
+    C: Codec,
+{
+    Box::pin(drive(shared, Source::One, Some(job)).instrument(span))
+}
+
+/// Handles messages one after another: receive one (or take the lane's next job), decode it,
+/// de-duplicate, run the handler, acknowledge, again.
+///
+/// This is every message's path, written as one loop whose only awaits on the common path are
+/// the backend's receive and acknowledgement and the handler itself (an async function called
+/// for each message would have its future moved into this one each time). The rare paths
+/// (reconnecting, receive errors, poison messages, duplicates, failures, and messages in a
+/// `tracing` span) are boxed futures of their own.
+async fn drive<T, H, C>(shared: Arc<Shared<T, H, C>>, source: Source, mut next: Option<Job<T, C>>)
 where
     T: tg_schema::Message,
     H: Handler<T>,
     C: Codec,
 {
     let mut errors = 0u32;
-    // The current consumer, kept between messages: a retired one (connection error) is
-    // dropped and the slot asked again.
+    // The consumer of the message at hand. A worker keeps it between messages; a retired one
+    // (connection error) is dropped and the slot asked again.
     let mut current: Option<Arc<Gen<T, C>>> = None;
-    while !shared.stopping.load(Ordering::Relaxed) {
-        if current
-            .as_ref()
-            .is_none_or(|g| g.retired.load(Ordering::Acquire))
-        {
-            drop(current.take());
-            current = Box::pin(shared.current_or_stop()).await;
+    loop {
+        // Assigned in place (a tuple would be one more copy of the message).
+        let raw: Message;
+        let permit: Option<OwnedSemaphorePermit>;
+        match &source {
+            Source::Receive => {
+                if shared.stopping.load(Ordering::Relaxed) {
+                    break;
+                }
+                if current
+                    .as_ref()
+                    .is_none_or(|g| g.retired.load(Ordering::Acquire))
+                {
+                    drop(current.take());
+                    current = Box::pin(shared.current_or_stop()).await;
+                }
+                let Some(gen) = &current else {
+                    break;
+                };
+                match TypedConsumer::inner(&gen.consumer)
+                    .receive(shared.config.poll_interval)
+                    .await
+                {
+                    Ok(received) => {
+                        errors = 0;
+                        shared.received();
+                        raw = received;
+                        permit = None;
+                    }
+                    Err(e) if e.kind() == ErrorKind::Timeout => continue,
+                    Err(e) if e.kind() == ErrorKind::Closed => {
+                        shared.stopped_by(&e);
+                        break;
+                    }
+                    Err(e) => match Box::pin(shared.after_receive_error(gen, e, &mut errors)).await
+                    {
+                        Ok(()) => continue,
+                        Err(()) => break,
+                    },
+                }
+            }
+            Source::Lane(key) => {
+                let job = match next.take() {
+                    Some(job) => job,
+                    None => {
+                        let mut lanes = shared.lanes.lock();
+                        match lanes.get_mut(key).and_then(VecDeque::pop_front) {
+                            Some(job) => job,
+                            None => {
+                                lanes.remove(key);
+                                break;
+                            }
+                        }
+                    }
+                };
+                current = Some(job.gen);
+                raw = job.raw;
+                permit = job.permit;
+            }
+            Source::One => {
+                let Some(job) = next.take() else {
+                    break;
+                };
+                current = Some(job.gen);
+                raw = job.raw;
+                permit = job.permit;
+            }
         }
         let Some(gen) = &current else {
             break;
         };
-        let raw = match TypedConsumer::inner(&gen.consumer)
-            .receive(shared.config.poll_interval)
-            .await
-        {
-            Ok(raw) => raw,
-            Err(e) if e.kind() == ErrorKind::Timeout => continue,
-            Err(e) if e.kind() == ErrorKind::Closed => {
-                shared.stopped_by(&e);
-                break;
+        if !matches!(source, Source::One) {
+            let span = shared.span(&raw);
+            if !span.is_disabled() {
+                let job = Job {
+                    gen: gen.clone(),
+                    raw,
+                    permit,
+                };
+                drive_in_span(shared.clone(), job, span).await;
+                continue;
             }
-            Err(e) => match Box::pin(shared.after_receive_error(gen, e, &mut errors)).await {
-                Ok(()) => continue,
-                Err(()) => break,
-            },
+        }
+        if shared.aborting.load(Ordering::Relaxed) {
+            continue;
+        }
+        let counted = shared.counted_failures(&raw);
+        if raw.redelivery_count() > 0 {
+            if let Some(m) = &shared.metrics {
+                m.redeliveries.inc();
+            }
+        }
+        let typed = match gen.consumer.decode(raw.clone()) {
+            Ok(t) => t,
+            Err(e) => {
+                let attempt = shared.attempt(&raw, counted);
+                Box::pin(shared.undecodable(gen, &raw, e, attempt)).await;
+                continue;
+            }
         };
-        errors = 0;
-        shared.received();
-        let span = shared.span(&raw);
-        if span.is_disabled() {
-            shared.process(gen, raw, None).await;
+        let Ok(dedup_key) = shared.dedup_check(&typed) else {
+            Box::pin(shared.ack(gen, &raw)).await;
+            continue;
+        };
+        let started = shared.handler_starts();
+        // Workers are aborted through their join handles; lane tasks watch the abort token.
+        let result = if shared.dispatcher_mode {
+            let fut = AssertUnwindSafe(shared.handler.handle(typed)).catch_unwind();
+            tokio::select! {
+                biased;
+                _ = shared.abort.cancelled() => None,
+                r = fut => Some(r),
+            }
         } else {
-            shared.process(gen, raw, None).instrument(span).await;
+            // Awaited where it is made: one copy of the handler's future fewer.
+            Some(
+                AssertUnwindSafe(shared.handler.handle(typed))
+                    .catch_unwind()
+                    .await,
+            )
+        };
+        shared.running.fetch_sub(1, Ordering::Relaxed);
+        let Some(result) = result else {
+            continue;
+        };
+        match shared.handler_ended(started, result) {
+            Ok(()) => {
+                inc(&shared.stats.succeeded);
+                if let Some(m) = &shared.metrics {
+                    m.ok.inc();
+                }
+                let acked = TypedConsumer::inner(&gen.consumer).acknowledge(&raw).await;
+                shared.acked(&raw, acked);
+            }
+            Err(e) => {
+                let attempt = shared.attempt(&raw, counted);
+                let gen = gen.clone();
+                Box::pin(shared.after_failure(gen, raw, permit, attempt, dedup_key, e)).await;
+            }
         }
     }
 }
@@ -1328,7 +1412,7 @@ where
             Ok(Some((gen, raw))) => shared.dispatch(Job {
                 gen,
                 raw,
-                _permit: Some(permit),
+                permit: Some(permit),
             }),
             Ok(None) => {}
             Err(()) => break,
@@ -1348,7 +1432,11 @@ where
         dispatcher(shared.clone()).await;
     } else {
         for _ in 0..shared.config.concurrency {
-            loops.push(shared.tracker.spawn(worker(shared.clone())));
+            loops.push(
+                shared
+                    .tracker
+                    .spawn(drive(shared.clone(), Source::Receive, None)),
+            );
         }
         shared.stop.cancelled().await;
     }
