@@ -6,7 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -357,6 +357,11 @@ where
         config.max_attempts = config.max_attempts.max(1);
         let dispatcher_mode = config.ordering != KeyOrdering::None;
         let retry_in_place = dispatcher_mode || !caps.nack_redelivery;
+        let workers = if dispatcher_mode {
+            0
+        } else {
+            config.concurrency
+        };
         let shared = Arc::new(Shared {
             backend: self.backend,
             topic: self.topic,
@@ -369,14 +374,13 @@ where
             use_redelivery_count: caps.redelivery_count,
             retry_in_place,
             metrics,
-            stats: Arc::new(Stats::default()),
+            stats: Arc::new(Stats::new(workers)),
             dlq,
             dedup: self.dedup,
             stop,
             abort: CancellationToken::new(),
             tracker: TaskTracker::new(),
             lanes: Mutex::new(HashMap::new()),
-            running: AtomicUsize::new(0),
             dispatcher_mode,
             stopping: AtomicBool::new(false),
             aborting: AtomicBool::new(false),
@@ -479,6 +483,8 @@ pub struct RunStats {
 
 #[derive(Debug, Default)]
 struct Stats {
+    /// Received and succeeded by receive loops other than the workers (ordering mode), and
+    /// successful retries.
     received: AtomicU64,
     succeeded: AtomicU64,
     failed: AtomicU64,
@@ -489,18 +495,96 @@ struct Stats {
     duplicates: AtomicU64,
     ack_errors: AtomicU64,
     reconnects: AtomicU64,
+    /// Handlers running outside the workers (lanes, retries).
+    running: AtomicU64,
+    /// The workers' own counts.
+    workers: Box<[WorkerTally]>,
+}
+
+/// The counts of one worker, which it alone writes: a plain load and store per count instead of
+/// a locked read-modify-write (on the memory backend each of those is a visible part of a
+/// message's cost). A cache line of its own, so workers on different threads share none.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct WorkerTally {
+    received: AtomicU64,
+    succeeded: AtomicU64,
+    /// 1 while its handler runs.
+    running: AtomicU64,
 }
 
 fn inc(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Adds one to a counter only the calling task writes.
+#[inline]
+fn inc_own(c: &AtomicU64) {
+    c.store(c.load(Ordering::Relaxed).wrapping_add(1), Ordering::Relaxed);
+}
+
+/// Where a [`drive`] loop counts: its worker's tally, or the shared counters.
+#[derive(Clone, Copy)]
+struct Tally<'a> {
+    stats: &'a Stats,
+    own: Option<&'a WorkerTally>,
+}
+
+impl Tally<'_> {
+    #[inline]
+    fn received(self) {
+        match self.own {
+            Some(t) => inc_own(&t.received),
+            None => inc(&self.stats.received),
+        }
+    }
+
+    #[inline]
+    fn succeeded(self) {
+        match self.own {
+            Some(t) => inc_own(&t.succeeded),
+            None => inc(&self.stats.succeeded),
+        }
+    }
+
+    #[inline]
+    fn running(self, running: bool) {
+        match self.own {
+            Some(t) => t.running.store(u64::from(running), Ordering::Relaxed),
+            None if running => inc(&self.stats.running),
+            None => {
+                self.stats.running.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
 impl Stats {
+    fn new(workers: usize) -> Self {
+        Self {
+            workers: (0..workers).map(|_| WorkerTally::default()).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// Handlers running now.
+    fn running(&self) -> u64 {
+        let own: u64 = self
+            .workers
+            .iter()
+            .map(|w| w.running.load(Ordering::Relaxed))
+            .sum();
+        own + self.running.load(Ordering::Relaxed)
+    }
+
     fn snapshot(&self) -> RunStats {
         let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let sum = |f: fn(&WorkerTally) -> &AtomicU64| -> u64 {
+            self.workers.iter().map(|w| g(f(w))).sum()
+        };
         RunStats {
-            received: g(&self.received),
-            succeeded: g(&self.succeeded),
+            received: g(&self.received) + sum(|w| &w.received),
+            succeeded: g(&self.succeeded) + sum(|w| &w.succeeded),
             failed: g(&self.failed),
             panicked: g(&self.panicked),
             rate_limited: g(&self.rate_limited),
@@ -604,7 +688,6 @@ struct Shared<T: tg_schema::Message, H, C: Codec> {
     abort: CancellationToken,
     tracker: TaskTracker,
     lanes: Mutex<HashMap<String, VecDeque<Job<T, C>>>>,
-    running: AtomicUsize,
     dispatcher_mode: bool,
     /// Mirrors of `stop`/`abort` for the per-message checks (a token's `is_cancelled` locks a mutex).
     stopping: AtomicBool,
@@ -763,9 +846,18 @@ where
         }
     }
 
+    /// Where a receive loop counts (`worker`: its index).
+    fn tally(&self, worker: Option<usize>) -> Tally<'_> {
+        Tally {
+            stats: &self.stats,
+            own: worker.and_then(|i| self.stats.workers.get(i)),
+        }
+    }
+
     /// Counts a received message.
-    fn received(&self) {
-        inc(&self.stats.received);
+    #[inline]
+    fn received(&self, tally: Tally<'_>) {
+        tally.received();
         if let Some(m) = &self.metrics {
             m.received.inc();
         }
@@ -786,7 +878,7 @@ where
         {
             Ok(raw) => {
                 *errors = 0;
-                self.received();
+                self.received(self.tally(None));
                 Ok(Some((gen, raw)))
             }
             Err(e) if e.kind() == ErrorKind::Timeout => Ok(None),
@@ -895,8 +987,9 @@ where
     }
 
     /// Before a handler runs: `Some(start time)` when the latency is measured.
-    fn handler_starts(&self) -> Option<Instant> {
-        self.running.fetch_add(1, Ordering::Relaxed);
+    #[inline]
+    fn handler_starts(&self, tally: Tally<'_>) -> Option<Instant> {
+        tally.running(true);
         self.metrics.as_ref().map(|_| Instant::now())
     }
 
@@ -927,7 +1020,8 @@ where
 
     /// Runs the handler once (retries; the first attempt runs in [`drive`]).
     async fn run_handler(&self, msg: TypedMessage<T>) -> Outcome {
-        let started = self.handler_starts();
+        let tally = self.tally(None);
+        let started = self.handler_starts(tally);
         let fut = AssertUnwindSafe(self.handler.handle(msg)).catch_unwind();
         // Workers are aborted through their join handles; lane tasks watch the abort token.
         let result = if self.dispatcher_mode {
@@ -939,7 +1033,7 @@ where
         } else {
             Some(fut.await)
         };
-        self.running.fetch_sub(1, Ordering::Relaxed);
+        tally.running(false);
         let Some(result) = result else {
             return Outcome::Aborted;
         };
@@ -1187,7 +1281,7 @@ where
         let Some(key) = self.ordering_key(&job.raw) else {
             let span = self.span(&job.raw);
             self.tracker
-                .spawn(drive(self.clone(), Source::One, Some(job)).instrument(span));
+                .spawn(drive(self.clone(), Source::One, Some(job), None).instrument(span));
             return;
         };
         {
@@ -1199,7 +1293,7 @@ where
             lanes.insert(key.clone(), VecDeque::new());
         }
         self.tracker
-            .spawn(drive(self.clone(), Source::Lane(key), Some(job)));
+            .spawn(drive(self.clone(), Source::Lane(key), Some(job), None));
     }
 }
 
@@ -1218,13 +1312,14 @@ fn drive_in_span<T, H, C>(
     shared: Arc<Shared<T, H, C>>,
     job: Job<T, C>,
     span: tracing::Span,
+    worker: Option<usize>,
 ) -> Pin<Box<dyn Future<Output = ()> + Send>>
 where
     T: tg_schema::Message,
     H: Handler<T>,
     C: Codec,
 {
-    Box::pin(drive(shared, Source::One, Some(job)).instrument(span))
+    Box::pin(drive(shared, Source::One, Some(job), worker).instrument(span))
 }
 
 /// Handles messages one after another: receive one (or take the lane's next job), decode it,
@@ -1235,12 +1330,19 @@ where
 /// for each message would have its future moved into this one each time). The rare paths
 /// (reconnecting, receive errors, poison messages, duplicates, failures, and messages in a
 /// `tracing` span) are boxed futures of their own.
-async fn drive<T, H, C>(shared: Arc<Shared<T, H, C>>, source: Source, mut next: Option<Job<T, C>>)
-where
+///
+/// `worker`: the index of the worker whose task this is (it counts in its own tally).
+async fn drive<T, H, C>(
+    shared: Arc<Shared<T, H, C>>,
+    source: Source,
+    mut next: Option<Job<T, C>>,
+    worker: Option<usize>,
+) where
     T: tg_schema::Message,
     H: Handler<T>,
     C: Codec,
 {
+    let tally = shared.tally(worker);
     let mut errors = 0u32;
     // The consumer of the message at hand. A worker keeps it between messages; a retired one
     // (connection error) is dropped and the slot asked again.
@@ -1270,7 +1372,7 @@ where
                 {
                     Ok(received) => {
                         errors = 0;
-                        shared.received();
+                        shared.received(tally);
                         raw = received;
                         permit = None;
                     }
@@ -1324,7 +1426,7 @@ where
                     raw,
                     permit,
                 };
-                drive_in_span(shared.clone(), job, span).await;
+                drive_in_span(shared.clone(), job, span, worker).await;
                 continue;
             }
         }
@@ -1349,7 +1451,7 @@ where
             Box::pin(shared.ack(gen, &raw)).await;
             continue;
         };
-        let started = shared.handler_starts();
+        let started = shared.handler_starts(tally);
         // Workers are aborted through their join handles; lane tasks watch the abort token.
         let result = if shared.dispatcher_mode {
             let fut = AssertUnwindSafe(shared.handler.handle(typed)).catch_unwind();
@@ -1366,13 +1468,13 @@ where
                     .await,
             )
         };
-        shared.running.fetch_sub(1, Ordering::Relaxed);
+        tally.running(false);
         let Some(result) = result else {
             continue;
         };
         match shared.handler_ended(started, result) {
             Ok(()) => {
-                inc(&shared.stats.succeeded);
+                tally.succeeded();
                 if let Some(m) = &shared.metrics {
                     m.ok.inc();
                 }
@@ -1431,12 +1533,9 @@ where
     if shared.dispatcher_mode {
         dispatcher(shared.clone()).await;
     } else {
-        for _ in 0..shared.config.concurrency {
-            loops.push(
-                shared
-                    .tracker
-                    .spawn(drive(shared.clone(), Source::Receive, None)),
-            );
+        for i in 0..shared.config.concurrency {
+            let worker = drive(shared.clone(), Source::Receive, None, Some(i));
+            loops.push(shared.tracker.spawn(worker));
         }
         shared.stop.cancelled().await;
     }
@@ -1449,7 +1548,7 @@ where
         .await
         .is_err()
     {
-        abandoned = shared.running.load(Ordering::Relaxed);
+        abandoned = usize::try_from(shared.stats.running()).unwrap_or(usize::MAX);
         tracing::warn!(topic = %shared.topic, abandoned, "shutdown deadline passed; dropping handlers still running");
         shared.aborting.store(true, Ordering::Relaxed);
         shared.abort.cancel();
