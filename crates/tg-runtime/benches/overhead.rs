@@ -7,14 +7,17 @@
 //! difference is the runner's own work: its workers, attempt accounting, panic catching,
 //! statistics and shutdown bookkeeping.
 //!
-//! Single-threaded runtime and the best of 5 (Redis: 3) alternating rounds, to keep the noise of
-//! a shared machine out of the ratio. Besides wall time, the on-CPU time of the runtime's thread
-//! (Linux `/proc/thread-self/schedstat`) is compared: on a loaded machine wall time mostly
-//! measures the other processes.
+//! Single-threaded runtime and the best of 15 (Redis: 3) alternating rounds, to keep the noise of
+//! a shared machine out of the ratio: on the 2 shared cores this was written on, one memory run
+//! took 40 ms or, as often, 70-120 ms (on-CPU time the same: the host, not the scheduler), so the
+//! best of 5 often missed the undisturbed speed of one path and the ratio moved by ±20%. Besides
+//! wall time, the on-CPU time of the runtime's thread (Linux `/proc/thread-self/schedstat`) is
+//! compared: on a loaded machine wall time mostly measures the other processes.
 //!
 //! `cargo bench -p tg-runtime --bench overhead` (N from `TG_BENCH_MESSAGES`, default 100,000 on
-//! memory; `TG_BENCH_REDIS_MESSAGES`, default 20,000 on Redis; `TG_BENCH_PROFILE=direct|runner1|
-//! runner16` runs one path on memory only, for a profiler).
+//! memory; `TG_BENCH_REDIS_MESSAGES`, default 20,000 on Redis; `TG_BENCH_ROUNDS`, default 15, the
+//! rounds on memory; `TG_BENCH_PROFILE=direct|runner1|runner16` runs one path on memory only, for
+//! a profiler).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -276,8 +279,12 @@ fn main() {
         });
         return;
     }
+    let rounds: usize = std::env::var("TG_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(15);
     rt.block_on(async {
-        let mut rows = measure(&Target::Memory, n, 5).await;
+        let mut rows = measure(&Target::Memory, n, rounds.max(1)).await;
         let prefix = format!("tgps-overhead-{}", std::process::id());
         if let Some(redis) = redis_target(&prefix).await {
             rows.extend(measure(&redis, redis_n, 3).await);
