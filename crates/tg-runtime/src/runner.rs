@@ -869,7 +869,7 @@ where
         &self,
         errors: &mut u32,
     ) -> std::result::Result<Option<(Arc<Gen<T, C>>, Message)>, ()> {
-        let Some(gen) = Box::pin(self.current_or_stop()).await else {
+        let Some(gen) = self.current_or_stop().await else {
             return Err(());
         };
         match TypedConsumer::inner(&gen.consumer)
