@@ -145,10 +145,12 @@ impl Tracker {
     }
 
     /// Keeps a publish the broker routed to nobody to publish it again later, if the connection
-    /// came back within the grace and there is room; otherwise hands it back to be completed.
+    /// came back within the grace and there is room; otherwise hands it back, marked as routed
+    /// to nobody, to be completed.
     fn hold_unrouted(&mut self, mut op: PubOp, now: Instant, cap: usize) -> Option<PubOp> {
         let within = self.rejoin_until.is_some_and(|until| now < until);
         if !within || op.publish.retain || self.unrouted.len() >= cap {
+            op.matched = false;
             return Some(op);
         }
         let delay = UNROUTED_RETRY_FIRST
@@ -210,6 +212,29 @@ struct Shared {
     unrouted_cap: usize,
 }
 
+impl Shared {
+    /// Not connected yet, nothing tracked.
+    fn new(config: &MqttConfig, client_id: String, consumer: Option<Arc<ConsumerCore>>) -> Self {
+        Self {
+            client_id,
+            address: config.address(),
+            tracker: Mutex::new(Tracker::default()),
+            submit: tokio::sync::Mutex::new(()),
+            broker_max_packet: AtomicU32::new(MAX_PACKET),
+            connected: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            resuming: AtomicBool::new(false),
+            shutdown: Notify::new(),
+            progress: Notify::new(),
+            consumer,
+            last_error: Mutex::new(None),
+            publish_ids: AtomicU64::new(0),
+            rejoin_grace: config.rejoin_grace,
+            unrouted_cap: config.request_capacity,
+        }
+    }
+}
+
 /// A connection to the broker. Cheap to share behind an `Arc`.
 pub(crate) struct Connection {
     client: AsyncClient,
@@ -223,23 +248,7 @@ impl Connection {
     pub(crate) async fn open(config: &MqttConfig, spec: ConnectionSpec) -> Result<Arc<Self>> {
         let options = mqtt_options(config, &spec)?;
         let (client, eventloop) = AsyncClient::new(options, config.request_capacity);
-        let shared = Arc::new(Shared {
-            client_id: spec.client_id,
-            address: config.address(),
-            tracker: Mutex::new(Tracker::default()),
-            submit: tokio::sync::Mutex::new(()),
-            broker_max_packet: AtomicU32::new(MAX_PACKET),
-            connected: AtomicBool::new(false),
-            closed: AtomicBool::new(false),
-            resuming: AtomicBool::new(false),
-            shutdown: Notify::new(),
-            progress: Notify::new(),
-            consumer: spec.consumer,
-            last_error: Mutex::new(None),
-            publish_ids: AtomicU64::new(0),
-            rejoin_grace: config.rejoin_grace,
-            unrouted_cap: config.request_capacity,
-        });
+        let shared = Arc::new(Shared::new(config, spec.client_id, spec.consumer));
         let (first_tx, first_rx) = oneshot::channel();
         let backoff_cap = config.reconnect_max_delay;
         let task = tokio::spawn(run(eventloop, shared.clone(), first_tx, backoff_cap));
@@ -821,12 +830,9 @@ fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
             let mut t = shared.tracker.lock();
             let op = t.inflight.remove(&ack.pkid);
             let op = match (op, &ack.reason) {
-                (Some(op), PubAckReason::NoMatchingSubscribers) => t
-                    .hold_unrouted(op, Instant::now(), shared.unrouted_cap)
-                    .map(|mut op| {
-                        op.matched = false;
-                        op
-                    }),
+                (Some(op), PubAckReason::NoMatchingSubscribers) => {
+                    t.hold_unrouted(op, Instant::now(), shared.unrouted_cap)
+                }
                 (op, _) => op,
             };
             drop(t);
@@ -858,12 +864,7 @@ fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
         Event::Incoming(Packet::PubComp(comp)) => {
             let mut t = shared.tracker.lock();
             let op = match t.inflight.remove(&comp.pkid) {
-                Some(op) if !op.matched => t
-                    .hold_unrouted(op, Instant::now(), shared.unrouted_cap)
-                    .map(|mut op| {
-                        op.matched = false;
-                        op
-                    }),
+                Some(op) if !op.matched => t.hold_unrouted(op, Instant::now(), shared.unrouted_cap),
                 op => op,
             };
             drop(t);
@@ -1149,23 +1150,9 @@ mod tests {
     }
 
     fn test_shared() -> Shared {
-        Shared {
-            client_id: "t".into(),
-            address: "127.0.0.1:1".into(),
-            tracker: Mutex::new(Tracker::default()),
-            submit: tokio::sync::Mutex::new(()),
-            broker_max_packet: AtomicU32::new(MAX_PACKET),
-            connected: AtomicBool::new(true),
-            closed: AtomicBool::new(false),
-            resuming: AtomicBool::new(false),
-            shutdown: Notify::new(),
-            progress: Notify::new(),
-            consumer: None,
-            last_error: Mutex::new(None),
-            publish_ids: AtomicU64::new(0),
-            rejoin_grace: Duration::from_secs(15),
-            unrouted_cap: 1000,
-        }
+        let shared = Shared::new(&MqttConfig::new("127.0.0.1", 1), "t".into(), None);
+        shared.connected.store(true, Ordering::Release);
+        shared
     }
 
     /// rumqttc takes what is in its pending queue even when its in-flight window is full or a
@@ -1249,9 +1236,10 @@ mod tests {
         };
         let now = Instant::now();
         let mut t = Tracker::default();
+        let back = t.hold_unrouted(op(1, false), now, 10);
         assert!(
-            t.hold_unrouted(op(1, false), now, 10).is_some(),
-            "no reconnect, no grace"
+            back.is_some_and(|o| !o.matched),
+            "no reconnect, no grace: handed back as routed to nobody"
         );
         t.rejoin_until = Some(now + Duration::from_secs(15));
         assert!(t.hold_unrouted(op(3, false), now, 10).is_none());
