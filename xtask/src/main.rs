@@ -10,35 +10,94 @@ use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-/// A broker backend and the local server its tests use.
-struct Server {
-    backend: &'static str,
-    crate_name: &'static str,
-    port: u16,
-    /// Shell command that starts the local server when it is down.
-    start: &'static str,
+/// A backend crate of the workspace, as its manifest describes it under
+/// `[package.metadata.tg-pubsub]`: the backend's name, the local server its tests use (started by
+/// `services` when it is down), and a test broker xtask runs for the test run itself.
+#[derive(Debug, Clone)]
+struct BackendCrate {
+    backend: String,
+    crate_name: String,
+    server: Option<Server>,
+    test_broker: Option<String>,
 }
 
-const SERVERS: &[Server] = &[
-    Server {
-        backend: "redis",
-        crate_name: "tg-backend-redis",
-        port: 6379,
-        start: "redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save '' --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log",
-    },
-    Server {
-        backend: "postgres",
-        crate_name: "tg-backend-postgres",
-        port: 5432,
-        start: "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start",
-    },
-    Server {
-        backend: "mqtt",
-        crate_name: "tg-backend-mqtt",
-        port: 1883,
-        start: "mosquitto -d -c /etc/mosquitto/mosquitto.conf",
-    },
-];
+/// A local server: its port on 127.0.0.1 and the shell command that starts it when it is down.
+#[derive(Debug, Clone)]
+struct Server {
+    port: u16,
+    start: String,
+}
+
+/// The backend crates of the workspace (`cargo metadata`), memory first.
+fn backend_crates() -> Result<Vec<BackendCrate>, String> {
+    let output = Command::new(env!("CARGO"))
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(root())
+        .stderr(Stdio::inherit())
+        .output()
+        .map_err(|e| format!("cannot run cargo metadata: {e}"))?;
+    if !output.status.success() {
+        return Err("cargo metadata failed".to_owned());
+    }
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("cargo metadata printed no JSON: {e}"))?;
+    let mut crates = backends_from_metadata(&metadata)?;
+    crates.sort_by_key(|c| (c.backend != "memory", c.backend.clone()));
+    Ok(crates)
+}
+
+/// Reads the backend crates out of `cargo metadata`'s JSON.
+fn backends_from_metadata(metadata: &serde_json::Value) -> Result<Vec<BackendCrate>, String> {
+    let packages = metadata["packages"]
+        .as_array()
+        .ok_or("cargo metadata has no packages")?;
+    let mut crates = Vec::new();
+    for package in packages {
+        let meta = &package["metadata"]["tg-pubsub"];
+        let Some(backend) = meta["backend"].as_str() else {
+            continue;
+        };
+        let crate_name = package["name"].as_str().unwrap_or_default().to_owned();
+        let server = match &meta["server"] {
+            serde_json::Value::Null => None,
+            server => Some(Server {
+                port: server["port"]
+                    .as_u64()
+                    .and_then(|p| u16::try_from(p).ok())
+                    .ok_or_else(|| format!("{crate_name}: server.port is not a port"))?,
+                start: server["start"]
+                    .as_str()
+                    .ok_or_else(|| format!("{crate_name}: server.start is missing"))?
+                    .to_owned(),
+            }),
+        };
+        crates.push(BackendCrate {
+            backend: backend.to_owned(),
+            crate_name,
+            server,
+            test_broker: meta["test-broker"].as_str().map(str::to_owned),
+        });
+    }
+    Ok(crates)
+}
+
+fn find_backend(backend: &str) -> Result<BackendCrate, String> {
+    let crates = backend_crates()?;
+    crates
+        .iter()
+        .find(|c| c.backend == backend)
+        .cloned()
+        .ok_or_else(|| {
+            format!(
+                "unknown backend {backend:?}; known: {}",
+                crates
+                    .iter()
+                    .map(|c| c.backend.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
 
 const USAGE: &str = "\
 usage: cargo xtask <command>
@@ -52,7 +111,7 @@ usage: cargo xtask <command>
   ci                   what CI runs: fmt --check, clippy -D warnings, doc, test all
   help                 this text
 
-backends: memory (always), and those whose crate is in the workspace:";
+backends: the workspace's crates with `[package.metadata.tg-pubsub] backend = …`:";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -60,11 +119,7 @@ fn main() -> ExitCode {
     let result = match args.as_slice() {
         ["test", backend] => test(backend),
         ["bench", backend] => bench(backend),
-        ["services"] => {
-            services(&available_servers());
-            pulsar::services();
-            Ok(())
-        }
+        ["services"] => backend_crates().map(|crates| services(&crates)),
         ["ci"] => ci(),
         [] | ["help"] | ["--help"] | ["-h"] => {
             print_usage();
@@ -85,7 +140,16 @@ fn main() -> ExitCode {
 }
 
 fn print_usage() {
-    println!("{USAGE} {}", backends().join(", "));
+    let names = backend_crates()
+        .map(|crates| {
+            crates
+                .into_iter()
+                .map(|c| c.backend)
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_else(|e| format!("({e})"));
+    println!("{USAGE} {names}");
 }
 
 fn root() -> PathBuf {
@@ -95,70 +159,54 @@ fn root() -> PathBuf {
         .unwrap_or_default()
 }
 
-fn crate_exists(name: &str) -> bool {
-    root()
-        .join("crates")
-        .join(name)
-        .join("Cargo.toml")
-        .is_file()
-}
-
-/// The servers of backends whose crate is in the workspace.
-fn available_servers() -> Vec<&'static Server> {
-    SERVERS
-        .iter()
-        .filter(|s| crate_exists(s.crate_name))
-        .collect()
-}
-
-fn backends() -> Vec<&'static str> {
-    std::iter::once("memory")
-        .chain(available_servers().iter().map(|s| s.backend))
-        .collect()
-}
-
 fn reachable(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok()
 }
 
-/// Makes sure the server is up, starting it if needed. Says what it could not reach.
-fn ensure_server(server: &Server) -> bool {
+/// Makes sure the backend's server is up, starting it if needed. Says what it could not reach.
+fn ensure_server(backend: &str, server: &Server) -> bool {
     if reachable(server.port) {
         return true;
     }
     println!(
-        "xtask: {} server on 127.0.0.1:{} is down; starting it: {}",
-        server.backend, server.port, server.start
+        "xtask: {backend} server on 127.0.0.1:{} is down; starting it: {}",
+        server.port, server.start
     );
-    let started = Command::new("sh").arg("-c").arg(server.start).status();
+    let started = Command::new("sh").arg("-c").arg(&server.start).status();
     if let Err(e) = &started {
         println!("xtask: could not run the start command: {e}");
     }
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if reachable(server.port) {
-            println!("xtask: {} server is up", server.backend);
+            println!("xtask: {backend} server is up");
             return true;
         }
         std::thread::sleep(Duration::from_millis(250));
     }
     println!(
-        "xtask: could NOT reach the {} server on 127.0.0.1:{}; its tests will be skipped (or fail under CI=true)",
-        server.backend, server.port
+        "xtask: could NOT reach the {backend} server on 127.0.0.1:{}; its tests will be skipped (or fail under CI=true)",
+        server.port
     );
     false
 }
 
-fn services(servers: &[&Server]) {
-    for server in servers {
-        let up = ensure_server(server);
-        println!(
-            "{:<10} 127.0.0.1:{:<6} {}",
-            server.backend,
-            server.port,
-            if up { "up" } else { "DOWN" }
-        );
+/// Starts the servers of `crates` that are down and prepares their test brokers; reports each.
+fn services(crates: &[BackendCrate]) {
+    for c in crates {
+        if let Some(server) = &c.server {
+            let up = ensure_server(&c.backend, server);
+            println!(
+                "{:<10} 127.0.0.1:{:<6} {}",
+                c.backend,
+                server.port,
+                if up { "up" } else { "DOWN" }
+            );
+        }
+        if c.test_broker.as_deref() == Some(pulsar::TEST_BROKER) {
+            pulsar::services();
+        }
     }
 }
 
@@ -235,15 +283,38 @@ impl Drop for OwnMosquitto {
     }
 }
 
-/// The environment the tests of `backend` (or `all`) need, with what keeps it alive.
-fn test_env(backend: &str) -> (Vec<(&'static str, String)>, Option<OwnMosquitto>) {
-    if !(backend == "mqtt" || backend == "all") || std::env::var_os("MQTT_URL").is_some() {
-        return (Vec::new(), None);
+/// The test broker `OwnMosquitto` stands for in a crate's metadata.
+const MOSQUITTO_TEST_BROKER: &str = "mosquitto";
+
+/// A test broker xtask runs for one test or bench run. Nothing reads it: it is held so that its
+/// `Drop` stops the broker when the run ends.
+#[expect(dead_code, reason = "held for its Drop")]
+enum TestBroker {
+    Mosquitto(OwnMosquitto),
+    Pulsar(pulsar::TestBroker),
+}
+
+/// Starts the test brokers of `crates` (unless the environment already names a broker), adding
+/// the variables the tests read to `env`. The returned values keep them running.
+fn test_brokers(crates: &[BackendCrate], env: &mut Vec<(&'static str, String)>) -> Vec<TestBroker> {
+    let mut running = Vec::new();
+    for c in crates {
+        match c.test_broker.as_deref() {
+            Some(MOSQUITTO_TEST_BROKER) if std::env::var_os("MQTT_URL").is_none() => {
+                if let Some(own) = OwnMosquitto::start() {
+                    env.push(("MQTT_URL", own.url()));
+                    running.push(TestBroker::Mosquitto(own));
+                }
+            }
+            Some(pulsar::TEST_BROKER) => {
+                if let Some(broker) = pulsar::test_env(env) {
+                    running.push(TestBroker::Pulsar(broker));
+                }
+            }
+            _ => {}
+        }
     }
-    match OwnMosquitto::start() {
-        Some(own) => (vec![("MQTT_URL", own.url())], Some(own)),
-        None => (Vec::new(), None),
-    }
+    running
 }
 
 #[derive(Default, Debug)]
@@ -299,27 +370,18 @@ fn cargo_test(args: &[&str], env: &[(&str, String)], totals: &mut Totals) -> Res
 
 fn test(backend: &str) -> Result<(), String> {
     let mut totals = Totals::default();
-    let (mut env, _mosquitto) = test_env(backend);
-    let _pulsar = pulsar::test_env(backend, &mut env);
-    let ok = if backend == "all" {
-        services(&available_servers());
-        cargo_test(&["test", "--workspace"], &env, &mut totals)?
-    } else if backend == "memory" {
-        cargo_test(&["test", "-p", "tg-backend-memory"], &env, &mut totals)?
-    } else if backend == "pulsar" {
-        pulsar::test(&env, &mut totals)?
+    let mut env = Vec::new();
+    let crates = if backend == "all" {
+        backend_crates()?
     } else {
-        let server = available_servers()
-            .into_iter()
-            .find(|s| s.backend == backend)
-            .ok_or_else(|| {
-                format!(
-                    "unknown backend {backend:?}; known: {}",
-                    backends().join(", ")
-                )
-            })?;
-        ensure_server(server);
-        cargo_test(&["test", "-p", server.crate_name], &env, &mut totals)?
+        vec![find_backend(backend)?]
+    };
+    services(&crates);
+    let _brokers = test_brokers(&crates, &mut env);
+    let ok = if backend == "all" {
+        cargo_test(&["test", "--workspace"], &env, &mut totals)?
+    } else {
+        cargo_test(&["test", "-p", &crates[0].crate_name], &env, &mut totals)?
     };
     println!(
         "{} passed, {} failed, {} skipped",
@@ -354,25 +416,26 @@ fn bench(backend: &str) -> Result<(), String> {
             &["run", "--release", "-p", "tg-pubsub-cli", "--", "bench"],
         );
     }
-    if backend == "pulsar" {
-        return pulsar::bench();
+    let c = find_backend(backend)?;
+    if let Some(server) = &c.server {
+        if !ensure_server(&c.backend, server) {
+            return Err(format!("the {backend} server is not reachable"));
+        }
     }
-    let server = available_servers()
-        .into_iter()
-        .find(|s| s.backend == backend)
-        .ok_or_else(|| {
-            format!(
-                "unknown backend {backend:?}; known: {}",
-                backends().join(", ")
-            )
-        })?;
-    if !ensure_server(server) {
-        return Err(format!("the {backend} server is not reachable"));
+    let mut env = Vec::new();
+    let _brokers = test_brokers(std::slice::from_ref(&c), &mut env);
+    println!("xtask: cargo bench -p {} --bench compare", c.crate_name);
+    let status = Command::new(cargo)
+        .args(["bench", "-p", &c.crate_name, "--bench", "compare"])
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .current_dir(root())
+        .status()
+        .map_err(|e| format!("cannot run cargo bench: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("the {backend} bench failed ({status})"))
     }
-    run(
-        cargo,
-        &["bench", "-p", server.crate_name, "--bench", "compare"],
-    )
 }
 
 fn ci() -> Result<(), String> {
@@ -417,10 +480,40 @@ mod tests {
     }
 
     #[test]
-    fn memory_is_always_a_backend() {
-        assert_eq!(backends()[0], "memory");
-        assert!(SERVERS
-            .iter()
-            .all(|s| s.crate_name.starts_with("tg-backend-")));
+    fn backends_come_from_crate_metadata() {
+        let json = serde_json::json!({"packages": [
+            {"name": "tg-runtime", "metadata": null},
+            {"name": "tg-backend-redis", "metadata": {"tg-pubsub": {
+                "backend": "redis", "server": {"port": 6379, "start": "redis-server"}}}},
+            {"name": "tg-backend-pulsar", "metadata": {"tg-pubsub": {
+                "backend": "pulsar", "test-broker": "pulsar-lite"}}},
+        ]});
+        let crates = backends_from_metadata(&json).unwrap();
+        assert_eq!(crates.len(), 2);
+        assert_eq!(crates[0].crate_name, "tg-backend-redis");
+        assert_eq!(crates[0].server.as_ref().map(|s| s.port), Some(6379));
+        assert_eq!(crates[1].test_broker.as_deref(), Some("pulsar-lite"));
+        let bad = serde_json::json!({"packages": [{"name": "x", "metadata": {"tg-pubsub": {
+            "backend": "x", "server": {"port": "one"}}}}]});
+        assert!(backends_from_metadata(&bad).unwrap_err().contains("port"));
+    }
+
+    #[test]
+    fn every_backend_crate_of_the_workspace_is_found() {
+        let crates = backend_crates().unwrap();
+        assert_eq!(crates[0].backend, "memory");
+        for c in &crates {
+            assert_eq!(c.crate_name, format!("tg-backend-{}", c.backend));
+        }
+        let dirs = std::fs::read_dir(root().join("crates"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with("tg-backend-") && n != "tg-backend-api")
+            .count();
+        assert_eq!(
+            crates.len(),
+            dirs,
+            "a tg-backend-* crate lacks [package.metadata.tg-pubsub]"
+        );
     }
 }

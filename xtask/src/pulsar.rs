@@ -11,10 +11,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{cargo_test, reachable, root, Totals};
+use crate::{reachable, root};
 
 #[path = "../../crates/tg-backend-pulsar/tests/support/relay.rs"]
 mod relay;
+
+/// The test broker the Pulsar crate's metadata names.
+pub(crate) const TEST_BROKER: &str = "pulsar-lite";
 
 /// What the venv gets from PyPI.
 const PYTHON_PACKAGES: &[&str] = &["pulsar-lite==0.2.0", "trustgraph-base==2.11.1"];
@@ -289,10 +292,7 @@ impl TestBroker {
 ///
 /// With `XTASK_PULSAR_SERVE_SECS=N` it prints the variables and keeps the broker up for N seconds
 /// before the tests run (for running single tests by hand meanwhile).
-pub(crate) fn test_env(backend: &str, env: &mut Vec<(&'static str, String)>) -> Option<TestBroker> {
-    if backend != "pulsar" && backend != "all" {
-        return None;
-    }
+pub(crate) fn test_env(env: &mut Vec<(&'static str, String)>) -> Option<TestBroker> {
     ensure_protoc();
     if std::env::var_os("PULSAR_URL").is_some() {
         println!("xtask: PULSAR_URL is set; the Pulsar tests use that broker");
@@ -316,36 +316,6 @@ pub(crate) fn test_env(backend: &str, env: &mut Vec<(&'static str, String)>) -> 
             println!("xtask: could NOT start pulsar-lite: {e}; the Pulsar tests will be skipped (or fail under CI=true)");
             None
         }
-    }
-}
-
-/// `cargo xtask test pulsar`.
-pub(crate) fn test(env: &[(&str, String)], totals: &mut Totals) -> Result<bool, String> {
-    cargo_test(&["test", "-p", "tg-backend-pulsar"], env, totals)
-}
-
-/// `cargo xtask bench pulsar`: the compare bench against a fresh broker.
-pub(crate) fn bench() -> Result<(), String> {
-    if !ensure_protoc() {
-        return Err("protoc is missing".to_owned());
-    }
-    let mut env = Vec::new();
-    let _broker = test_env("pulsar", &mut env);
-    if !env.iter().any(|(k, _)| *k == "PULSAR_URL") && std::env::var_os("PULSAR_URL").is_none() {
-        return Err("no Pulsar broker for the bench".to_owned());
-    }
-    let cargo = env!("CARGO");
-    println!("xtask: cargo bench -p tg-backend-pulsar --bench compare");
-    let status = Command::new(cargo)
-        .args(["bench", "-p", "tg-backend-pulsar", "--bench", "compare"])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .current_dir(root())
-        .status()
-        .map_err(|e| format!("cannot run cargo bench: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("the Pulsar bench failed ({status})"))
     }
 }
 

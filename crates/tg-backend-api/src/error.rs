@@ -152,6 +152,13 @@ impl Error {
         )
     }
 
+    /// Replaces the message, keeping kind, flag, context, source and raw message.
+    #[must_use]
+    pub fn with_message(mut self, message: impl Into<Cow<'static, str>>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     /// Marks the error as temporary (retrying may help) or permanent.
     #[must_use]
     pub fn set_temporary(mut self, temporary: bool) -> Self {

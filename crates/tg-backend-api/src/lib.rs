@@ -3,14 +3,17 @@
 #![warn(missing_docs)]
 
 mod backend;
+mod backoff;
 mod capabilities;
 mod error;
+pub mod kit;
 mod message;
 mod options;
 mod registry;
 mod typed;
 
 pub use backend::{receive_timeout, Backend, Consumer, Producer, SendReceipt};
+pub use backoff::Backoff;
 pub use bytes::Bytes;
 pub use capabilities::Capabilities;
 pub use error::{Error, ErrorKind, Result};

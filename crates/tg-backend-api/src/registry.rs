@@ -18,11 +18,11 @@ use std::sync::{Arc, Mutex, Weak};
 /// assert_eq!(registry.drain_live(), vec![kept]);
 /// assert!(registry.drain_live().is_empty());
 /// ```
-pub struct HandleRegistry<T> {
+pub struct HandleRegistry<T: ?Sized> {
     items: Mutex<Vec<Weak<T>>>,
 }
 
-impl<T> HandleRegistry<T> {
+impl<T: ?Sized> HandleRegistry<T> {
     /// An empty registry.
     pub const fn new() -> Self {
         Self {
@@ -44,13 +44,13 @@ impl<T> HandleRegistry<T> {
     }
 }
 
-impl<T> Default for HandleRegistry<T> {
+impl<T: ?Sized> Default for HandleRegistry<T> {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl<T> fmt::Debug for HandleRegistry<T> {
+impl<T: ?Sized> fmt::Debug for HandleRegistry<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let items = self.items.lock().unwrap_or_else(|e| e.into_inner());
         let live = items.iter().filter(|w| w.strong_count() > 0).count();

@@ -1,17 +1,15 @@
 //! The in-memory backend.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use tg_backend_api::{
-    next_consumer_id, Backend, Capabilities, Consumer, ConsumerOptions, InitialPosition, Producer,
-    ProducerOptions, Qos, Result, Topic,
-};
+use tg_backend_api::kit::{Feature, Lifecycle, RawBackend};
+use tg_backend_api::{Capabilities, ConsumerOptions, ProducerOptions, Qos, Result, Topic};
 
 use crate::config::MemoryConfig;
 use crate::consumer::MemoryConsumer;
+use crate::core::Core;
 use crate::producer::MemoryProducer;
-use crate::topic::Broker;
 
 /// An in-process broker. Clones share the same broker; [`MemoryBackend::new`] makes a fresh one.
 ///
@@ -32,13 +30,10 @@ use crate::topic::Broker;
 /// ```
 #[derive(Debug, Clone)]
 pub struct MemoryBackend {
-    broker: Arc<Broker>,
+    core: Arc<Core>,
 }
 
 impl MemoryBackend {
-    /// The name `PUBSUB_BACKEND` uses for this backend.
-    pub const NAME: &'static str = "memory";
-
     /// A fresh broker with the default configuration.
     pub fn new() -> Self {
         Self::with_config(MemoryConfig::default())
@@ -47,13 +42,13 @@ impl MemoryBackend {
     /// A fresh broker with this configuration.
     pub fn with_config(config: MemoryConfig) -> Self {
         Self {
-            broker: Arc::new(Broker::new(config)),
+            core: Arc::new(Core::new(config)),
         }
     }
 
     /// The configuration.
     pub fn config(&self) -> &MemoryConfig {
-        &self.broker.config
+        &self.core.config
     }
 }
 
@@ -63,13 +58,17 @@ impl Default for MemoryBackend {
     }
 }
 
-#[async_trait]
-impl Backend for MemoryBackend {
-    fn name(&self) -> &'static str {
-        Self::NAME
+impl RawBackend for MemoryBackend {
+    type Producer = MemoryProducer;
+    type Consumer = MemoryConsumer;
+
+    const NAME: &'static str = "memory";
+
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.core.life
     }
 
-    fn capabilities(&self, qos: Qos) -> Capabilities {
+    fn caps(&self, qos: Qos) -> Capabilities {
         let mut caps = Capabilities::NONE;
         caps.durable_subscriptions = qos.is_persistent();
         caps.earliest = qos.is_persistent();
@@ -82,52 +81,49 @@ impl Backend for MemoryBackend {
         caps.redelivery_count = true;
         caps.redeliver_unacked_on_close = true;
         caps.acknowledgement = true;
-        caps.max_payload = self.broker.config.max_payload;
+        caps.max_payload = self.core.config.max_payload;
         caps
     }
 
-    async fn create_producer(
-        &self,
-        topic: &Topic,
-        _options: ProducerOptions,
-    ) -> Result<Box<dyn Producer>> {
-        self.broker.check_open()?;
-        let state = self.broker.topic(topic);
-        Ok(Box::new(MemoryProducer::new(self.broker.clone(), state)))
+    fn why_not(&self, _qos: Qos, feature: Feature) -> Cow<'static, str> {
+        match feature {
+            Feature::Retained => {
+                "the memory backend keeps no retained messages; use a q1 topic and Earliest".into()
+            }
+            Feature::Earliest => "q0 topics retain nothing".into(),
+            Feature::Consumer(t) => format!("the memory backend has no {t} consumers").into(),
+        }
     }
 
-    async fn create_consumer(
+    async fn open_producer(
         &self,
         topic: &Topic,
-        options: ConsumerOptions,
-    ) -> Result<Box<dyn Consumer>> {
-        options.validate()?;
-        self.broker.check_open()?;
-        if options.initial_position == InitialPosition::Earliest && !topic.qos().is_persistent() {
-            tracing::debug!(%topic, "q0 topics retain nothing: Earliest behaves as Latest");
-        }
-        let state = self.broker.topic(topic);
-        let id = next_consumer_id();
+        _options: &ProducerOptions,
+    ) -> Result<MemoryProducer> {
+        Ok(MemoryProducer::new(
+            self.core.clone(),
+            self.core.topic(topic),
+        ))
+    }
+
+    async fn open_consumer(
+        &self,
+        topic: &Topic,
+        options: &ConsumerOptions,
+        id: u64,
+    ) -> Result<MemoryConsumer> {
+        let state = self.core.topic(topic);
         let sub = state.attach(
             &options.subscription,
             id,
             options.consumer_type,
             options.initial_position,
         )?;
-        Ok(Box::new(MemoryConsumer::new(
-            id,
-            self.broker.clone(),
-            state,
-            sub,
-        )))
+        Ok(MemoryConsumer::new(id, state, sub))
     }
 
-    async fn ping(&self) -> Result<()> {
-        self.broker.check_open()
-    }
-
-    async fn close(&self) -> Result<()> {
-        self.broker.close();
+    async fn shutdown(&self) -> Result<()> {
+        self.core.wake_all();
         Ok(())
     }
 }

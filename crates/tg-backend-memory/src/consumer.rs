@@ -5,86 +5,52 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
-use tg_backend_api::{receive_timeout, Consumer, Error, ErrorKind, Message, Result, Topic};
+use tg_backend_api::kit::RawConsumer;
+use tg_backend_api::{receive_timeout, Message, Result};
 use tokio::time::Instant;
 
-use crate::topic::{Broker, Subscription, Take, TopicState};
+use crate::broker::{Subscription, Take, TopicState};
 
 /// Times `receive` yields to the scheduler and looks again before it parks.
 const SPIN_YIELDS: usize = 4;
 
-pub(crate) struct MemoryConsumer {
+/// The in-memory consumer (as the kit sees it; applications get it as a `Box<dyn Consumer>`).
+pub struct MemoryConsumer {
     id: u64,
-    broker: Arc<Broker>,
     topic: Arc<TopicState>,
     sub: Arc<Subscription>,
-    closed: AtomicBool,
+    /// Whether this consumer left its subscription (what it held went back). Subscription state,
+    /// not the consumer's lifecycle, which the kit keeps.
+    detached: AtomicBool,
 }
 
 impl MemoryConsumer {
-    pub(crate) fn new(
-        id: u64,
-        broker: Arc<Broker>,
-        topic: Arc<TopicState>,
-        sub: Arc<Subscription>,
-    ) -> Self {
+    pub(crate) fn new(id: u64, topic: Arc<TopicState>, sub: Arc<Subscription>) -> Self {
         Self {
             id,
-            broker,
             topic,
             sub,
-            closed: AtomicBool::new(false),
+            detached: AtomicBool::new(false),
         }
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed("consumer")
-                .with_context("topic", self.topic.topic())
-                .with_context("subscription", self.sub.name()));
-        }
-        self.broker.check_open()
     }
 
     fn try_take(&self) -> Result<Option<Message>> {
-        self.check_open()?;
         Ok(match self.sub.try_take(self.id)? {
             Take::Message(m) => Some(m),
             Take::Empty => None,
         })
     }
 
-    fn own_seq(&self, message: &Message) -> Result<u64> {
-        let handle = message.ack_handle();
-        if handle.consumer() != self.id {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "the message was received by another consumer; acknowledge it there",
-            )
-            .with_context("message_id", message.id()));
-        }
-        Ok(handle.seq())
-    }
-
-    /// Detaches from the subscription once; later calls do nothing.
+    /// Leaves the subscription once: what this consumer held goes back, and a non-durable
+    /// subscription without consumers goes away.
     fn detach(&self) {
-        if !self.closed.swap(true, Ordering::AcqRel) && self.sub.detach(self.id) {
+        if !self.detached.swap(true, Ordering::AcqRel) && self.sub.detach(self.id) {
             self.topic.remove_subscription(&self.sub);
         }
     }
 }
 
-#[async_trait]
-impl Consumer for MemoryConsumer {
-    fn topic(&self) -> &Topic {
-        self.topic.topic()
-    }
-
-    fn subscription(&self) -> &str {
-        self.sub.name()
-    }
-
+impl RawConsumer for MemoryConsumer {
     async fn receive(&self, timeout: Duration) -> Result<Message> {
         if let Some(m) = self.try_take()? {
             return Ok(m);
@@ -118,21 +84,16 @@ impl Consumer for MemoryConsumer {
     }
 
     async fn acknowledge(&self, message: &Message) -> Result<()> {
-        let seq = self.own_seq(message)?;
-        self.check_open()?;
-        self.sub.ack(seq);
+        self.sub.ack(message.ack_handle().seq());
         Ok(())
     }
 
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
-        let seq = self.own_seq(message)?;
-        self.check_open()?;
-        self.sub.nack(seq);
+        self.sub.nack(message.ack_handle().seq());
         Ok(())
     }
 
     async fn unsubscribe(&self) -> Result<()> {
-        self.check_open()?;
         self.topic.remove_subscription(&self.sub);
         self.detach();
         Ok(())
@@ -142,11 +103,10 @@ impl Consumer for MemoryConsumer {
         self.detach();
         Ok(())
     }
-}
 
-impl Drop for MemoryConsumer {
-    fn drop(&mut self) {
+    fn close_sync(&self) -> bool {
         self.detach();
+        true
     }
 }
 
@@ -156,7 +116,6 @@ impl fmt::Debug for MemoryConsumer {
             .field("id", &self.id)
             .field("topic", self.topic.topic())
             .field("subscription", &self.sub.name())
-            .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish()
     }
 }

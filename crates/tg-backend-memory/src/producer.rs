@@ -1,83 +1,47 @@
 //! The in-memory producer.
 
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use async_trait::async_trait;
-use tg_backend_api::{
-    Error, ErrorKind, OutboundMessage, Producer, Qos, Result, SendReceipt, Topic, DEDUP_ID_PROPERTY,
-};
+use tg_backend_api::kit::RawProducer;
+use tg_backend_api::{OutboundMessage, Qos, Result, SendReceipt, DEDUP_ID_PROPERTY};
 
-use crate::topic::{Broker, PublishLimits, TopicState, Unpublished};
+use crate::broker::{TopicState, Unpublished};
+use crate::core::Core;
 
-pub(crate) struct MemoryProducer {
-    broker: Arc<Broker>,
+/// The in-memory producer (as the kit sees it; applications get it as a `Box<dyn Producer>`).
+pub struct MemoryProducer {
+    core: Arc<Core>,
     topic: Arc<TopicState>,
-    limits: PublishLimits,
-    closed: AtomicBool,
 }
 
 impl MemoryProducer {
-    pub(crate) fn new(broker: Arc<Broker>, topic: Arc<TopicState>) -> Self {
-        let limits = PublishLimits {
-            capacity: broker.config.subscription_capacity,
-            retention: broker.config.retention,
-            dedup_window: broker.config.dedup_window,
-        };
-        Self {
-            broker,
-            topic,
-            limits,
-            closed: AtomicBool::new(false),
-        }
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed("producer").with_context("topic", self.topic.topic()));
-        }
-        self.broker.check_open()
+    pub(crate) fn new(core: Arc<Core>, topic: Arc<TopicState>) -> Self {
+        Self { core, topic }
     }
 }
 
-#[async_trait]
-impl Producer for MemoryProducer {
-    fn topic(&self) -> &Topic {
-        self.topic.topic()
-    }
-
-    async fn send(&self, mut message: OutboundMessage) -> Result<SendReceipt> {
-        self.check_open()?;
-        let max = self.broker.config.max_payload;
-        if message.payload().len() > max {
-            return Err(Error::payload_too_large(message.payload().len(), max)
-                .with_context("topic", self.topic.topic()));
-        }
-        if message.is_retained() {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                "the memory backend keeps no retained messages; use a q1 topic and Earliest",
-            ));
-        }
+impl RawProducer for MemoryProducer {
+    async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
+        let (payload, properties, key) = message.into_parts();
+        // q2 messages carry their id: the kit set it before the producer sees them
         let dedup_id = if self.topic.topic().qos() == Qos::Q2 {
-            Some(message.ensure_dedup_id().to_owned())
+            properties.get(DEDUP_ID_PROPERTY).cloned()
         } else {
             None
         };
-        let (payload, properties, key) = message.into_parts();
-        debug_assert!(dedup_id.is_none() || properties.contains_key(DEDUP_ID_PROPERTY));
         let mut unpublished = Unpublished {
             payload,
             properties,
             key,
             dedup_id,
         };
+        let limits = &self.core.limits;
         loop {
-            match self.topic.try_publish(unpublished, &self.limits) {
+            match self.topic.try_publish(unpublished, limits) {
                 Ok(id) => return Ok(SendReceipt::ready(id)),
                 Err((back, full)) => {
-                    full.wait_for_room(&self.broker).await?;
+                    full.wait_for_room(limits, &self.core.life).await?;
                     unpublished = back;
                 }
             }
@@ -85,12 +49,15 @@ impl Producer for MemoryProducer {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.check_open()
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {
-        self.closed.store(true, Ordering::Release);
         Ok(())
+    }
+
+    fn close_sync(&self) -> bool {
+        true
     }
 }
 
@@ -98,7 +65,6 @@ impl fmt::Debug for MemoryProducer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryProducer")
             .field("topic", self.topic.topic())
-            .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish()
     }
 }

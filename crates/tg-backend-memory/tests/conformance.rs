@@ -1,14 +1,7 @@
-//! The conformance suite on the in-memory backend (no server needed).
+//! The conformance suite on the in-memory backend (no server needed), and its page in `docs/`.
 
-use std::process::ExitCode;
-use std::sync::Arc;
-
-use tg_backend_api::Backend;
-use tg_backend_memory::MemoryBackend;
-
-fn main() -> ExitCode {
-    tg_testkit::Suite::new(MemoryBackend::NAME, || async {
-        Ok(Arc::new(MemoryBackend::new()) as Arc<dyn Backend>)
-    })
-    .run()
+fn main() -> std::process::ExitCode {
+    tg_testkit::Suite::for_driver(&tg_backend_memory::DRIVER)
+        .doc_page(include_str!("../../../docs/memory.md"))
+        .run()
 }

@@ -1,19 +1,6 @@
-//! The conformance suite against a real MQTT broker: `MQTT_URL` (default `mqtt://127.0.0.1:1883`).
+//! The conformance suite against a real MQTT broker: `MQTT_URL` (`cargo xtask test mqtt` starts a
+//! Mosquitto of its own and sets it), else `MQTT_HOST`/`MQTT_PORT` (default localhost:1883).
 
-use std::process::ExitCode;
-use std::sync::Arc;
-
-use tg_backend_api::Backend;
-use tg_backend_mqtt::{MqttBackend, MqttConfig};
-
-fn main() -> ExitCode {
-    let url = std::env::var("MQTT_URL").unwrap_or_else(|_| "mqtt://127.0.0.1:1883".to_owned());
-    tg_testkit::Suite::new(MqttBackend::NAME, move || {
-        let url = url.clone();
-        async move {
-            let config = MqttConfig::from_url(&url)?;
-            Ok(Arc::new(MqttBackend::connect(config).await?) as Arc<dyn Backend>)
-        }
-    })
-    .run()
+fn main() -> std::process::ExitCode {
+    tg_testkit::Suite::for_driver(&tg_backend_mqtt::DRIVER).run()
 }

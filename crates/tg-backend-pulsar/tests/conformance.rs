@@ -5,18 +5,8 @@
 //! The tests listed with `known_defect` fail on pulsar-lite 0.2.0 for reasons of that broker,
 //! given with the evidence; on Apache Pulsar they are expected to pass.
 
-use std::process::ExitCode;
-use std::sync::Arc;
-
-use tg_backend_api::{Backend, Error};
-use tg_backend_pulsar::{PulsarBackend, PulsarConfig};
-
-fn main() -> ExitCode {
-    let config = PulsarConfig::from_env().map_err(|e| e.to_string());
-    tg_testkit::Suite::new(PulsarBackend::NAME, move || {
-        let config = config.clone().map_err(Error::config);
-        async move { Ok(Arc::new(PulsarBackend::connect(config?).await?) as Arc<dyn Backend>) }
-    })
+fn main() -> std::process::ExitCode {
+    tg_testkit::Suite::for_driver(&tg_backend_pulsar::DRIVER)
     .known_defect(
         "exclusive_refuses_second_consumer",
         "pulsar-lite 0.2.0 answers the second Exclusive subscribe by dropping the client's whole \

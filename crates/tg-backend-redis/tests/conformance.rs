@@ -3,20 +3,13 @@
 //! Every run uses its own key prefix and deletes its keys at the end, so runs leave nothing behind.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
-use tg_backend_api::Backend;
-use tg_backend_redis::{RedisBackend, RedisConfig};
+use tg_backend_redis::{RedisConfig, DRIVER};
 
 fn main() -> ExitCode {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| RedisConfig::DEFAULT_URL.to_owned());
     let prefix = format!("tgps-conf-{}", std::process::id());
-    let (factory_url, factory_prefix) = (url.clone(), prefix.clone());
-    let code = tg_testkit::Suite::new(RedisBackend::NAME, move || {
-        let config = RedisConfig::from_url(&factory_url).map(|c| c.prefix(factory_prefix.clone()));
-        async move { Ok(Arc::new(RedisBackend::connect(config?).await?) as Arc<dyn Backend>) }
-    })
-    .run();
+    let code = tg_testkit::Suite::for_driver_with(&DRIVER, &[("prefix", &prefix)]).run();
     if let Ok(config) = RedisConfig::from_url(&url) {
         cleanup(&config, &prefix);
     }

@@ -2,7 +2,9 @@
 //!
 //! Services are written once against [`Backend`] and moved between brokers by one setting,
 //! `PUBSUB_BACKEND` (or `--pubsub-backend`). The in-memory backend is always compiled in and is the
-//! default; each broker backend is a Cargo feature (`redis`, `postgres`, `mqtt`, …).
+//! default; each broker backend is a Cargo feature (`redis`, `postgres`, `mqtt`, …), and
+//! [`drivers`] lists the compiled-in ones. The `cli` feature makes [`PubSubConfig`] a
+//! `clap::Args` with every compiled-in backend's flags.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> tg_pubsub::Result<()> {
@@ -30,7 +32,7 @@
 
 mod config;
 
-pub use config::{connect, connect_backend, PubSubConfig, BACKENDS};
+pub use config::{connect, connect_backend, driver, drivers, PubSubConfig};
 
 pub use tg_backend_api::{
     self as api, AckHandle, Backend, BackendExt, Bytes, Capabilities, Consumer, ConsumerOptions,

@@ -2,7 +2,6 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-mod backoff;
 mod dedup;
 mod envelope;
 #[cfg(feature = "http-exporter")]
@@ -17,7 +16,6 @@ mod runner;
 mod signal;
 mod subscriber;
 
-pub use backoff::Backoff;
 pub use dedup::Deduplicator;
 pub use envelope::{rfc3339, Envelope};
 #[cfg(feature = "http-exporter")]
@@ -35,4 +33,5 @@ pub use runner::{
 };
 pub use signal::{cancel_on_signal, shutdown_signal};
 pub use subscriber::{Recipient, Subscriber, SubscriberConfig, WhenFull};
+pub use tg_backend_api::Backoff;
 pub use tokio_util::sync::CancellationToken;

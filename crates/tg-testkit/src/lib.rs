@@ -1,17 +1,13 @@
 //! The conformance suite every tg-pubsub backend runs.
 //!
 //! Tests are written once against [`Backend`]; each backend's `tests/conformance.rs` (a test
-//! target with `harness = false`) hands a factory to [`Suite`] and calls [`Suite::run`]:
+//! target with `harness = false`) hands its driver to [`Suite`] and calls [`Suite::run`]; the
+//! suite connects through the driver with the settings of the environment (`REDIS_URL`, …), so it
+//! runs against whatever server those name:
 //!
 //! ```no_run
-//! use std::sync::Arc;
-//! use tg_testkit::Suite;
-//!
 //! fn main() -> std::process::ExitCode {
-//!     Suite::new("memory", || async {
-//!         Ok(Arc::new(tg_backend_memory::MemoryBackend::new()) as Arc<dyn tg_backend_api::Backend>)
-//!     })
-//!     .run()
+//!     tg_testkit::Suite::for_driver(&tg_backend_memory::DRIVER).run()
 //! }
 //! ```
 //!
@@ -27,6 +23,7 @@
 pub mod bench;
 mod cases;
 mod check;
+pub mod doc;
 pub mod servers;
 pub mod support;
 
@@ -37,6 +34,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use libtest_mimic::{Arguments, Failed, Trial};
+use tg_backend_api::kit::Driver;
 use tg_backend_api::{Backend, Capabilities, Qos, Result};
 
 pub use check::{Ctx, TestResult};
@@ -52,6 +50,8 @@ pub struct Suite {
     backend: String,
     factory: Factory,
     defects: Vec<(&'static str, String)>,
+    driver: Option<&'static Driver>,
+    page: Option<&'static str>,
 }
 
 impl Suite {
@@ -65,7 +65,35 @@ impl Suite {
             backend: name.into(),
             factory: Arc::new(move || Box::pin(factory())),
             defects: Vec::new(),
+            driver: None,
+            page: None,
         }
+    }
+
+    /// A suite for the backend of `driver`, connected with the settings the environment gives
+    /// (see [`driver_settings`]).
+    pub fn for_driver(driver: &'static Driver) -> Self {
+        Self::for_driver_with(driver, &[])
+    }
+
+    /// [`Suite::for_driver`] with URL options added to the backend's URL (a key prefix of this
+    /// run, say).
+    pub fn for_driver_with(driver: &'static Driver, url_options: &[(&str, &str)]) -> Self {
+        let lookup = driver_settings(driver, url_options);
+        let mut suite = Self::new(driver.name, move || {
+            let lookup = lookup.clone();
+            async move { driver.connect(&*lookup).await }
+        });
+        suite.driver = Some(driver);
+        suite
+    }
+
+    /// Adds a test `documentation` that checks the backend's page in `docs/` (its text, usually
+    /// `include_str!`) against the backend: see [`doc::check_page`].
+    #[must_use]
+    pub fn doc_page(mut self, page: &'static str) -> Self {
+        self.page = Some(page);
+        self
     }
 
     /// Skips test `test` because the server has a known defect; `evidence` says which and how it
@@ -150,6 +178,21 @@ impl Suite {
                 .with_ignored_flag(skip.is_some()),
             );
         }
+        if let Some(page) = self.page {
+            let driver = self.driver;
+            let skip = unreachable.is_some() && !in_ci;
+            let unreachable = unreachable.clone();
+            trials.push(
+                Trial::test(format!("{}::documentation", self.backend), move || {
+                    if let Some(why) = unreachable {
+                        return Err(Failed::from(why));
+                    }
+                    doc::check_page(page, &caps, driver)
+                        .map_err(|problems| Failed::from(problems.join("\n")))
+                })
+                .with_ignored_flag(skip),
+            );
+        }
         for note in &notes {
             println!("{note}");
         }
@@ -167,6 +210,37 @@ impl Suite {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// Settings by environment name, as [`Driver::connect`] reads them.
+pub type Lookup = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
+/// The settings of `driver` from the environment, with `url_options` appended to its URL setting
+/// (whose value is the environment's or the setting's default). A lookup for
+/// [`Driver::connect`].
+pub fn driver_settings(driver: &'static Driver, url_options: &[(&str, &str)]) -> Lookup {
+    let url_env = driver.url_setting().env;
+    let url = std::env::var(url_env)
+        .ok()
+        .or_else(|| driver.url_setting().default.map(str::to_owned));
+    let url = url.map(|url| {
+        if url_options.is_empty() {
+            return url;
+        }
+        let extra: Vec<String> = url_options
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}{}", extra.join("&"))
+    });
+    Arc::new(move |name: &str| {
+        if name == url_env {
+            url.clone()
+        } else {
+            std::env::var(name).ok()
+        }
+    })
 }
 
 fn runtime() -> tokio::runtime::Runtime {

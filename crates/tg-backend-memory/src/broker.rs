@@ -1,13 +1,16 @@
-//! The in-process broker: topics, their retained messages and their subscriptions.
+//! The in-process broker's data: a topic's retained messages and de-duplication ids, and its
+//! subscriptions with their pending and unacknowledged messages.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
 use rustc_hash::FxHashMap;
+use tg_backend_api::kit::Lifecycle;
 use tg_backend_api::{
     AckHandle, ConsumerType, Error, ErrorKind, InitialPosition, Message, MessageId, Properties,
     Result, Topic,
@@ -15,50 +18,6 @@ use tg_backend_api::{
 use tokio::sync::Notify;
 
 use crate::config::{MemoryConfig, Overflow};
-
-/// One broker: every `MemoryBackend` clone shares it.
-#[derive(Debug)]
-pub(crate) struct Broker {
-    pub(crate) config: MemoryConfig,
-    topics: Mutex<HashMap<Topic, Arc<TopicState>>>,
-    closed: AtomicBool,
-}
-
-impl Broker {
-    pub(crate) fn new(config: MemoryConfig) -> Self {
-        Self {
-            config,
-            topics: Mutex::default(),
-            closed: AtomicBool::new(false),
-        }
-    }
-
-    pub(crate) fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            Err(Error::closed("memory backend"))
-        } else {
-            Ok(())
-        }
-    }
-
-    pub(crate) fn topic(&self, topic: &Topic) -> Arc<TopicState> {
-        self.topics
-            .lock()
-            .entry(topic.clone())
-            .or_insert_with(|| Arc::new(TopicState::new(topic.clone())))
-            .clone()
-    }
-
-    pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        let topics: Vec<_> = self.topics.lock().values().cloned().collect();
-        for topic in topics {
-            for sub in topic.inner.lock().snapshot.iter() {
-                sub.wake_all();
-            }
-        }
-    }
-}
 
 /// A message as the broker stores it, shared by every subscription that holds it.
 #[derive(Debug)]
@@ -88,8 +47,10 @@ struct TopicInner {
     subs: HashMap<String, Arc<Subscription>>,
     snapshot: Arc<[Arc<Subscription>]>,
     retained: VecDeque<Arc<Stored>>,
-    dedup_ids: HashMap<String, u64>,
-    dedup_order: VecDeque<String>,
+    /// De-duplication id → the first copy's sequence number and when it came.
+    dedup_ids: HashMap<String, (u64, Instant)>,
+    /// De-duplication ids in the order they came, with when, for forgetting the oldest first.
+    dedup_order: VecDeque<(String, Instant)>,
 }
 
 impl TopicInner {
@@ -98,11 +59,26 @@ impl TopicInner {
     }
 }
 
-/// What `try_publish` needs besides the message.
+/// The configured bounds a producer publishes within.
+#[derive(Debug)]
 pub(crate) struct PublishLimits {
     pub(crate) capacity: usize,
+    pub(crate) overflow: Overflow,
     pub(crate) retention: usize,
-    pub(crate) dedup_window: usize,
+    pub(crate) dedup_window: Duration,
+    pub(crate) dedup_capacity: usize,
+}
+
+impl PublishLimits {
+    pub(crate) fn new(config: &MemoryConfig) -> Self {
+        Self {
+            capacity: config.subscription_capacity,
+            overflow: config.overflow,
+            retention: config.retention,
+            dedup_window: config.dedup_window,
+            dedup_capacity: config.dedup_capacity,
+        }
+    }
 }
 
 /// A message not yet stored.
@@ -114,7 +90,7 @@ pub(crate) struct Unpublished {
 }
 
 impl TopicState {
-    fn new(topic: Topic) -> Self {
+    pub(crate) fn new(topic: Topic) -> Self {
         Self {
             topic,
             inner: Mutex::default(),
@@ -123,6 +99,13 @@ impl TopicState {
 
     pub(crate) fn topic(&self) -> &Topic {
         &self.topic
+    }
+
+    /// Wakes every reader and writer of the topic's subscriptions (the backend closed).
+    pub(crate) fn wake_all(&self) {
+        for sub in self.inner.lock().snapshot.iter() {
+            sub.wake_all();
+        }
     }
 
     /// Stores a message and hands it to every subscription, if every subscription has room;
@@ -144,8 +127,11 @@ impl TopicState {
             dedup_id,
         } = message;
         if let Some(id) = &dedup_id {
-            if let Some(seq) = inner.dedup_ids.get(id) {
-                return Ok(MessageId::from_u64(*seq));
+            // an id past the window counts as new even before a later publish forgets it
+            if let Some((seq, at)) = inner.dedup_ids.get(id) {
+                if at.elapsed() <= limits.dedup_window {
+                    return Ok(MessageId::from_u64(*seq));
+                }
             }
         }
         let seq = inner.next_seq;
@@ -158,10 +144,19 @@ impl TopicState {
             time: SystemTime::now(),
         });
         if let Some(id) = dedup_id {
-            inner.dedup_ids.insert(id.clone(), seq);
-            inner.dedup_order.push_back(id);
-            while inner.dedup_order.len() > limits.dedup_window {
-                if let Some(old) = inner.dedup_order.pop_front() {
+            let now = Instant::now();
+            inner.dedup_ids.insert(id.clone(), (seq, now));
+            inner.dedup_order.push_back((id, now));
+            while let Some((_, at)) = inner.dedup_order.front() {
+                let expired = now.duration_since(*at) > limits.dedup_window;
+                if !expired && inner.dedup_order.len() <= limits.dedup_capacity {
+                    break;
+                }
+                let Some((old, at)) = inner.dedup_order.pop_front() else {
+                    break;
+                };
+                // the id may have come again after it expired: forget only this entry's copy
+                if inner.dedup_ids.get(&old).is_some_and(|(_, t)| *t == at) {
                     inner.dedup_ids.remove(&old);
                 }
             }
@@ -335,7 +330,7 @@ impl Subscription {
         }
     }
 
-    fn wake_all(&self) {
+    pub(crate) fn wake_all(&self) {
         self.readable.notify_waiters();
         self.writable.notify_waiters();
     }
@@ -356,13 +351,18 @@ impl Subscription {
         self.held.load(Ordering::Acquire) < capacity
     }
 
-    /// Waits until the subscription has room (or fails under [`Overflow::Fail`]).
-    pub(crate) async fn wait_for_room(&self, broker: &Broker) -> Result<()> {
-        let capacity = broker.config.subscription_capacity;
+    /// Waits until the subscription has room (or fails under [`Overflow::Fail`], or once the
+    /// backend closes).
+    pub(crate) async fn wait_for_room(
+        &self,
+        limits: &PublishLimits,
+        life: &Lifecycle,
+    ) -> Result<()> {
+        let capacity = limits.capacity;
         if self.has_room(capacity) {
             return Ok(());
         }
-        if broker.config.overflow == Overflow::Fail {
+        if limits.overflow == Overflow::Fail {
             return Err(Error::new(
                 ErrorKind::QueueFull,
                 format!(
@@ -377,12 +377,12 @@ impl Subscription {
             tokio::pin!(notified);
             self.writers_waiting.fetch_add(1, Ordering::SeqCst);
             notified.as_mut().enable();
-            let room = self.has_room(capacity) || broker.check_open().is_err();
+            let room = self.has_room(capacity) || life.is_closed();
             if !room {
                 notified.await;
             }
             self.writers_waiting.fetch_sub(1, Ordering::SeqCst);
-            broker.check_open()?;
+            life.check_open()?;
             if room || self.has_room(capacity) {
                 return Ok(());
             }

@@ -10,7 +10,7 @@ use rand::Rng;
 ///
 /// ```
 /// use std::time::Duration;
-/// use tg_runtime::Backoff;
+/// use tg_backend_api::Backoff;
 ///
 /// let b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1)).jitter(false);
 /// assert_eq!(b.delay(1), Duration::from_millis(100));
