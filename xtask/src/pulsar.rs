@@ -6,15 +6,13 @@
 //! binary protocol, shipped as a binary inside the wheel). The same venv holds the Python framework
 //! (`trustgraph-base`) the interop tests talk to.
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{reachable, root};
-
-#[path = "../../crates/tg-backend-pulsar/tests/support/relay.rs"]
-mod relay;
 
 /// The test broker the Pulsar crate's metadata names.
 pub(crate) const TEST_BROKER: &str = "pulsar-lite";
@@ -248,10 +246,72 @@ impl Drop for PulsarLite {
     }
 }
 
+/// The checksum relay (`tg_testkit::pulsar_relay`) as a process: the `pulsar_relay` example of
+/// tg-backend-pulsar, run with `cargo run`. xtask cannot link the relay itself: it reads frames with
+/// the `pulsar` crate, whose build needs the `protoc` that xtask installs. Stopped on drop.
+struct Relay {
+    child: Child,
+    url: String,
+}
+
+impl Relay {
+    /// Builds and starts a relay in front of `broker`; waits for the URL it prints.
+    fn start(broker: SocketAddr) -> Result<Self, String> {
+        let args = [
+            "run",
+            "--quiet",
+            "-p",
+            "tg-backend-pulsar",
+            "--example",
+            "pulsar_relay",
+            "--",
+        ];
+        println!("xtask: cargo {} {broker}", args.join(" "));
+        let mut child = Command::new(env!("CARGO"))
+            .args(args)
+            .arg(broker.to_string())
+            .current_dir(root())
+            // the relay runs until its standard input closes: it cannot outlive xtask
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run cargo: {e}"))?;
+        let mut line = String::new();
+        let read = child
+            .stdout
+            .take()
+            .map(|out| BufReader::new(out).read_line(&mut line));
+        let url = line.trim().to_owned();
+        if !matches!(read, Some(Ok(n)) if n > 0) || !url.starts_with("pulsar://") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "`cargo {}` printed no relay URL ({:?})",
+                args.join(" "),
+                line.trim()
+            ));
+        }
+        Ok(Self { child, url })
+    }
+
+    /// `pulsar://127.0.0.1:<port>`.
+    fn url(&self) -> String {
+        self.url.clone()
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        drop(self.child.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// pulsar-lite with the checksum relay in front, for one xtask run.
 pub(crate) struct TestBroker {
     // drop order: the relay first, then the broker
-    relay: relay::Relay,
+    relay: Relay,
     lite: PulsarLite,
     binary: PathBuf,
 }
@@ -261,7 +321,7 @@ impl TestBroker {
     pub(crate) fn start() -> Result<Self, String> {
         let binary = ensure_venv()?;
         let lite = PulsarLite::start(&binary)?;
-        let relay = relay::Relay::start(lite.addr())
+        let relay = Relay::start(lite.addr())
             .map_err(|e| format!("cannot start the checksum relay: {e}"))?;
         println!(
             "xtask: Pulsar tests use pulsar-lite on {} through the checksum relay {} (log: {})",

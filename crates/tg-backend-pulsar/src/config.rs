@@ -1,24 +1,29 @@
-//! Configuration of the Pulsar backend: a struct, a URL form, the environment and setters.
+//! Configuration of the Pulsar backend: a struct, a URL form, the settings and setters.
 
-use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::Deserialize;
+use tg_backend_api::kit::config::{self, require, Secret};
+use tg_backend_api::kit::{BackendConfig, Settings};
 use tg_backend_api::{Error, Result};
+
+use crate::PulsarBackend;
 
 /// Configuration of [`PulsarBackend`](crate::PulsarBackend).
 ///
 /// From a URL (`PULSAR_URL`, or `PULSAR_HOST` / `--pulsar-host` as the Python framework spells it):
 /// `pulsar://host:6650?max_payload=5177344&batch_size=1000` — `pulsar+ssl://` for TLS (default
-/// port 6651). Every query parameter is optional; see each field for its name and default. The
-/// token (`PULSAR_API_KEY`) and the listener name (`PULSAR_LISTENER`) are set with
-/// [`PulsarConfig::token`] and [`PulsarConfig::listener`], or all three read by
-/// [`PulsarConfig::from_env`].
+/// port 6651). Every query option is optional; see each field for its name and default, and
+/// `docs/pulsar.md` for the table. The token (`PULSAR_API_KEY`) and the listener name
+/// (`PULSAR_LISTENER`) are set with [`PulsarConfig::token`] and [`PulsarConfig::listener`], or
+/// all read by [`PulsarConfig::from_env`].
 ///
 /// ```
 /// use std::time::Duration;
 /// use tg_backend_pulsar::PulsarConfig;
 ///
-/// let c = PulsarConfig::from_url("pulsar://broker:6650?batch_size=500&batch_delay_ms=2").unwrap()
+/// let c = PulsarConfig::from_url("pulsar://broker:6650?batch_size=500&batch_delay=2ms").unwrap()
 ///     .token("eyJh.secret.sig");
 /// assert_eq!((c.host.as_str(), c.port, c.batch_size), ("broker", 6650, 500));
 /// assert_eq!(c.batch_delay, Duration::from_millis(2));
@@ -29,24 +34,22 @@ use tg_backend_api::{Error, Result};
 /// assert_eq!((tls.port, tls.tls), (6651, true));
 /// ```
 #[non_exhaustive]
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PulsarConfig {
-    /// Broker (or proxy) host name or address. Default: `localhost`.
+    /// Broker (or proxy) host name or address, from the URL. Default: `localhost`.
+    #[serde(skip)]
     pub host: String,
-    /// Broker port. Default: 6650 (`pulsar://`), 6651 (`pulsar+ssl://`).
+    /// Broker port, from the URL. Default: 6650 (`pulsar://`), 6651 (`pulsar+ssl://`).
+    #[serde(skip)]
     pub port: u16,
     /// TLS (`pulsar+ssl://`). Default: false.
+    #[serde(skip)]
     pub tls: bool,
-    /// PEM file of the certificate authorities trusted for TLS (`ca_file`); the webpki roots when
-    /// unset. Default: none.
-    pub ca_file: Option<std::path::PathBuf>,
-    /// Token for Pulsar's token authentication (`PULSAR_API_KEY`); never printed by `Debug`,
-    /// errors or logs. Default: none (no authentication).
-    pub token: Option<String>,
-    /// Advertised listener name (`PULSAR_LISTENER`, `listener`). The `pulsar` crate 6.9 cannot
-    /// send it in topic lookups: when set, the backend logs a warning once and the lookups return
-    /// the broker's default listener (see `docs/pulsar.md`). Default: none.
-    pub listener: Option<String>,
+    /// Token for Pulsar's token authentication (`PULSAR_API_KEY`); printed as `***`. Default:
+    /// none (no authentication).
+    #[serde(skip)]
+    pub token: Option<Secret>,
     /// Largest payload in bytes (`max_payload`); larger sends fail with `PayloadTooLarge` before
     /// anything is sent (the `pulsar` crate has no chunking). Default: 5 MiB − 64 KiB =
     /// 5,177,344, which keeps a message with its metadata under the 5 MiB `maxMessageSize` of
@@ -59,24 +62,33 @@ pub struct PulsarConfig {
     pub batch_size: u32,
     /// Bytes of payload per batch at most (`batch_bytes`). Default: 128 KiB.
     pub batch_bytes: usize,
-    /// How long a batch waits for more messages after its first (`batch_delay_ms`).
-    /// Default: 1 ms.
+    /// How long a batch waits for more messages after its first (`batch_delay`). Default: 1 ms.
+    #[serde(with = "config::duration")]
     pub batch_delay: Duration,
     /// Messages a consumer asks the broker for ahead of `receive` (flow permits) and buffers
     /// (`receiver_queue`). Default: 1,000.
     pub receiver_queue: u32,
-    /// Time allowed for the first connection (`connect_timeout`, seconds). Default: 5 s.
+    /// Time allowed for the first connection (`connect_timeout`). Default: 5 s.
+    #[serde(with = "config::duration")]
     pub connect_timeout: Duration,
     /// Time allowed for one broker operation: creating a producer or consumer, a send receipt
-    /// (`operation_timeout`, seconds). Default: 30 s.
+    /// (`operation_timeout`). Default: 30 s.
+    #[serde(with = "config::duration")]
     pub operation_timeout: Duration,
-    /// Upper bound of the reconnect delay after the connection broke (`reconnect_max`,
-    /// milliseconds). Delays grow exponentially from 100 ms; reconnection never gives up.
-    /// Default: 5 s.
-    pub reconnect_max_delay: Duration,
-    /// De-duplication ids (`tg-dedup-id`) one q2 consumer remembers (`dedup_window`).
-    /// Default: 10,000.
-    pub dedup_window: usize,
+    /// Upper bound of the reconnect delay after the connection broke (`reconnect_max`). Delays
+    /// grow exponentially from 100 ms; reconnection never gives up. Default: 5 s.
+    #[serde(with = "config::duration")]
+    pub reconnect_max: Duration,
+    /// De-duplication ids (`tg-dedup-id`) one q2 consumer remembers, the oldest forgotten first
+    /// (`dedup_capacity`); 0 turns de-duplication off. Default: 10,000.
+    pub dedup_capacity: usize,
+    /// Advertised listener name (`PULSAR_LISTENER`, `listener`). The `pulsar` crate 6.9 cannot
+    /// send it in topic lookups: when set, the backend logs a warning once and the lookups return
+    /// the broker's default listener (see `docs/pulsar.md`). Default: none.
+    pub listener: Option<String>,
+    /// PEM file of the certificate authorities trusted for TLS (`ca_file`); the webpki roots when
+    /// unset. Default: none.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for PulsarConfig {
@@ -85,9 +97,7 @@ impl Default for PulsarConfig {
             host: "localhost".to_owned(),
             port: Self::DEFAULT_PORT,
             tls: false,
-            ca_file: None,
             token: None,
-            listener: None,
             max_payload: Self::DEFAULT_MAX_PAYLOAD,
             batching: true,
             batch_size: 1000,
@@ -96,14 +106,13 @@ impl Default for PulsarConfig {
             receiver_queue: 1000,
             connect_timeout: Duration::from_secs(5),
             operation_timeout: Duration::from_secs(30),
-            reconnect_max_delay: Duration::from_secs(5),
-            dedup_window: 10_000,
+            reconnect_max: Duration::from_secs(5),
+            dedup_capacity: 10_000,
+            listener: None,
+            ca_file: None,
         }
     }
 }
-
-const KNOWN_PARAMETERS: &str = "max_payload, batching, batch_size, batch_bytes, batch_delay_ms, \
-     receiver_queue, connect_timeout, operation_timeout, reconnect_max, dedup_window, listener, ca_file";
 
 impl PulsarConfig {
     /// The plain URL scheme, `pulsar`.
@@ -137,112 +146,80 @@ impl PulsarConfig {
         }
     }
 
-    /// Parses `pulsar://host[:port][?key=value&…]` or `pulsar+ssl://…`. A bare `host[:port]` is
-    /// read as `pulsar://host[:port]`.
+    /// Parses `pulsar://host[:port][?option=value&…]` or `pulsar+ssl://…`. A bare `host[:port]`
+    /// is read as `pulsar://host[:port]`.
     pub fn from_url(url: &str) -> Result<Self> {
         let url = url.trim();
         let full = if url.contains("://") {
             url.to_owned()
         } else {
-            format!("pulsar://{url}")
+            format!("{}://{url}", Self::SCHEME)
         };
-        let parsed = url::Url::parse(&full)
-            .map_err(|e| Error::config(format!("malformed Pulsar URL {:?}: {e}", redact(url))))?;
-        let tls = match parsed.scheme() {
-            Self::SCHEME => false,
-            Self::TLS_SCHEME => true,
-            other => {
-                return Err(Error::config(format!(
-                    "Pulsar URL must start with pulsar:// or pulsar+ssl://, got scheme {other:?}"
-                )))
-            }
-        };
-        let host = parsed
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| Error::config("Pulsar URL has no host (expected pulsar://host:port)"))?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = parsed.port().unwrap_or(if tls {
-            Self::DEFAULT_TLS_PORT
-        } else {
-            Self::DEFAULT_PORT
-        });
-        if !parsed.username().is_empty() || parsed.password().is_some() {
+        let (what, schemes) = (crate::DRIVER.title, crate::DRIVER.schemes);
+        let parsed = config::parse_url::<Self>(what, schemes, &full)?;
+        if parsed.username.is_some() || parsed.password.is_some() {
             return Err(Error::config(
                 "Pulsar URL must not carry credentials; set the token with PULSAR_API_KEY",
             ));
         }
-        if parsed.path() != "" && parsed.path() != "/" {
+        if !parsed.path.is_empty() {
             return Err(Error::config(format!(
                 "Pulsar URL must not have a path, got {:?}",
-                parsed.path()
+                parsed.path
             )));
         }
-        let mut config = Self {
-            host,
-            port,
-            tls,
-            ..Self::default()
+        let host = parsed.require_host(what, "pulsar://host:port")?;
+        let tls = parsed.scheme == Self::TLS_SCHEME;
+        let default_port = if tls {
+            Self::DEFAULT_TLS_PORT
+        } else {
+            Self::DEFAULT_PORT
         };
-        for (key, value) in parsed.query_pairs() {
-            let int = |min: u64, max: u64| -> Result<u64> {
-                match value.parse::<u64>() {
-                    Ok(n) if (min..=max).contains(&n) => Ok(n),
-                    Ok(n) => Err(Error::config(format!(
-                        "Pulsar URL parameter {key}={n} is out of range {min}..={max}"
-                    ))),
-                    Err(e) => Err(Error::config(format!(
-                        "Pulsar URL parameter {key}={value:?} is not a number: {e}"
-                    ))),
-                }
-            };
-            match &*key {
-                "max_payload" => config.max_payload = int(1, 1 << 30)? as usize,
-                "batching" => {
-                    config.batching = match &*value {
-                        "true" | "1" | "yes" | "on" => true,
-                        "false" | "0" | "no" | "off" => false,
-                        other => {
-                            return Err(Error::config(format!(
-                            "Pulsar URL parameter batching={other:?} is not a boolean (true/false)"
-                        )))
-                        }
-                    }
-                }
-                "batch_size" => config.batch_size = int(1, 1 << 20)? as u32,
-                "batch_bytes" => config.batch_bytes = int(1, 1 << 30)? as usize,
-                "batch_delay_ms" => config.batch_delay = Duration::from_millis(int(1, 60_000)?),
-                "receiver_queue" => config.receiver_queue = int(1, 1 << 20)? as u32,
-                "connect_timeout" => config.connect_timeout = Duration::from_secs(int(1, 3600)?),
-                "operation_timeout" => {
-                    config.operation_timeout = Duration::from_secs(int(1, 3600)?)
-                }
-                "reconnect_max" => {
-                    config.reconnect_max_delay = Duration::from_millis(int(100, 3_600_000)?)
-                }
-                "dedup_window" => config.dedup_window = int(0, 1 << 24)? as usize,
-                "listener" => {
-                    if value.is_empty() {
-                        return Err(Error::config("Pulsar URL parameter listener is empty"));
-                    }
-                    config.listener = Some(value.into_owned());
-                }
-                "ca_file" => {
-                    if value.is_empty() {
-                        return Err(Error::config("Pulsar URL parameter ca_file is empty"));
-                    }
-                    config.ca_file = Some(value.into_owned().into());
-                }
-                other => {
-                    return Err(Error::config(format!(
-                        "unknown Pulsar URL parameter {other:?}; known: {KNOWN_PARAMETERS}"
-                    )))
-                }
-            }
+        Self {
+            host,
+            port: parsed.port.unwrap_or(default_port),
+            tls,
+            ..parsed.options
         }
-        Ok(config)
+        .checked()
+    }
+
+    /// The options within their ranges.
+    fn checked(self) -> Result<Self> {
+        let what = crate::DRIVER.title;
+        for (value, min, max, option) in [
+            (self.max_payload as u64, 1, 1 << 30, "max_payload"),
+            (u64::from(self.batch_size), 1, 1 << 20, "batch_size"),
+            (self.batch_bytes as u64, 1, 1 << 30, "batch_bytes"),
+            (u64::from(self.receiver_queue), 1, 1 << 20, "receiver_queue"),
+            (self.dedup_capacity as u64, 0, 1 << 24, "dedup_capacity"),
+        ] {
+            let rule = format!("between {min} and {max}");
+            require((min..=max).contains(&value), what, option, &rule)?;
+        }
+        let (ms, minute, hour) = (
+            Duration::from_millis(1),
+            Duration::from_secs(60),
+            Duration::from_secs(3600),
+        );
+        let batch_delay = (ms..=minute).contains(&self.batch_delay);
+        require(batch_delay, what, "batch_delay", "between 1ms and 1m")?;
+        for (value, option) in [
+            (self.connect_timeout, "connect_timeout"),
+            (self.operation_timeout, "operation_timeout"),
+            (self.reconnect_max, "reconnect_max"),
+        ] {
+            let ok = (100 * ms..=hour).contains(&value);
+            require(ok, what, option, "between 100ms and 1h")?;
+        }
+        let listener = self.listener.as_ref().is_none_or(|l| !l.trim().is_empty());
+        require(listener, what, "listener", "a name")?;
+        let ca_file = self
+            .ca_file
+            .as_ref()
+            .is_none_or(|p| !p.as_os_str().is_empty());
+        require(ca_file, what, "ca_file", "a file name")?;
+        Ok(self)
     }
 
     /// The configuration from the environment: `PULSAR_URL`, else `PULSAR_HOST`, else
@@ -252,22 +229,34 @@ impl PulsarConfig {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
-    /// [`Self::from_env`] with another source of variables (for tests and the facade).
-    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self> {
-        let non_empty = |name: &str| get(name).filter(|v| !v.trim().is_empty());
-        let (variable, url) = match (non_empty(Self::ENV_URL), non_empty(Self::ENV_HOST)) {
-            (Some(url), _) => (Self::ENV_URL, url),
-            (None, Some(host)) => (Self::ENV_HOST, host),
-            (None, None) => (Self::ENV_URL, Self::DEFAULT_URL.to_owned()),
+    /// [`Self::from_env`] with another source of variables (for tests).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String> + Sync) -> Result<Self> {
+        Self::from_settings(&Settings::new(&crate::DRIVER, &get))
+    }
+
+    /// The configuration from the driver's settings (what `DRIVER` connects with).
+    pub(crate) fn from_settings(settings: &Settings<'_>) -> Result<Self> {
+        let given = |env: &str| {
+            settings
+                .given(env)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
         };
-        let mut config = Self::from_url(&url).map_err(|e| {
-            Error::config(format!("{variable}: {}", e.message())).with_context("variable", variable)
-        })?;
-        if let Some(token) = non_empty(Self::ENV_TOKEN) {
-            config.token = Some(token.trim().to_owned());
+        let (env, url) = match given(Self::ENV_URL) {
+            Some(url) => (Self::ENV_URL, url),
+            None => (
+                Self::ENV_HOST,
+                settings
+                    .get(Self::ENV_HOST)
+                    .unwrap_or_else(|| Self::DEFAULT_URL.to_owned()),
+            ),
+        };
+        let mut config = Self::from_url(&url).map_err(|e| settings.named(env, e))?;
+        if let Some(token) = given(Self::ENV_TOKEN) {
+            config.token = Some(Secret::new(token));
         }
-        if let Some(listener) = non_empty(Self::ENV_LISTENER) {
-            config.listener = Some(listener.trim().to_owned());
+        if let Some(listener) = given(Self::ENV_LISTENER) {
+            config.listener = Some(listener);
         }
         Ok(config)
     }
@@ -275,7 +264,7 @@ impl PulsarConfig {
     /// Sets the authentication token.
     #[must_use]
     pub fn token(mut self, token: impl Into<String>) -> Self {
-        self.token = Some(token.into());
+        self.token = Some(Secret::new(token));
         self
     }
 
@@ -295,7 +284,7 @@ impl PulsarConfig {
 
     /// Trusts the certificate authorities of this PEM file for TLS.
     #[must_use]
-    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.ca_file = Some(path.into());
         self
     }
@@ -358,15 +347,15 @@ impl PulsarConfig {
 
     /// Sets the upper bound of the reconnect delay (at least 100 ms).
     #[must_use]
-    pub fn reconnect_max_delay(mut self, delay: Duration) -> Self {
-        self.reconnect_max_delay = delay.max(Duration::from_millis(100));
+    pub fn reconnect_max(mut self, delay: Duration) -> Self {
+        self.reconnect_max = delay.max(Duration::from_millis(100));
         self
     }
 
-    /// Sets the de-duplication window of q2 consumers (0 turns de-duplication off).
+    /// Sets how many de-duplication ids a q2 consumer remembers (0 turns de-duplication off).
     #[must_use]
-    pub fn dedup_window(mut self, window: usize) -> Self {
-        self.dedup_window = window;
+    pub fn dedup_capacity(mut self, capacity: usize) -> Self {
+        self.dedup_capacity = capacity;
         self
     }
 
@@ -379,7 +368,7 @@ impl PulsarConfig {
         }
     }
 
-    /// The service URL the client connects to, without parameters or secrets.
+    /// The service URL the client connects to, without options or secrets.
     pub fn service_url(&self) -> String {
         let scheme = if self.tls {
             Self::TLS_SCHEME
@@ -389,49 +378,34 @@ impl PulsarConfig {
         format!("{scheme}://{}", self.address())
     }
 
+    /// What the builder methods cannot rule out.
     pub(crate) fn validate(&self) -> Result<()> {
         if self.host.is_empty() {
             return Err(Error::config("Pulsar host is empty"));
         }
-        if self.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        if self
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose().trim().is_empty())
+        {
             return Err(Error::config("PULSAR_API_KEY is set but empty"));
         }
         Ok(())
     }
 }
 
-impl fmt::Debug for PulsarConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PulsarConfig")
-            .field("url", &self.service_url())
-            .field("ca_file", &self.ca_file)
-            .field("token", &self.token.as_ref().map(|_| "***"))
-            .field("listener", &self.listener)
-            .field("max_payload", &self.max_payload)
-            .field("batching", &self.batching)
-            .field("batch_size", &self.batch_size)
-            .field("batch_bytes", &self.batch_bytes)
-            .field("batch_delay", &self.batch_delay)
-            .field("receiver_queue", &self.receiver_queue)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("operation_timeout", &self.operation_timeout)
-            .field("reconnect_max_delay", &self.reconnect_max_delay)
-            .field("dedup_window", &self.dedup_window)
-            .finish()
-    }
-}
+impl BackendConfig for PulsarConfig {
+    type Backend = PulsarBackend;
 
-/// The URL with any user info replaced by `***`, for error messages about malformed URLs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(start), Some(at)) if at > start => format!("{}***{}", &url[..start + 3], &url[at..]),
-        _ => url.to_owned(),
+    async fn connect(self) -> Result<PulsarBackend> {
+        PulsarBackend::connect(self).await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tg_backend_api::ErrorKind;
 
     #[test]
     fn defaults() {
@@ -446,11 +420,11 @@ mod tests {
     }
 
     #[test]
-    fn url_parameters() {
+    fn url_options() {
         let c = PulsarConfig::from_url(
             "pulsar://10.0.0.7:7000?max_payload=1024&batching=false&batch_size=10&batch_bytes=2048\
-             &batch_delay_ms=5&receiver_queue=50&connect_timeout=2&operation_timeout=9\
-             &reconnect_max=1500&dedup_window=7&listener=internal&ca_file=/etc/ca.pem",
+             &batch_delay=5ms&receiver_queue=50&connect_timeout=2s&operation_timeout=9s\
+             &reconnect_max=1500ms&dedup_capacity=7&listener=internal&ca_file=/etc/ca.pem",
         )
         .unwrap();
         assert_eq!((c.host.as_str(), c.port, c.tls), ("10.0.0.7", 7000, false));
@@ -461,8 +435,8 @@ mod tests {
         assert_eq!(c.receiver_queue, 50);
         assert_eq!(c.connect_timeout, Duration::from_secs(2));
         assert_eq!(c.operation_timeout, Duration::from_secs(9));
-        assert_eq!(c.reconnect_max_delay, Duration::from_millis(1500));
-        assert_eq!(c.dedup_window, 7);
+        assert_eq!(c.reconnect_max, Duration::from_millis(1500));
+        assert_eq!(c.dedup_capacity, 7);
         assert_eq!(c.listener.as_deref(), Some("internal"));
         assert_eq!(
             c.ca_file.as_deref(),
@@ -475,28 +449,45 @@ mod tests {
     }
 
     #[test]
-    fn bad_urls_are_config_errors() {
-        for bad in [
-            "http://broker:6650",
-            "pulsar://",
-            "pulsar://broker:6650/path",
-            "pulsar://broker?batch_size=0",
-            "pulsar://broker?batching=maybe",
-            "pulsar://broker?frobnicate=1",
-            "pulsar://user:pw@broker",
+    fn bad_urls_name_the_problem() {
+        for (url, needle) in [
+            ("http://broker:6650", "pulsar:// or pulsar+ssl://"),
+            ("pulsar://", "no host"),
+            ("pulsar://broker:6650/path", "must not have a path"),
+            (
+                "pulsar://broker?batch_size=0",
+                "batch_size must be between 1 and",
+            ),
+            ("pulsar://broker?batching=maybe", "batching=\"maybe\""),
+            (
+                "pulsar://broker?frobnicate=1",
+                "\"frobnicate\"; known: max_payload, batching",
+            ),
+            (
+                "pulsar://broker?connect_timeout=5",
+                "a duration needs a unit",
+            ),
+            (
+                "pulsar://broker?reconnect_max=10ms",
+                "reconnect_max must be between",
+            ),
+            // the count is `dedup_capacity` now, and there is no time window
+            (
+                "pulsar://broker?dedup_window=7",
+                "unknown Pulsar URL option",
+            ),
+            ("pulsar://broker?listener=", "listener must be a name"),
+            ("pulsar://user:pw@broker", "must not carry credentials"),
         ] {
-            let err = PulsarConfig::from_url(bad).unwrap_err();
-            assert_eq!(
-                err.kind(),
-                tg_backend_api::ErrorKind::ConfigInvalid,
-                "{bad}"
-            );
+            let err = PulsarConfig::from_url(url).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ConfigInvalid, "{url}");
+            assert!(err.to_string().contains(needle), "{url}: {err}");
             assert!(!err.to_string().contains("pw@"), "{err}");
         }
     }
 
     #[test]
-    fn environment_and_secrets() {
+    fn settings_and_secrets() {
         let env = |pairs: &'static [(&'static str, &'static str)]| {
             move |k: &str| {
                 pairs
@@ -512,7 +503,7 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(c.service_url(), "pulsar://pulsar:6650");
-        assert_eq!(c.token.as_deref(), Some("tok-s3cret"));
+        assert_eq!(c.token.as_ref().map(Secret::expose), Some("tok-s3cret"));
         assert_eq!(c.listener.as_deref(), Some("external"));
         assert!(!format!("{c:?}").contains("s3cret"));
         // PULSAR_URL wins over PULSAR_HOST
@@ -525,9 +516,15 @@ mod tests {
         // nothing set: the default
         let c = PulsarConfig::from_lookup(|_| None).unwrap();
         assert_eq!(c.service_url(), PulsarConfig::DEFAULT_URL);
-        // a malformed value names its variable
+        // a malformed value names its variable and flag
         let err = PulsarConfig::from_lookup(env(&[("PULSAR_HOST", "amqp://x")])).unwrap_err();
-        assert!(err.to_string().contains("PULSAR_HOST"), "{err}");
-        assert_eq!(err.context_value("variable"), Some("PULSAR_HOST"));
+        assert!(
+            err.to_string().starts_with("PULSAR_HOST / --pulsar-host: "),
+            "{err}"
+        );
+        assert_eq!(
+            err.context_value("variable"),
+            Some("PULSAR_HOST / --pulsar-host")
+        );
     }
 }

@@ -6,28 +6,16 @@
 //! own engine task, so neither waits), never across an `.await`; `receive` polls the stream
 //! directly, so a message takes no extra task hop. One `receive` runs at a time.
 //!
-//! On top of what the crate does:
-//!
-//! * **Batches are acknowledged whole.** A batch of the producer is one broker entry; Pulsar
-//!   brokers without batch-index acknowledgement treat the ack of any message of a batch as the
-//!   ack of the entry. The consumer therefore acknowledges an entry only when the application has
-//!   acknowledged every message of it, and when a nack brings an entry back, it drops the
-//!   messages of it that were already acknowledged.
-//! * **q2 de-duplication.** A message whose `tg-dedup-id` was seen in the consumer's last
-//!   `dedup_window` messages (with another message id: a redelivery of the same message is not a
-//!   duplicate) is acknowledged and skipped.
-//! * **Subscribing again.** The crate re-subscribes once after its connection broke and then
-//!   ends the stream; the consumer then subscribes again in the background, with backoff, until
-//!   it works or the consumer is closed.
+//! On top of what the crate does: batches are acknowledged whole (`batch.rs`), q2 copies are
+//! dropped (`dedup.rs`), and the consumer subscribes again after the crate gave up: the crate
+//! re-subscribes once after its connection broke and then ends the stream; the consumer then
+//! subscribes again in the background, with back-off, until it works or the consumer is closed.
 
-use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::{FutureExt, StreamExt};
@@ -35,139 +23,43 @@ use parking_lot::Mutex;
 use pulsar::consumer::InitialPosition as PulsarPosition;
 use pulsar::proto::MessageIdData;
 use pulsar::{SubType, TokioExecutor};
+use tg_backend_api::kit::RawConsumer;
 use tg_backend_api::{
-    next_consumer_id, receive_timeout, AckHandle, Consumer, ConsumerOptions, ConsumerType, Error,
-    ErrorKind, InitialPosition, Message, Properties, Qos, Result, Topic, DEDUP_ID_PROPERTY,
+    receive_timeout, AckHandle, Backoff, ConsumerOptions, ConsumerType, Error, ErrorKind,
+    InitialPosition, Message, Properties, Qos, Result, Topic, DEDUP_ID_PROPERTY,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-use crate::backend::Shared;
-use crate::error::convert;
-use crate::topic::{message_id, pulsar_topic};
+use crate::batch::{BatchAcks, Delivery};
+use crate::core::Core;
+use crate::dedup::Dedup;
+use crate::error::kind_of;
+use crate::message_id::message_id;
+use crate::topic::pulsar_topic;
 
-type RawConsumer = pulsar::Consumer<Vec<u8>, TokioExecutor>;
+type Stream = pulsar::Consumer<Vec<u8>, TokioExecutor>;
 
 /// Subscribes (again) with the consumer's settings.
-type Subscribe = Box<
-    dyn Fn() -> BoxFuture<'static, std::result::Result<RawConsumer, pulsar::Error>> + Send + Sync,
->;
-
-/// What an [`AckHandle`] of this backend carries: the Pulsar id and the size of its batch.
-#[derive(Clone, Debug)]
-struct Delivery {
-    id: MessageIdData,
-    batch_size: i32,
-}
-
-/// Acknowledgement state of one batch (broker entry) with messages still unacknowledged.
-struct BatchState {
-    acked: Vec<bool>,
-    remaining: usize,
-}
-
-/// The key of a broker entry.
-type EntryKey = (u64, u64, i32);
-
-fn entry_key(id: &MessageIdData) -> EntryKey {
-    (id.ledger_id, id.entry_id, id.partition.unwrap_or(-1))
-}
-
-/// The last de-duplication ids one q2 consumer saw, with the message that carried each.
-struct Dedup {
-    seen: HashMap<String, (EntryKey, i32)>,
-    order: VecDeque<String>,
-    window: usize,
-}
-
-impl Dedup {
-    fn new(window: usize) -> Self {
-        Self {
-            seen: HashMap::new(),
-            order: VecDeque::new(),
-            window,
-        }
-    }
-
-    /// Records `dedup_id` for message `id`; false when another message carried it before.
-    fn first_time(&mut self, dedup_id: &str, id: &MessageIdData) -> bool {
-        let this = (entry_key(id), id.batch_index.unwrap_or(-1));
-        match self.seen.get(dedup_id) {
-            Some(first) => *first == this, // a redelivery of the first copy is delivered
-            None => {
-                if self.order.len() >= self.window {
-                    if let Some(old) = self.order.pop_front() {
-                        self.seen.remove(&old);
-                    }
-                }
-                self.seen.insert(dedup_id.to_owned(), this);
-                self.order.push_back(dedup_id.to_owned());
-                true
-            }
-        }
-    }
-}
+type Subscribe =
+    Box<dyn Fn() -> BoxFuture<'static, std::result::Result<Stream, pulsar::Error>> + Send + Sync>;
 
 /// Everything behind the consumer's mutex.
 struct State {
     /// None while subscribing again, and after close.
-    raw: Option<RawConsumer>,
+    stream: Option<Stream>,
     seq: u64,
-    batches: HashMap<EntryKey, BatchState>,
+    batches: BatchAcks,
     dedup: Option<Dedup>,
     /// Why the consumer is disconnected, when it is.
     failure: Option<String>,
     resubscribing: bool,
 }
 
-impl State {
-    /// The ids to acknowledge now for this delivery: none while its batch has unacknowledged
-    /// messages, all of the batch when the last one is acknowledged.
-    fn ids_to_ack(&mut self, d: &Delivery) -> Vec<MessageIdData> {
-        match (d.batch_size > 1, d.id.batch_index) {
-            (true, Some(index)) if index >= 0 && index < d.batch_size => {
-                let key = entry_key(&d.id);
-                let state = self.batches.entry(key).or_insert_with(|| BatchState {
-                    acked: vec![false; d.batch_size as usize],
-                    remaining: d.batch_size as usize,
-                });
-                let slot = &mut state.acked[index as usize];
-                if !*slot {
-                    *slot = true;
-                    state.remaining -= 1;
-                }
-                if state.remaining > 0 {
-                    return Vec::new();
-                }
-                self.batches.remove(&key);
-                (0..d.batch_size)
-                    .map(|i| MessageIdData {
-                        batch_index: Some(i),
-                        ..d.id.clone()
-                    })
-                    .collect()
-            }
-            _ => vec![d.id.clone()],
-        }
-    }
-
-    /// Whether this message of a redelivered batch was acknowledged already.
-    fn already_acked(&self, id: &MessageIdData, batch_size: i32) -> bool {
-        if batch_size <= 1 {
-            return false;
-        }
-        match (self.batches.get(&entry_key(id)), id.batch_index) {
-            (Some(state), Some(index)) if index >= 0 => {
-                state.acked.get(index as usize).copied().unwrap_or(false)
-            }
-            _ => false,
-        }
-    }
-}
-
-/// The consumer's shared part (the backend keeps a weak reference to close it).
-pub(crate) struct ConsumerCore {
-    shared: Arc<Shared>,
+/// The part of a consumer its background re-subscription shares.
+struct Shared {
+    core: Arc<Core>,
     topic: Topic,
     pulsar_topic: String,
     subscription: String,
@@ -175,9 +67,10 @@ pub(crate) struct ConsumerCore {
     state: Mutex<State>,
     /// One `receive` at a time: the stream keeps one waker.
     receiving: tokio::sync::Mutex<()>,
-    /// Signalled when the consumer subscribed again or closed.
-    changed: Notify,
-    closed: AtomicBool,
+    /// Signalled when the consumer subscribed again.
+    resubscribed: Notify,
+    /// Cancelled when the consumer or its backend closes: stops the re-subscription.
+    stop: CancellationToken,
     subscribe: Subscribe,
 }
 
@@ -186,39 +79,22 @@ enum Next {
     Message(Message),
     /// The stream ended: the crate gave up on the subscription.
     Ended,
-    /// No consumer right now (subscribing again, or closed).
+    /// No stream right now (subscribing again, or closed).
     Disconnected,
 }
 
-impl ConsumerCore {
-    fn closed_error(&self) -> Error {
-        Error::closed("pulsar consumer")
-            .with_context("topic", &self.topic)
-            .with_context("subscription", &self.subscription)
-    }
-
-    fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire) || self.shared.is_closed()
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.is_closed() {
-            Err(self.closed_error())
-        } else {
-            Ok(())
-        }
-    }
-
+impl Shared {
     fn err(&self, e: pulsar::Error, what: &str) -> Error {
-        convert(e, what, &self.shared.server)
+        self.core
+            .err(e, what)
             .with_context("topic", &self.topic)
             .with_context("subscription", &self.subscription)
     }
 
     /// Queues acknowledgements with the crate's engine (never waits).
-    fn send_acks(&self, raw: &mut RawConsumer, ids: Vec<MessageIdData>) -> Result<()> {
+    fn send_acks(&self, stream: &mut Stream, ids: Vec<MessageIdData>) -> Result<()> {
         for id in ids {
-            match raw.ack_with_id(&self.pulsar_topic, id).now_or_never() {
+            match stream.ack_with_id(&self.pulsar_topic, id).now_or_never() {
                 Some(Ok(())) => {}
                 Some(Err(e)) => return Err(self.err(e.into(), "acknowledgement failed")),
                 None => tracing::warn!(topic = %self.pulsar_topic, "acknowledgement not queued"),
@@ -231,13 +107,13 @@ impl ConsumerCore {
     fn poll_next(&self, cx: &mut std::task::Context<'_>) -> Poll<Next> {
         let mut state = self.state.lock();
         loop {
-            let Some(raw) = state.raw.as_mut() else {
+            let Some(stream) = state.stream.as_mut() else {
                 return Poll::Ready(Next::Disconnected);
             };
-            let raw_message = match raw.poll_next_unpin(cx) {
+            let raw = match stream.poll_next_unpin(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => {
-                    state.raw = None;
+                    state.stream = None;
                     return Poll::Ready(Next::Ended);
                 }
                 Poll::Ready(Some(Err(e))) => {
@@ -246,7 +122,7 @@ impl ConsumerCore {
                 }
                 Poll::Ready(Some(Ok(m))) => m,
             };
-            if let Some(message) = self.convert(&mut state, raw_message) {
+            if let Some(message) = self.convert(&mut state, raw) {
                 return Poll::Ready(Next::Message(message));
             }
         }
@@ -261,7 +137,7 @@ impl ConsumerCore {
     ) -> Option<Message> {
         let id = raw.message_id.id;
         let batch_size = raw.message_id.batch_size.unwrap_or(0);
-        if state.already_acked(&id, batch_size) {
+        if state.batches.already_acked(&id, batch_size) {
             return None;
         }
         let pulsar::Payload { metadata, data } = raw.payload;
@@ -275,9 +151,9 @@ impl ConsumerCore {
         {
             if !dedup.first_time(dedup_id, &delivery.id) {
                 tracing::debug!(dedup_id = %dedup_id, "q2 duplicate acknowledged and skipped");
-                let ids = state.ids_to_ack(&delivery);
-                if let Some(raw) = state.raw.as_mut() {
-                    let _ = self.send_acks(raw, ids);
+                let ids = state.batches.ids_to_ack(&delivery);
+                if let Some(stream) = state.stream.as_mut() {
+                    let _ = self.send_acks(stream, ids);
                 }
                 return None;
             }
@@ -295,114 +171,104 @@ impl ConsumerCore {
         Some(message)
     }
 
-    /// Subscribes again in the background (once at a time), with backoff, until it works or
-    /// the consumer is closed.
+    /// Subscribes again in the background (once at a time), with back-off, until it works or
+    /// the consumer closes.
     fn start_resubscribing(self: &Arc<Self>) {
         {
             let mut state = self.state.lock();
-            if state.resubscribing || self.is_closed() {
+            if state.resubscribing || self.stop.is_cancelled() {
                 return;
             }
             state.resubscribing = true;
             state.failure = Some("the connection to the broker broke; subscribing again".into());
         }
-        tracing::warn!(server = %self.shared.server, topic = %self.pulsar_topic,
+        tracing::warn!(server = %self.core.server, topic = %self.pulsar_topic,
             "the Pulsar consumer stopped; subscribing again");
         let weak: Weak<Self> = Arc::downgrade(self);
-        let max = self.shared.config.reconnect_max_delay;
+        let stop = self.stop.clone();
+        let backoff =
+            Backoff::new(Duration::from_millis(100), self.core.config.reconnect_max).jitter(false);
         tokio::spawn(async move {
-            let mut delay = Duration::from_millis(100);
-            loop {
-                let Some(attempt) = weak.upgrade().map(|core| (core.subscribe)()) else {
+            for retry in 1.. {
+                let Some(attempt) = weak.upgrade().map(|shared| (shared.subscribe)()) else {
                     return;
                 };
                 let outcome = attempt.await;
-                let Some(core) = weak.upgrade() else { return };
+                let Some(shared) = weak.upgrade() else { return };
+                let delay = backoff.delay(retry);
                 match outcome {
-                    Ok(raw) => {
-                        if core.is_closed() {
-                            let mut raw = raw;
-                            let _ = raw.close().await;
-                        } else {
-                            let mut state = core.state.lock();
-                            state.raw = Some(raw);
+                    Ok(mut stream) if stop.is_cancelled() => {
+                        // closed meanwhile: this subscription is nobody's
+                        let _ = stream.close().await;
+                        return;
+                    }
+                    Ok(stream) => {
+                        {
+                            let mut state = shared.state.lock();
+                            state.stream = Some(stream);
                             state.failure = None;
                             state.resubscribing = false;
-                            tracing::info!(topic = %core.pulsar_topic, "the Pulsar consumer subscribed again");
                         }
-                        core.changed.notify_waiters();
+                        tracing::info!(topic = %shared.pulsar_topic, "the Pulsar consumer subscribed again");
+                        shared.resubscribed.notify_waiters();
                         return;
                     }
                     Err(e) => {
-                        if core.is_closed() {
-                            return;
-                        }
-                        tracing::warn!(topic = %core.pulsar_topic, error = %e, ?delay,
+                        tracing::warn!(topic = %shared.pulsar_topic, error = %e, ?delay,
                             "subscribing again failed; retrying");
-                        core.state.lock().failure = Some(format!("cannot subscribe again: {e}"));
+                        shared.state.lock().failure = Some(format!("cannot subscribe again: {e}"));
                     }
                 }
-                drop(core);
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(max);
+                drop(shared);
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = stop.cancelled() => return,
+                }
             }
         });
     }
 
-    /// Closes the consumer; its unacknowledged messages go back to the subscription.
-    pub(crate) async fn shutdown(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        let raw = self.state.lock().raw.take();
-        self.changed.notify_waiters();
-        let Some(mut raw) = raw else { return Ok(()) };
-        match tokio::time::timeout(self.shared.config.operation_timeout, raw.close()).await {
-            Ok(Err(e)) if !matches!(crate::error::kind_of(&e), ErrorKind::Connection) => {
-                Err(self.err(e, "closing the consumer"))
-            }
-            _ => Ok(()), // closed, or the connection is gone and the broker dropped it already
-        }
+    fn delivery<'m>(&self, message: &'m Message) -> Result<&'m Delivery> {
+        message.ack_handle().extra::<Delivery>().ok_or_else(|| {
+            Error::new(
+                ErrorKind::InvalidInput,
+                "the message was not received by a Pulsar consumer",
+            )
+            .with_context("subscription", &self.subscription)
+        })
     }
 
-    fn delivery<'m>(&self, message: &'m Message) -> Result<&'m Delivery> {
-        let handle = message.ack_handle();
-        match handle.extra::<Delivery>() {
-            Some(d) if handle.consumer() == self.id => Ok(d),
-            _ => Err(Error::new(
-                ErrorKind::InvalidInput,
-                "the message was not received by this consumer",
-            )
-            .with_context("subscription", &self.subscription)),
-        }
+    /// Takes the stream away (closing or unsubscribing) and stops the re-subscription.
+    fn take_stream(&self) -> Option<Stream> {
+        self.stop.cancel();
+        self.state.lock().stream.take()
     }
 }
 
-/// A consumer of one subscription.
-pub(crate) struct PulsarConsumer {
-    core: Arc<ConsumerCore>,
+/// The Pulsar consumer of one subscription (as the kit sees it; applications get it as a
+/// `Box<dyn Consumer>`).
+pub struct PulsarConsumer {
+    shared: Arc<Shared>,
 }
 
 impl PulsarConsumer {
     pub(crate) async fn create(
-        shared: Arc<Shared>,
+        core: Arc<Core>,
         topic: Topic,
-        options: ConsumerOptions,
+        options: &ConsumerOptions,
+        id: u64,
     ) -> Result<Self> {
-        let config = &shared.config;
+        let config = &core.config;
         let ptopic = pulsar_topic(&topic);
         let sub_type = match options.consumer_type {
             ConsumerType::Shared => SubType::Shared,
             ConsumerType::Exclusive => SubType::Exclusive,
             ConsumerType::Failover => SubType::Failover,
         };
+        // a non-persistent topic keeps nothing to start from (the kit logs that)
         let position = match (topic.qos(), options.initial_position) {
-            (Qos::Q0, InitialPosition::Earliest) => {
-                tracing::debug!(%topic, "q0 topics retain nothing: Earliest behaves as Latest");
-                PulsarPosition::Latest
-            }
+            (Qos::Q0, _) | (_, InitialPosition::Latest) => PulsarPosition::Latest,
             (_, InitialPosition::Earliest) => PulsarPosition::Earliest,
-            (_, InitialPosition::Latest) => PulsarPosition::Latest,
         };
         let pulsar_options = pulsar::ConsumerOptions {
             initial_position: position,
@@ -410,7 +276,7 @@ impl PulsarConsumer {
             ..Default::default()
         };
         let subscribe: Subscribe = {
-            let client = shared.consumer_client.clone();
+            let client = core.consumer_client.clone();
             let (ptopic, subscription, name) = (
                 ptopic.clone(),
                 options.subscription.clone(),
@@ -431,72 +297,59 @@ impl PulsarConsumer {
                 Box::pin(async move { builder.build::<Vec<u8>>().await })
             })
         };
-        let raw: RawConsumer = shared
+        let stream = core
             .bounded("cannot subscribe", subscribe())
             .await
             .map_err(|e| {
                 e.with_context("topic", &topic)
                     .with_context("subscription", &options.subscription)
             })?;
-        let dedup = (topic.qos() == Qos::Q2 && config.dedup_window > 0)
-            .then(|| Dedup::new(config.dedup_window));
+        let dedup = (topic.qos() == Qos::Q2 && config.dedup_capacity > 0)
+            .then(|| Dedup::new(config.dedup_capacity));
+        let stop = core.life.token().child_token();
         Ok(Self {
-            core: Arc::new(ConsumerCore {
-                shared,
+            shared: Arc::new(Shared {
+                core,
                 topic,
                 pulsar_topic: ptopic,
-                subscription: options.subscription,
-                id: next_consumer_id(),
+                subscription: options.subscription.clone(),
+                id,
                 state: Mutex::new(State {
-                    raw: Some(raw),
+                    stream: Some(stream),
                     seq: 0,
-                    batches: HashMap::new(),
+                    batches: BatchAcks::default(),
                     dedup,
                     failure: None,
                     resubscribing: false,
                 }),
                 receiving: tokio::sync::Mutex::new(()),
-                changed: Notify::new(),
-                closed: AtomicBool::new(false),
+                resubscribed: Notify::new(),
+                stop,
                 subscribe,
             }),
         })
-    }
-
-    pub(crate) fn core(&self) -> &Arc<ConsumerCore> {
-        &self.core
     }
 }
 
 impl fmt::Debug for PulsarConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PulsarConsumer")
-            .field("topic", &self.core.topic)
-            .field("subscription", &self.core.subscription)
+            .field("id", &self.shared.id)
+            .field("pulsar_topic", &self.shared.pulsar_topic)
+            .field("subscription", &self.shared.subscription)
             .finish_non_exhaustive()
     }
 }
 
-#[async_trait]
-impl Consumer for PulsarConsumer {
-    fn topic(&self) -> &Topic {
-        &self.core.topic
-    }
-
-    fn subscription(&self) -> &str {
-        &self.core.subscription
-    }
-
+impl RawConsumer for PulsarConsumer {
     async fn receive(&self, timeout: Duration) -> Result<Message> {
-        let core = &self.core;
-        core.check_open()?;
-        let _receiving = core.receiving.lock().await;
+        let shared = &self.shared;
+        let _receiving = shared.receiving.lock().await;
         let deadline = Instant::now() + timeout;
         loop {
-            core.check_open()?;
             // register for a change before looking, so that none is missed
-            let changed = core.changed.notified();
-            let next = futures::future::poll_fn(|cx| core.poll_next(cx));
+            let resubscribed = shared.resubscribed.notified();
+            let next = futures::future::poll_fn(|cx| shared.poll_next(cx));
             let next = if timeout.is_zero() {
                 next.now_or_never()
             } else {
@@ -505,17 +358,20 @@ impl Consumer for PulsarConsumer {
             match next {
                 None => return Err(receive_timeout(timeout)),
                 Some(Next::Message(m)) => return Ok(m),
-                Some(Next::Ended) => core.start_resubscribing(),
+                Some(Next::Ended) => shared.start_resubscribing(),
                 Some(Next::Disconnected) => {
-                    if core.is_closed() {
-                        return Err(core.closed_error());
+                    if shared.stop.is_cancelled() {
+                        return Err(Error::closed("Pulsar consumer"));
                     }
-                    if !core.state.lock().resubscribing {
-                        core.start_resubscribing();
+                    if !shared.state.lock().resubscribing {
+                        shared.start_resubscribing();
                         continue;
                     }
-                    if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                        let why = core.state.lock().failure.clone();
+                    if tokio::time::timeout_at(deadline, resubscribed)
+                        .await
+                        .is_err()
+                    {
+                        let why = shared.state.lock().failure.clone();
                         let err = receive_timeout(timeout);
                         return Err(match why {
                             Some(why) => err.with_context("disconnected", why),
@@ -528,129 +384,67 @@ impl Consumer for PulsarConsumer {
     }
 
     async fn acknowledge(&self, message: &Message) -> Result<()> {
-        let core = &self.core;
-        let delivery = core.delivery(message)?;
-        let mut state = core.state.lock();
-        let ids = state.ids_to_ack(delivery);
-        if ids.is_empty() {
-            return Ok(());
-        }
-        match state.raw.as_mut() {
-            Some(raw) => core.send_acks(raw, ids),
-            // closed or subscribing again: the broker redelivers the message (at least once)
-            None if core.is_closed() => Err(core.closed_error()),
-            None => Ok(()),
+        let shared = &self.shared;
+        let delivery = shared.delivery(message)?;
+        let mut state = shared.state.lock();
+        let ids = state.batches.ids_to_ack(delivery);
+        match state.stream.as_mut() {
+            Some(stream) if !ids.is_empty() => shared.send_acks(stream, ids),
+            // subscribing again: the broker redelivers the message (at least once)
+            _ => Ok(()),
         }
     }
 
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
-        let core = &self.core;
-        let delivery = core.delivery(message)?.clone();
-        let mut state = core.state.lock();
-        match state.raw.as_mut() {
-            Some(raw) => match raw
-                .nack_with_id(&core.pulsar_topic, delivery.id)
-                .now_or_never()
-            {
-                Some(Err(e)) => Err(core.err(e.into(), "negative acknowledgement failed")),
-                _ => Ok(()),
-            },
-            None if core.is_closed() => Err(core.closed_error()),
-            None => Ok(()), // redelivered anyway when the consumer subscribes again
+        let shared = &self.shared;
+        let delivery = shared.delivery(message)?.clone();
+        let mut state = shared.state.lock();
+        let Some(stream) = state.stream.as_mut() else {
+            return Ok(()); // redelivered anyway when the consumer subscribes again
+        };
+        match stream
+            .nack_with_id(&shared.pulsar_topic, delivery.id)
+            .now_or_never()
+        {
+            Some(Err(e)) => Err(shared.err(e.into(), "negative acknowledgement failed")),
+            _ => Ok(()),
         }
     }
 
     async fn unsubscribe(&self) -> Result<()> {
-        let core = &self.core;
-        core.check_open()?;
-        core.closed.store(true, Ordering::Release);
-        let raw = core.state.lock().raw.take();
-        core.changed.notify_waiters();
-        let Some(mut raw) = raw else {
+        let shared = &self.shared;
+        let Some(mut stream) = shared.take_stream() else {
             return Err(Error::connection(
                 "cannot unsubscribe: the consumer is disconnected from the broker",
             )
-            .with_context("topic", &core.topic)
-            .with_context("subscription", &core.subscription));
+            .with_context("topic", &shared.topic)
+            .with_context("subscription", &shared.subscription));
         };
-        let result = core
-            .shared
-            .bounded("cannot unsubscribe", raw.unsubscribe())
+        let result = shared
+            .core
+            .bounded("cannot unsubscribe", stream.unsubscribe())
             .await
             .map_err(|e| {
-                e.with_context("topic", &core.topic)
-                    .with_context("subscription", &core.subscription)
+                e.with_context("topic", &shared.topic)
+                    .with_context("subscription", &shared.subscription)
             });
-        let _ = tokio::time::timeout(core.shared.config.operation_timeout, raw.close()).await;
+        let timeout = shared.core.config.operation_timeout;
+        let _ = tokio::time::timeout(timeout, stream.close()).await;
         result
     }
 
+    /// Closes the consumer; its unacknowledged messages go back to the subscription.
     async fn close(&self) -> Result<()> {
-        self.core.shutdown().await
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn id(entry: u64, batch: Option<i32>) -> MessageIdData {
-        MessageIdData {
-            ledger_id: 1,
-            entry_id: entry,
-            batch_index: batch,
-            ..Default::default()
+        let shared = &self.shared;
+        let Some(mut stream) = shared.take_stream() else {
+            return Ok(());
+        };
+        let timeout = shared.core.config.operation_timeout;
+        match tokio::time::timeout(timeout, stream.close()).await {
+            Ok(Err(e)) if kind_of(&e) != ErrorKind::Connection => {
+                Err(shared.err(e, "closing the consumer"))
+            }
+            _ => Ok(()), // closed, or the connection is gone and the broker dropped it already
         }
-    }
-
-    #[test]
-    fn dedup_skips_copies_but_not_redeliveries() {
-        let mut d = Dedup::new(2);
-        assert!(d.first_time("a", &id(1, None)));
-        assert!(
-            d.first_time("a", &id(1, None)),
-            "redelivery of the same message"
-        );
-        assert!(
-            !d.first_time("a", &id(2, None)),
-            "a second message with the same id"
-        );
-        assert!(d.first_time("b", &id(3, Some(0))));
-        assert!(d.first_time("c", &id(3, Some(1))));
-        // "a" fell out of the window of 2
-        assert!(d.first_time("a", &id(4, None)));
-    }
-
-    #[test]
-    fn batches_are_acknowledged_whole() {
-        let mut s = State {
-            raw: None,
-            seq: 0,
-            batches: HashMap::new(),
-            dedup: None,
-            failure: None,
-            resubscribing: false,
-        };
-        let d = |i| Delivery {
-            id: id(7, Some(i)),
-            batch_size: 3,
-        };
-        assert!(s.ids_to_ack(&d(0)).is_empty());
-        assert!(s.ids_to_ack(&d(0)).is_empty(), "twice is fine");
-        assert!(s.already_acked(&id(7, Some(0)), 3));
-        assert!(!s.already_acked(&id(7, Some(1)), 3));
-        assert!(s.ids_to_ack(&d(2)).is_empty());
-        let all = s.ids_to_ack(&d(1));
-        assert_eq!(
-            all.iter().map(|i| i.batch_index).collect::<Vec<_>>(),
-            [Some(0), Some(1), Some(2)]
-        );
-        assert!(s.batches.is_empty());
-        // a message outside a batch is acknowledged at once
-        let single = Delivery {
-            id: id(8, None),
-            batch_size: 0,
-        };
-        assert_eq!(s.ids_to_ack(&single).len(), 1);
     }
 }

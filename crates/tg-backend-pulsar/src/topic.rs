@@ -1,4 +1,4 @@
-//! Naming: tg topics to Pulsar topics, Pulsar message ids to text.
+//! Naming: tg topics to Pulsar topics.
 //!
 //! | tg | Pulsar |
 //! |---|---|
@@ -10,8 +10,7 @@
 //! property and the consumer-side de-duplication). `q1/tg/flow/NAME` is the topic the Python
 //! framework calls `flow:tg:NAME`.
 
-use pulsar::proto::MessageIdData;
-use tg_backend_api::{MessageId, Qos, Topic};
+use tg_backend_api::{Qos, Topic};
 
 /// The Pulsar topic of a tg topic.
 pub(crate) fn pulsar_topic(topic: &Topic) -> String {
@@ -25,18 +24,6 @@ pub(crate) fn pulsar_topic(topic: &Topic) -> String {
         topic.namespace(),
         topic.queue()
     )
-}
-
-/// `ledger:entry:partition:batch_index` (-1 for an absent partition or batch index), the text
-/// form of a Pulsar message id.
-pub(crate) fn message_id(id: &MessageIdData) -> MessageId {
-    MessageId::from_text(format!(
-        "{}:{}:{}:{}",
-        id.ledger_id,
-        id.entry_id,
-        id.partition.unwrap_or(-1),
-        id.batch_index.unwrap_or(-1)
-    ))
 }
 
 #[cfg(test)]
@@ -58,16 +45,5 @@ mod tests {
             pulsar_topic(&Topic::parse("q0/tg/request/prompt").unwrap()),
             "non-persistent://tg/request/prompt"
         );
-    }
-
-    #[test]
-    fn message_ids_print_like_pulsar() {
-        let id = MessageIdData {
-            ledger_id: 7,
-            entry_id: 42,
-            batch_index: Some(3),
-            ..Default::default()
-        };
-        assert_eq!(message_id(&id).to_string(), "7:42:-1:3");
     }
 }

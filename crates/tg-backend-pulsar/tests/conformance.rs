@@ -1,5 +1,5 @@
 //! The conformance suite against the Pulsar broker of `PULSAR_URL` (`cargo xtask test pulsar`
-//! starts pulsar-lite behind the checksum relay and sets it).
+//! starts pulsar-lite behind the checksum relay and sets it), and the backend's page in `docs/`.
 //!
 //! Every test uses its own random tenant and namespace, so runs never see each other's topics.
 //! The tests listed with `known_defect` fail on pulsar-lite 0.2.0 for reasons of that broker,
@@ -7,6 +7,7 @@
 
 fn main() -> std::process::ExitCode {
     tg_testkit::Suite::for_driver(&tg_backend_pulsar::DRIVER)
+    .doc_page(include_str!("../../../docs/pulsar.md"))
     .known_defect(
         "exclusive_refuses_second_consumer",
         "pulsar-lite 0.2.0 answers the second Exclusive subscribe by dropping the client's whole \

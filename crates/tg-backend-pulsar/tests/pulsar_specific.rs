@@ -6,9 +6,6 @@
 //! needs `PULSAR_LITE_BIN` to start a broker of its own. Without them the tests say why and pass,
 //! except under `CI=true`, where that is a failure.
 
-#[path = "support/relay.rs"]
-mod relay;
-
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -19,6 +16,7 @@ use tg_backend_api::{
     ProducerOptions, Qos, Topic,
 };
 use tg_backend_pulsar::{PulsarBackend, PulsarConfig};
+use tg_testkit::pulsar_relay::Relay;
 use tg_testkit::servers::OwnServer;
 use tg_testkit::support::{free_port, skip};
 
@@ -376,10 +374,10 @@ async fn producers_and_consumers_resume_after_a_broker_restart() {
         return;
     };
     broker.start();
-    let relay = relay::Relay::start(SocketAddr::from(([127, 0, 0, 1], broker.port()))).unwrap();
+    let relay = Relay::start(SocketAddr::from(([127, 0, 0, 1], broker.port()))).unwrap();
     let config = PulsarConfig::from_url(&relay.url())
         .unwrap()
-        .reconnect_max_delay(Duration::from_millis(500));
+        .reconnect_max(Duration::from_millis(500));
     let backend = PulsarBackend::connect(config).await.unwrap();
     let t = topic(Qos::Q1, "restart");
     let consumer = backend

@@ -15,9 +15,6 @@
 //! `cargo xtask test pulsar|all` sets, behind the checksum relay of docs/pulsar.md); when one is
 //! missing the test says so and passes, unless `CI=true`, where it fails.
 
-#[path = "../../tg-backend-pulsar/tests/support/relay.rs"]
-mod relay;
-
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -32,6 +29,7 @@ use tg_runtime::{
     ConsumerRunner, Deduplicator, HandlerError, ProducerConfig, RetryingProducer, RunnerConfig,
 };
 use tg_schema::{Codec, JsonCodec};
+use tg_testkit::pulsar_relay::Relay;
 use tg_testkit::servers::OwnServer;
 
 const MESSAGES: usize = 20_000;
@@ -366,7 +364,7 @@ fn pulsar_restart_loses_nothing() {
         return;
     };
     let broker = std::net::SocketAddr::from(([127, 0, 0, 1], server.port()));
-    let relay = Arc::new(relay::Relay::start(broker).expect("start the checksum relay"));
+    let relay = Arc::new(Relay::start(broker).expect("start the checksum relay"));
     let relay_url = relay.url();
     let config = PulsarConfig::from_url(&relay_url).expect("relay URL");
     // Batches are acknowledged whole: a batch cut by the restart comes again entire.

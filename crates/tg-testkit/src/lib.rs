@@ -24,6 +24,8 @@ pub mod bench;
 mod cases;
 mod check;
 pub mod doc;
+#[cfg(feature = "pulsar-relay")]
+pub mod pulsar_relay;
 pub mod servers;
 pub mod support;
 

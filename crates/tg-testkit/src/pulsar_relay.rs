@@ -1,4 +1,5 @@
-//! A TCP relay between Pulsar clients and pulsar-lite that adds the payload checksum.
+//! A TCP relay between Pulsar clients and pulsar-lite that adds the payload checksum (cargo
+//! feature `pulsar-relay`; see `docs/pulsar.md`).
 //!
 //! pulsar-lite (the Pulsar-protocol broker the tests run against) forwards payload frames to
 //! consumers **without** the optional magic number `0x0e01` and CRC32C checksum that real Pulsar
@@ -10,18 +11,18 @@
 //!
 //! pulsar-lite also answers topic lookups with its own listen address, which would send the client
 //! around the relay for its producers and consumers; the relay therefore rewrites the broker URL
-//! of lookup responses (`CommandLookupTopicResponse.brokerServiceUrl`) to its own address.
+//! of lookup responses (`CommandLookupTopicResponse.brokerServiceUrl`) to its own address. The
+//! command is read and written with the `pulsar` crate's own protobuf types.
 //!
 //! A Pulsar frame is `[total_size u32][command_size u32][command]`, followed for payload frames by
 //! `[magic 0x0e01 u16][crc32c u32][metadata_size u32][metadata][payload]`, all big endian, where
 //! `total_size` counts everything after itself. A frame carries a payload when
 //! `total_size > 4 + command_size`.
 //!
-//! This file is shared by xtask (`cargo xtask test pulsar` runs one relay in front of the broker
-//! it starts) and by the backend's own restart tests, which start their own broker and relay. It
-//! uses only std threads and the `crc32c` crate. See `docs/pulsar.md`.
-
-#![allow(dead_code, unreachable_pub)]
+//! The backend's tests and the runtime's restart test start a [`Relay`] in front of a broker of
+//! their own; `cargo xtask test pulsar` runs one as a process (the `pulsar_relay` example of
+//! `tg-backend-pulsar`), since xtask itself is built before `protoc`, which the `pulsar` crate
+//! needs, is installed.
 
 use std::borrow::Cow;
 use std::io::{self, BufReader, BufWriter, Read, Write};
@@ -30,6 +31,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use prost::Message as _;
+use pulsar::proto::BaseCommand;
+
 /// The magic number that starts the checksummed part of a payload frame.
 pub const MAGIC_CRC32C: u16 = 0x0e01;
 
@@ -37,21 +41,24 @@ pub const MAGIC_CRC32C: u16 = 0x0e01;
 /// protocol's 5 MiB + 10 KiB by default; this only guards against a corrupt size).
 const MAX_FRAME: usize = 256 * 1024 * 1024;
 
+/// The command size at the start of a frame body, if the body has one.
+fn command_size(body: &[u8]) -> Option<usize> {
+    let size: [u8; 4] = body.get(..4)?.try_into().ok()?;
+    Some(u32::from_be_bytes(size) as usize)
+}
+
 /// The body of a frame (everything after `total_size`) with the magic number and checksum
 /// inserted when it carries a payload without them; unchanged otherwise.
 pub fn add_checksum(body: &[u8]) -> Cow<'_, [u8]> {
-    let Some(cmd_size) = body
-        .get(..4)
-        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    else {
+    let Some(cmd_size) = command_size(body) else {
         return Cow::Borrowed(body);
     };
-    let payload_start = 4usize.saturating_add(cmd_size as usize);
+    let payload_start = 4usize.saturating_add(cmd_size);
     if payload_start >= body.len() {
         return Cow::Borrowed(body); // a command without payload (or a malformed size)
     }
     let rest = &body[payload_start..];
-    if rest.len() >= 2 && u16::from_be_bytes([rest[0], rest[1]]) == MAGIC_CRC32C {
+    if rest.starts_with(&MAGIC_CRC32C.to_be_bytes()) {
         return Cow::Borrowed(body); // already checksummed
     }
     let mut out = Vec::with_capacity(body.len() + 6);
@@ -62,125 +69,30 @@ pub fn add_checksum(body: &[u8]) -> Cow<'_, [u8]> {
     Cow::Owned(out)
 }
 
-/// `BaseCommand.lookupTopicResponse` (field 24), `CommandLookupTopicResponse.brokerServiceUrl`
-/// (field 1).
-const LOOKUP_RESPONSE_FIELD: u64 = 24;
-const BROKER_SERVICE_URL_FIELD: u64 = 1;
-
-fn read_varint(b: &[u8], pos: &mut usize) -> Option<u64> {
-    let mut value = 0u64;
-    for shift in (0..64).step_by(7) {
-        let byte = *b.get(*pos)?;
-        *pos += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Some(value);
-        }
-    }
-    None
-}
-
-fn write_varint(out: &mut Vec<u8>, mut v: u64) {
-    while v >= 0x80 {
-        out.push((v as u8) | 0x80);
-        v >>= 7;
-    }
-    out.push(v as u8);
-}
-
-/// One field of a protobuf message: its number, wire type, the whole field's bytes and (for
-/// length-delimited fields) the value's bytes.
-struct Field<'a> {
-    number: u64,
-    wire: u64,
-    whole: &'a [u8],
-    value: &'a [u8],
-}
-
-fn fields(msg: &[u8]) -> Option<Vec<Field<'_>>> {
-    let mut out = Vec::new();
-    let mut pos = 0;
-    while pos < msg.len() {
-        let start = pos;
-        let tag = read_varint(msg, &mut pos)?;
-        let (number, wire) = (tag >> 3, tag & 7);
-        let value_start;
-        match wire {
-            0 => {
-                value_start = pos;
-                read_varint(msg, &mut pos)?;
-            }
-            1 => {
-                value_start = pos;
-                pos = pos.checked_add(8)?;
-            }
-            2 => {
-                let len = usize::try_from(read_varint(msg, &mut pos)?).ok()?;
-                value_start = pos;
-                pos = pos.checked_add(len)?;
-            }
-            5 => {
-                value_start = pos;
-                pos = pos.checked_add(4)?;
-            }
-            _ => return None,
-        }
-        if pos > msg.len() {
-            return None;
-        }
-        out.push(Field {
-            number,
-            wire,
-            whole: &msg[start..pos],
-            value: &msg[value_start..pos],
-        });
-    }
-    Some(out)
-}
-
-/// Re-encodes `msg` with the length-delimited field `number` replaced by `value`.
-fn replace_field(msg: &[u8], number: u64, value: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::with_capacity(msg.len() + value.len());
-    for f in fields(msg)? {
-        if f.number == number && f.wire == 2 {
-            write_varint(&mut out, (number << 3) | 2);
-            write_varint(&mut out, value.len() as u64);
-            out.extend_from_slice(value);
-        } else {
-            out.extend_from_slice(f.whole);
-        }
-    }
-    Some(out)
-}
-
-/// A command whose lookup response names a broker URL other than `url`, with `url` instead;
-/// None for any other command.
+/// The command `cmd` (an encoded `BaseCommand`) with the broker URL of its lookup response
+/// replaced by `url`; None when it is no lookup response, names no broker URL (a failed lookup)
+/// or names `url` already.
 pub fn rewrite_lookup(cmd: &[u8], url: &str) -> Option<Vec<u8>> {
-    let all = fields(cmd)?;
-    let lookup = all
-        .iter()
-        .find(|f| f.number == LOOKUP_RESPONSE_FIELD && f.wire == 2)?;
-    let inner = fields(lookup.value)?;
-    let current = inner
-        .iter()
-        .find(|f| f.number == BROKER_SERVICE_URL_FIELD && f.wire == 2)?;
-    if current.value == url.as_bytes() {
+    let mut command = BaseCommand::decode(cmd).ok()?;
+    let broker = command
+        .lookup_topic_response
+        .as_mut()?
+        .broker_service_url
+        .as_mut()?;
+    if broker == url {
         return None;
     }
-    let new_inner = replace_field(lookup.value, BROKER_SERVICE_URL_FIELD, url.as_bytes())?;
-    replace_field(cmd, LOOKUP_RESPONSE_FIELD, &new_inner)
+    url.clone_into(broker);
+    Some(command.encode_to_vec())
 }
 
 /// The body of a broker → client frame as the client should see it: payload frames with a
 /// checksum ([`add_checksum`]), lookup responses pointing at the relay (`relay_url`).
 pub fn rewrite_frame<'a>(body: &'a [u8], relay_url: &str) -> Cow<'a, [u8]> {
-    let Some(cmd_size) = body
-        .get(..4)
-        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    else {
+    let Some(cmd_size) = command_size(body) else {
         return Cow::Borrowed(body);
     };
-    let cmd_end = 4usize.saturating_add(cmd_size as usize);
+    let cmd_end = 4usize.saturating_add(cmd_size);
     if cmd_end < body.len() {
         return add_checksum(body);
     }
@@ -303,6 +215,12 @@ impl Drop for Relay {
     }
 }
 
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("addr", &self.addr).finish()
+    }
+}
+
 fn accept_loop(
     listener: TcpListener,
     broker: SocketAddr,
@@ -370,6 +288,10 @@ fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pulsar::proto::{
+        base_command::Type, command_lookup_topic_response::LookupType, CommandLookupTopicResponse,
+        CommandMessage, CommandPing, MessageIdData, MessageMetadata,
+    };
 
     /// A frame body: `[cmd_size][cmd]` and, if given, `[meta_size][meta][payload]` without checksum.
     fn body(cmd: &[u8], meta_payload: Option<(&[u8], &[u8])>) -> Vec<u8> {
@@ -383,20 +305,50 @@ mod tests {
         b
     }
 
+    fn lookup_response(url: Option<&str>) -> BaseCommand {
+        BaseCommand {
+            r#type: Type::LookupResponse as i32,
+            lookup_topic_response: Some(CommandLookupTopicResponse {
+                broker_service_url: url.map(str::to_owned),
+                response: Some(LookupType::Connect as i32),
+                request_id: 7,
+                authoritative: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn command_frames_pass_unchanged() {
-        let b = body(b"\x08\x12", None);
+        let ping = BaseCommand {
+            r#type: Type::Ping as i32,
+            ping: Some(CommandPing {}),
+            ..Default::default()
+        };
+        let b = body(&ping.encode_to_vec(), None);
         assert!(matches!(add_checksum(&b), Cow::Borrowed(_)));
+        assert!(matches!(
+            rewrite_frame(&b, "pulsar://relay:1"),
+            Cow::Borrowed(_)
+        ));
         assert!(matches!(add_checksum(&[]), Cow::Borrowed(_)));
         assert!(matches!(add_checksum(&[0, 0]), Cow::Borrowed(_)));
         // a size pointing past the end is left alone
         let bad = [0, 0, 0, 9, 1, 2];
-        assert_eq!(add_checksum(&bad).as_ref(), &bad);
+        assert_eq!(rewrite_frame(&bad, "pulsar://relay:1").as_ref(), &bad);
     }
 
     #[test]
     fn payload_frames_get_magic_and_crc32c() {
-        let b = body(b"cmd-bytes", Some((b"meta", b"payload!")));
+        let meta = MessageMetadata {
+            producer_name: "p".into(),
+            sequence_id: 3,
+            publish_time: 1,
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let b = body(b"cmd-bytes", Some((&meta, b"payload!")));
         let out = add_checksum(&b);
         assert_eq!(out.len(), b.len() + 6);
         let start = 4 + 9;
@@ -409,44 +361,76 @@ mod tests {
         assert_eq!(crc32c::crc32c(b"123456789"), 0xe306_9283);
         // rewriting again changes nothing
         assert_eq!(add_checksum(&out).as_ref(), out.as_ref());
+        assert_eq!(rewrite_frame(&b, "pulsar://relay:1").as_ref(), out.as_ref());
+    }
+
+    /// What the `pulsar` crate's own frame decoder makes of `body` (the client's view).
+    fn decode_as_the_client(body: &[u8]) -> Result<pulsar::message::Message, String> {
+        use tokio_util::codec::Decoder as _;
+        let mut frame = bytes::BytesMut::from(&(body.len() as u32).to_be_bytes()[..]);
+        frame.extend_from_slice(body);
+        match pulsar::message::Codec.decode(&mut frame) {
+            Ok(Some(message)) => Ok(message),
+            Ok(None) => Err("incomplete frame".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn the_pulsar_crate_reads_relayed_payload_frames() {
+        let command = BaseCommand {
+            r#type: Type::Message as i32,
+            message: Some(CommandMessage {
+                consumer_id: 1,
+                message_id: MessageIdData {
+                    ledger_id: 4,
+                    entry_id: 2,
+                    ..Default::default()
+                },
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let meta = MessageMetadata {
+            producer_name: "p".into(),
+            sequence_id: 3,
+            publish_time: 1,
+            ..Default::default()
+        };
+        let b = body(
+            &command.encode_to_vec(),
+            Some((&meta.encode_to_vec(), b"payload!")),
+        );
+        // as pulsar-lite sends it, the client refuses the frame
+        assert!(decode_as_the_client(&b).is_err());
+        let message = decode_as_the_client(&rewrite_frame(&b, "pulsar://relay:1")).unwrap();
+        assert_eq!(message.command, command);
+        let payload = message.payload.expect("a payload");
+        assert_eq!(
+            (payload.metadata, payload.data),
+            (meta, b"payload!".to_vec())
+        );
     }
 
     #[test]
     fn lookup_responses_point_at_the_relay() {
-        // BaseCommand { type: LOOKUP_RESPONSE (24), lookupTopicResponse (24): { brokerServiceUrl:
-        // "pulsar://127.0.0.1:1", response: Connect, request_id: 7 } }
-        let url = b"pulsar://127.0.0.1:1";
-        let mut inner = vec![0x0a, url.len() as u8];
-        inner.extend_from_slice(url);
-        inner.extend_from_slice(&[0x18, 0x01, 0x20, 0x07]);
-        let mut cmd = vec![0x08, 24, 0xc2, 0x01, inner.len() as u8];
-        cmd.extend_from_slice(&inner);
-        let mut frame = (cmd.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(&cmd);
-
         let relay = "pulsar://127.0.0.1:65000";
-        let out = rewrite_frame(&frame, relay);
-        let new_cmd = &out[4..];
-        assert_eq!(
-            u32::from_be_bytes(out[..4].try_into().unwrap()) as usize,
-            new_cmd.len()
+        let frame = body(
+            &lookup_response(Some("pulsar://127.0.0.1:1")).encode_to_vec(),
+            None,
         );
-        let top = fields(new_cmd).unwrap();
-        assert_eq!(top.len(), 2);
-        assert_eq!((top[0].number, top[0].value), (1, &[24u8][..]));
-        let lookup = fields(top[1].value).unwrap();
-        assert_eq!(lookup[0].value, relay.as_bytes());
-        assert_eq!(lookup[1].whole, &[0x18, 0x01]);
-        assert_eq!(lookup[2].whole, &[0x20, 0x07]);
-        // already pointing at the relay, or another command: unchanged
+        let out = rewrite_frame(&frame, relay);
+        let size = command_size(&out).unwrap();
+        assert_eq!(size, out.len() - 4);
+        let command = BaseCommand::decode(&out[4..]).unwrap();
+        // the URL changed, nothing else did
+        assert_eq!(command, lookup_response(Some(relay)));
+        // already pointing at the relay, a failed lookup without URL, or another command:
+        // unchanged
         assert!(matches!(rewrite_frame(&out, relay), Cow::Borrowed(_)));
-        let ping = body(&[0x08, 18, 0x92, 0x01, 0x00], None);
-        assert!(matches!(rewrite_frame(&ping, relay), Cow::Borrowed(_)));
-        // varints longer than one byte survive
-        let mut v = Vec::new();
-        write_varint(&mut v, 300);
-        assert_eq!(v, [0xac, 0x02]);
-        assert_eq!(read_varint(&v, &mut 0), Some(300));
+        let failed = body(&lookup_response(None).encode_to_vec(), None);
+        assert!(matches!(rewrite_frame(&failed, relay), Cow::Borrowed(_)));
+        assert_eq!(rewrite_lookup(b"\xff\xff not protobuf", relay), None);
     }
 
     #[test]
@@ -460,8 +444,14 @@ mod tests {
         let mut up = [0u8; 6];
         server.read_exact(&mut up).unwrap();
         assert_eq!(&up, b"\x00\x00\x00\x02hi");
-        // broker → client: a command frame, then a payload frame without checksum
-        let frames = [body(b"c1", None), body(b"c2", Some((b"m", b"p")))];
+        // broker → client: a lookup response, then a payload frame without checksum
+        let frames = [
+            body(
+                &lookup_response(Some("pulsar://elsewhere:1")).encode_to_vec(),
+                None,
+            ),
+            body(b"c2", Some((b"m", b"p"))),
+        ];
         for f in &frames {
             server.write_all(&(f.len() as u32).to_be_bytes()).unwrap();
             server.write_all(f).unwrap();
@@ -472,9 +462,14 @@ mod tests {
             client.read_exact(&mut size).unwrap();
             let mut b = vec![0u8; u32::from_be_bytes(size) as usize];
             client.read_exact(&mut b).unwrap();
-            assert_eq!(b, rewrite_frame(f, "pulsar://unused").as_ref());
+            assert_eq!(b, rewrite_frame(f, &relay.url()).as_ref());
             got.push(b);
         }
+        let lookup = BaseCommand::decode(&got[0][4..]).unwrap();
+        assert_eq!(
+            lookup.lookup_topic_response.unwrap().broker_service_url,
+            Some(relay.url())
+        );
         assert_eq!(got[1].len(), frames[1].len() + 6);
         drop(relay);
     }

@@ -1,0 +1,124 @@
+//! Whole-batch acknowledgement.
+//!
+//! A batch of the producer is one broker entry; Pulsar brokers without batch-index
+//! acknowledgement (the default) treat the acknowledgement of any message of a batch as the
+//! acknowledgement of the whole entry. A consumer therefore acknowledges an entry only when the
+//! application has acknowledged every message of it (as the Java client does), and when a nack
+//! brings an entry back, it drops the messages of it that were acknowledged already.
+
+use std::collections::HashMap;
+
+use pulsar::proto::MessageIdData;
+
+/// What an [`AckHandle`](tg_backend_api::AckHandle) of this backend carries: the Pulsar id and
+/// the size of its batch.
+#[derive(Clone, Debug)]
+pub(crate) struct Delivery {
+    pub(crate) id: MessageIdData,
+    pub(crate) batch_size: i32,
+}
+
+/// The key of a broker entry.
+pub(crate) type EntryKey = (u64, u64, i32);
+
+pub(crate) fn entry_key(id: &MessageIdData) -> EntryKey {
+    (id.ledger_id, id.entry_id, id.partition.unwrap_or(-1))
+}
+
+/// Acknowledgement state of one batch (broker entry) with messages still unacknowledged.
+struct BatchState {
+    acked: Vec<bool>,
+    remaining: usize,
+}
+
+/// The batches of one consumer with some, but not all, messages acknowledged.
+#[derive(Default)]
+pub(crate) struct BatchAcks {
+    batches: HashMap<EntryKey, BatchState>,
+}
+
+impl BatchAcks {
+    /// The ids to acknowledge now for this delivery: none while its batch has unacknowledged
+    /// messages, all of the batch when the last one is acknowledged.
+    pub(crate) fn ids_to_ack(&mut self, d: &Delivery) -> Vec<MessageIdData> {
+        match (d.batch_size > 1, d.id.batch_index) {
+            (true, Some(index)) if index >= 0 && index < d.batch_size => {
+                let key = entry_key(&d.id);
+                let state = self.batches.entry(key).or_insert_with(|| BatchState {
+                    acked: vec![false; d.batch_size as usize],
+                    remaining: d.batch_size as usize,
+                });
+                let slot = &mut state.acked[index as usize];
+                if !*slot {
+                    *slot = true;
+                    state.remaining -= 1;
+                }
+                if state.remaining > 0 {
+                    return Vec::new();
+                }
+                self.batches.remove(&key);
+                (0..d.batch_size)
+                    .map(|i| MessageIdData {
+                        batch_index: Some(i),
+                        ..d.id.clone()
+                    })
+                    .collect()
+            }
+            _ => vec![d.id.clone()],
+        }
+    }
+
+    /// Whether this message of a redelivered batch was acknowledged already.
+    pub(crate) fn already_acked(&self, id: &MessageIdData, batch_size: i32) -> bool {
+        if batch_size <= 1 {
+            return false;
+        }
+        match (self.batches.get(&entry_key(id)), id.batch_index) {
+            (Some(state), Some(index)) if index >= 0 => {
+                state.acked.get(index as usize).copied().unwrap_or(false)
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) fn id(entry: u64, batch: Option<i32>) -> MessageIdData {
+    MessageIdData {
+        ledger_id: 1,
+        entry_id: entry,
+        batch_index: batch,
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_are_acknowledged_whole() {
+        let mut s = BatchAcks::default();
+        let d = |i| Delivery {
+            id: id(7, Some(i)),
+            batch_size: 3,
+        };
+        assert!(s.ids_to_ack(&d(0)).is_empty());
+        assert!(s.ids_to_ack(&d(0)).is_empty(), "twice is fine");
+        assert!(s.already_acked(&id(7, Some(0)), 3));
+        assert!(!s.already_acked(&id(7, Some(1)), 3));
+        assert!(s.ids_to_ack(&d(2)).is_empty());
+        let all = s.ids_to_ack(&d(1));
+        assert_eq!(
+            all.iter().map(|i| i.batch_index).collect::<Vec<_>>(),
+            [Some(0), Some(1), Some(2)]
+        );
+        assert!(s.batches.is_empty());
+        // a message outside a batch is acknowledged at once
+        let single = Delivery {
+            id: id(8, None),
+            batch_size: 0,
+        };
+        assert_eq!(s.ids_to_ack(&single).len(), 1);
+    }
+}
