@@ -1,23 +1,31 @@
-//! Configuration of the MQTT backend: a struct, a URL form and setters.
+//! Configuration of the MQTT backend: the options struct, its URL form and builder methods.
 
-use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use serde::{Deserialize, Serialize};
+use tg_backend_api::kit::config::{self, require, Secret};
 use tg_backend_api::{Error, Result};
+
+/// The broker's name in messages.
+pub(crate) const TITLE: &str = "MQTT";
+
+/// MQTT's largest packet: 268,435,455 bytes (a remaining length of 4 bytes).
+pub(crate) const MAX_PACKET: u32 = 268_435_455;
 
 /// Configuration of [`MqttBackend`](crate::MqttBackend).
 ///
-/// From a URL (spec 003's `MQTT_URL`):
-/// `mqtt://user:pass@host:1883?client_id=tg&keep_alive=30&tcp_nodelay=true` — `mqtts://` for TLS
-/// (default port 8883). Every query parameter is optional; see each field for its name and default.
-/// From flags (`--mqtt-host`, `--mqtt-port`, `--mqtt-username`, `--mqtt-password`):
-/// [`MqttConfig::new`] and the setters.
+/// From a URL (`MQTT_URL` / `--mqtt-url`):
+/// `mqtt://user:pass@host:1883?client_id=tg&keep_alive=30s&tcp_nodelay=true` — `mqtts://` for
+/// TLS (default port 8883). Every query option is optional; see each field for its name and
+/// default. From flags (`--mqtt-host`, `--mqtt-port`, `--mqtt-username`, `--mqtt-password`):
+/// [`MqttConfig::new`] and the builder methods.
 ///
 /// ```
 /// use std::time::Duration;
 /// use tg_backend_mqtt::MqttConfig;
 ///
-/// let c = MqttConfig::from_url("mqtt://svc:s3cret@broker:1884?client_id=loader&keep_alive=15").unwrap();
+/// let c = MqttConfig::from_url("mqtt://svc:s3cret@broker:1884?client_id=loader&keep_alive=15s").unwrap();
 /// assert_eq!((c.host.as_str(), c.port, c.keep_alive), ("broker", 1884, Duration::from_secs(15)));
 /// assert_eq!(c.client_id_prefix, "loader");
 /// assert!(!format!("{c:?}").contains("s3cret"));
@@ -26,29 +34,36 @@ use tg_backend_api::{Error, Result};
 /// assert_eq!(same.username.as_deref(), Some("svc"));
 /// ```
 #[non_exhaustive]
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct MqttConfig {
-    /// Broker host name or address. Default: `localhost`.
+    /// Broker host name or address (the URL's host). Default: `localhost`.
+    #[serde(skip)]
     pub host: String,
-    /// Broker port. Default: 1883 (`mqtt://`), 8883 (`mqtts://`).
+    /// Broker port (the URL's port). Default: 1883 (`mqtt://`), 8883 (`mqtts://`).
+    #[serde(skip)]
     pub port: u16,
-    /// TLS (`mqtts://`). Default: false.
+    /// TLS (the `mqtts://` scheme). Default: false.
+    #[serde(skip)]
     pub tls: bool,
-    /// PEM file of the certificate authorities trusted for TLS (`ca_file`); the system's root
-    /// certificates when unset. Default: none.
-    pub ca_file: Option<std::path::PathBuf>,
-    /// User name. Default: none (anonymous).
+    /// User name (the URL's user). Default: none (anonymous).
+    #[serde(skip)]
     pub username: Option<String>,
-    /// Password; never printed by `Debug`, errors or logs. Default: none.
-    pub password: Option<String>,
-    /// Prefix of every MQTT client id this backend makes (`client_id` in the URL): the producer
+    /// Password (the URL's password); prints as `***`. Default: none.
+    #[serde(skip)]
+    pub password: Option<Secret>,
+    /// Prefix of every MQTT client id this backend makes (URL option `client_id`): the producer
     /// connection is `{prefix}-p-{random}`, a consumer `{prefix}-{subscription}-{consumer name or
-    /// random}`. Default: `tg`.
+    /// random}`. 1 to 64 characters of `A-Z a-z 0-9 - _ . :`. Default: `tg`.
+    #[serde(rename = "client_id")]
     pub client_id_prefix: String,
-    /// MQTT keep-alive (`keep_alive`, seconds, 5–65535). Default: 30 s.
+    /// MQTT keep-alive (`keep_alive`), 5 s to 65535 s. Default: 30 s.
+    #[serde(with = "config::duration")]
     pub keep_alive: Duration,
     /// How long the broker keeps a q1/q2 consumer's session (its subscription and unacknowledged
-    /// messages) after the connection drops (`session_expiry`, seconds). Default: 300 s.
+    /// messages) after the connection drops (`session_expiry`, whole seconds on the wire).
+    /// Default: 5 minutes.
+    #[serde(with = "config::duration")]
     pub session_expiry: Duration,
     /// Disable Nagle's algorithm on the client socket (`tcp_nodelay`). Default: true — a
     /// message is written at once (p50 ≈ 0.1 ms on loopback when the broker also sets
@@ -59,9 +74,10 @@ pub struct MqttConfig {
     /// Size (minus 64 KiB for topic and properties) when its CONNACK announces one.
     /// Default: 1 MiB.
     pub max_payload: usize,
-    /// Requests (publishes, acks) queued towards one connection before `send` waits
-    /// (`capacity`); acknowledgements never wait (beyond it they queue in the consumer, bounded
-    /// by the messages it holds). Default: 1,000.
+    /// Requests (publishes, acks) queued towards one connection before `send` waits (URL option
+    /// `capacity`, 1 to 1,048,576); acknowledgements never wait (beyond it they queue in the
+    /// consumer, bounded by the messages it holds). Default: 1,000.
+    #[serde(rename = "capacity")]
     pub request_capacity: usize,
     /// Unacknowledged QoS 1/2 publishes one connection keeps in flight (`inflight`, 1–65535);
     /// the broker's Receive Maximum lowers it. Default: 100.
@@ -71,23 +87,30 @@ pub struct MqttConfig {
     /// consumer's buffer holds twenty times this (room for brokers that send more, as Mosquitto
     /// 2.0.11 does), a q0 consumer's twice. Default: 100.
     pub receive_maximum: u16,
-    /// Time allowed for TCP + MQTT connect (`connect_timeout`, seconds). Default: 5 s.
+    /// Time allowed for TCP + MQTT connect (`connect_timeout`, 1 s to 1 h; the TCP connect is
+    /// given it in whole seconds, rounded up). Default: 5 s.
+    #[serde(with = "config::duration")]
     pub connect_timeout: Duration,
-    /// Upper bound of the reconnect delay (`reconnect_max`, milliseconds). Delays grow
-    /// exponentially from 100 ms with full jitter, so a client tries again at most this long
-    /// after the broker is back. Default: 2 s.
-    pub reconnect_max_delay: Duration,
-    /// De-duplication ids (`tg-dedup-id`) one q2 consumer remembers (`dedup_window`).
-    /// Default: 10,000.
-    pub dedup_window: usize,
-    /// For this long after a connection is re-established (`rejoin_grace`, milliseconds; 0 =
+    /// Ceiling of the reconnect back-off (`reconnect_max`, 100 ms to 1 h). The n-th delay is
+    /// drawn uniformly from zero to `min(100 ms × 2ⁿ⁻¹, reconnect_max)` ("full jitter"), so a
+    /// client tries again at most this long after the broker is back. Default: 2 s.
+    #[serde(with = "config::duration")]
+    pub reconnect_max: Duration,
+    /// De-duplication ids (`tg-dedup-id`) one q2 consumer remembers (`dedup_capacity`, at most
+    /// 16,777,216; 0 turns de-duplication off); the oldest is forgotten first. Default: 10,000.
+    pub dedup_capacity: usize,
+    /// For this long after a connection is re-established (`rejoin_grace`, up to 1 h; `0s` =
     /// off), a q1/q2 publish the broker answers with "no matching subscribers" is published
     /// again (after 100 ms, doubling to 1 s) instead of being confirmed as routed to nobody:
     /// after a broker restart its consumers need time to reconnect and resubscribe, and
     /// Mosquitto does not route to a shared subscription it restored until then. Keep it above
     /// the consumers' `reconnect_max`. At most `request_capacity` publishes wait like this; the
     /// ones beyond resolve at once. Default: 15 s.
+    #[serde(with = "config::duration")]
     pub rejoin_grace: Duration,
+    /// PEM file of the certificate authorities trusted for TLS (`ca_file`); the system's root
+    /// certificates when unset. Default: none.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for MqttConfig {
@@ -96,7 +119,6 @@ impl Default for MqttConfig {
             host: "localhost".to_owned(),
             port: Self::DEFAULT_PORT,
             tls: false,
-            ca_file: None,
             username: None,
             password: None,
             client_id_prefix: "tg".to_owned(),
@@ -108,12 +130,21 @@ impl Default for MqttConfig {
             inflight: 100,
             receive_maximum: 100,
             connect_timeout: Duration::from_secs(5),
-            reconnect_max_delay: Duration::from_secs(2),
-            dedup_window: 10_000,
+            reconnect_max: Duration::from_secs(2),
+            dedup_capacity: 10_000,
             rejoin_grace: Duration::from_secs(15),
+            ca_file: None,
         }
     }
 }
+
+/// The bounds the options are checked against.
+const KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(5), Duration::from_secs(65_535));
+const CONNECT_TIMEOUT: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3600));
+const RECONNECT_MAX: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(3600));
+const MAX_REJOIN_GRACE: Duration = Duration::from_secs(3600);
+const MAX_REQUEST_CAPACITY: usize = 1 << 20;
+const MAX_DEDUP_CAPACITY: usize = 1 << 24;
 
 impl MqttConfig {
     /// The plain URL scheme, `mqtt`.
@@ -134,118 +165,112 @@ impl MqttConfig {
         }
     }
 
-    /// Parses `mqtt://[user[:password]@]host[:port][?key=value&…]` or `mqtts://…`.
+    /// Parses `mqtt://[user[:password]@]host[:port][?option=value&…]` or `mqtts://…`.
     pub fn from_url(url: &str) -> Result<Self> {
-        let parsed = url::Url::parse(url)
-            .map_err(|e| Error::config(format!("malformed MQTT URL {:?}: {e}", redact(url))))?;
-        let tls = match parsed.scheme() {
-            Self::SCHEME => false,
-            Self::TLS_SCHEME => true,
-            other => {
-                return Err(Error::config(format!(
-                    "MQTT URL must start with mqtt:// or mqtts://, got scheme {other:?}"
-                )))
-            }
-        };
-        let host = parsed
-            .host_str()
-            .filter(|h| !h.is_empty())
-            .ok_or_else(|| Error::config("MQTT URL has no host (expected mqtt://host:port)"))?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = parsed.port().unwrap_or(if tls {
+        let url = config::parse_url::<Self>(TITLE, &[Self::SCHEME, Self::TLS_SCHEME], url)?;
+        let host = url.require_host(TITLE, "mqtt://host:port")?;
+        if !url.path.is_empty() {
+            return Err(Error::config(format!(
+                "MQTT URL must not have a path, got {:?}",
+                url.path
+            )));
+        }
+        let tls = url.scheme == Self::TLS_SCHEME;
+        let port = url.port.unwrap_or(if tls {
             Self::DEFAULT_TLS_PORT
         } else {
             Self::DEFAULT_PORT
         });
-        let mut config = Self {
+        let config = Self {
             host,
             port,
             tls,
-            ..Self::default()
+            username: url.username,
+            password: url.password,
+            ..url.options
         };
-        if !parsed.username().is_empty() {
-            config.username = Some(decode(parsed.username(), "user name")?);
-        }
-        if let Some(password) = parsed.password() {
-            config.password = Some(decode(password, "password")?);
-        }
-        if parsed.path() != "" && parsed.path() != "/" {
-            return Err(Error::config(format!(
-                "MQTT URL must not have a path, got {:?}",
-                parsed.path()
-            )));
-        }
-        for (key, value) in parsed.query_pairs() {
-            let int = |min: u64, max: u64| -> Result<u64> {
-                match value.parse::<u64>() {
-                    Ok(n) if (min..=max).contains(&n) => Ok(n),
-                    Ok(n) => Err(Error::config(format!(
-                        "MQTT URL parameter {key}={n} is out of range {min}..={max}"
-                    ))),
-                    Err(e) => Err(Error::config(format!(
-                        "MQTT URL parameter {key}={value:?} is not a number: {e}"
-                    ))),
-                }
-            };
-            match &*key {
-                "client_id" => {
-                    check_prefix(&value)?;
-                    config.client_id_prefix = value.into_owned();
-                }
-                "keep_alive" => config.keep_alive = Duration::from_secs(int(5, 65_535)?),
-                "session_expiry" => {
-                    config.session_expiry = Duration::from_secs(int(0, u64::from(u32::MAX))?)
-                }
-                "tcp_nodelay" => {
-                    config.tcp_nodelay = match &*value {
-                        "true" | "1" | "yes" | "on" => true,
-                        "false" | "0" | "no" | "off" => false,
-                        other => {
-                            return Err(Error::config(format!(
-                        "MQTT URL parameter tcp_nodelay={other:?} is not a boolean (true/false)"
-                    )))
-                        }
-                    }
-                }
-                "max_payload" => {
-                    config.max_payload = int(1, u64::from(MAX_PACKET))? as usize;
-                }
-                "capacity" => config.request_capacity = int(1, 1 << 20)? as usize,
-                "inflight" => config.inflight = int(1, 65_535)? as u16,
-                "receive_maximum" => config.receive_maximum = int(1, 65_535)? as u16,
-                "connect_timeout" => config.connect_timeout = Duration::from_secs(int(1, 3600)?),
-                "reconnect_max" => {
-                    config.reconnect_max_delay = Duration::from_millis(int(100, 3_600_000)?)
-                }
-                "dedup_window" => config.dedup_window = int(0, 1 << 24)? as usize,
-                "rejoin_grace" => {
-                    config.rejoin_grace = Duration::from_millis(int(0, 3_600_000)?)
-                }
-                "ca_file" => {
-                    if value.is_empty() {
-                        return Err(Error::config("MQTT URL parameter ca_file is empty"));
-                    }
-                    config.ca_file = Some(value.into_owned().into());
-                }
-                other => {
-                    return Err(Error::config(format!(
-                        "unknown MQTT URL parameter {other:?}; known: client_id, keep_alive, \
-                         session_expiry, tcp_nodelay, max_payload, capacity, inflight, \
-                         receive_maximum, connect_timeout, reconnect_max, dedup_window, rejoin_grace, \
-                         ca_file"
-                    )))
-                }
-            }
-        }
+        config.check()?;
         Ok(config)
+    }
+
+    /// Checks every value against its bounds (the URL form, and [`MqttBackend::connect`] for a
+    /// configuration made in code, whose fields are public).
+    ///
+    /// [`MqttBackend::connect`]: crate::MqttBackend::connect
+    pub(crate) fn check(&self) -> Result<()> {
+        let between = |d: Duration, (min, max): (Duration, Duration)| min <= d && d <= max;
+        if self.host.is_empty() {
+            return Err(Error::config("MQTT host is empty"));
+        }
+        check_prefix(&self.client_id_prefix)?;
+        require(
+            between(self.keep_alive, KEEP_ALIVE),
+            TITLE,
+            "keep_alive",
+            "between 5s and 65535s",
+        )?;
+        require(
+            self.session_expiry.as_secs() <= u64::from(u32::MAX),
+            TITLE,
+            "session_expiry",
+            "at most 4294967295s",
+        )?;
+        require(
+            (1..=MAX_PACKET as usize).contains(&self.max_payload),
+            TITLE,
+            "max_payload",
+            "between 1 and 268435455",
+        )?;
+        require(
+            (1..=MAX_REQUEST_CAPACITY).contains(&self.request_capacity),
+            TITLE,
+            "capacity",
+            "between 1 and 1048576",
+        )?;
+        require(self.inflight >= 1, TITLE, "inflight", "at least 1")?;
+        require(
+            self.receive_maximum >= 1,
+            TITLE,
+            "receive_maximum",
+            "at least 1",
+        )?;
+        require(
+            between(self.connect_timeout, CONNECT_TIMEOUT),
+            TITLE,
+            "connect_timeout",
+            "between 1s and 1h",
+        )?;
+        require(
+            between(self.reconnect_max, RECONNECT_MAX),
+            TITLE,
+            "reconnect_max",
+            "between 100ms and 1h",
+        )?;
+        require(
+            self.dedup_capacity <= MAX_DEDUP_CAPACITY,
+            TITLE,
+            "dedup_capacity",
+            "at most 16777216",
+        )?;
+        require(
+            self.rejoin_grace <= MAX_REJOIN_GRACE,
+            TITLE,
+            "rejoin_grace",
+            "at most 1h",
+        )?;
+        require(
+            self.ca_file
+                .as_ref()
+                .is_none_or(|f| !f.as_os_str().is_empty()),
+            TITLE,
+            "ca_file",
+            "a file name",
+        )
     }
 
     /// Sets the user name and password.
     #[must_use]
-    pub fn credentials(mut self, username: impl Into<String>, password: impl Into<String>) -> Self {
+    pub fn credentials(mut self, username: impl Into<String>, password: impl Into<Secret>) -> Self {
         self.username = Some(username.into());
         self.password = Some(password.into());
         self
@@ -268,7 +293,7 @@ impl MqttConfig {
     /// Sets the keep-alive (clamped to 5 s–65535 s, the range MQTT and rumqttc accept).
     #[must_use]
     pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
-        self.keep_alive = keep_alive.clamp(Duration::from_secs(5), Duration::from_secs(65_535));
+        self.keep_alive = keep_alive.clamp(KEEP_ALIVE.0, KEEP_ALIVE.1);
         self
     }
 
@@ -281,7 +306,7 @@ impl MqttConfig {
 
     /// Trusts the certificate authorities of this PEM file for TLS (instead of the system's).
     #[must_use]
-    pub fn ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+    pub fn ca_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.ca_file = Some(path.into());
         self
     }
@@ -300,17 +325,17 @@ impl MqttConfig {
         self
     }
 
-    /// Sets the largest payload.
+    /// Sets the largest payload (clamped to 1 byte–MQTT's largest packet).
     #[must_use]
     pub fn max_payload(mut self, max: usize) -> Self {
         self.max_payload = max.clamp(1, MAX_PACKET as usize);
         self
     }
 
-    /// Sets the request queue capacity of a connection (at least 1).
+    /// Sets the request queue capacity of a connection (clamped to 1–1,048,576).
     #[must_use]
     pub fn request_capacity(mut self, capacity: usize) -> Self {
-        self.request_capacity = capacity.max(1);
+        self.request_capacity = capacity.clamp(1, MAX_REQUEST_CAPACITY);
         self
     }
 
@@ -328,32 +353,32 @@ impl MqttConfig {
         self
     }
 
-    /// Sets the connect timeout (at least 1 s).
+    /// Sets the connect timeout (clamped to 1 s–1 h).
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout.max(Duration::from_secs(1));
+        self.connect_timeout = timeout.clamp(CONNECT_TIMEOUT.0, CONNECT_TIMEOUT.1);
         self
     }
 
-    /// Sets the upper bound of the reconnect delay (at least 100 ms).
+    /// Sets the ceiling of the reconnect back-off (clamped to 100 ms–1 h).
     #[must_use]
-    pub fn reconnect_max_delay(mut self, delay: Duration) -> Self {
-        self.reconnect_max_delay = delay.max(Duration::from_millis(100));
+    pub fn reconnect_max(mut self, ceiling: Duration) -> Self {
+        self.reconnect_max = ceiling.clamp(RECONNECT_MAX.0, RECONNECT_MAX.1);
         self
     }
 
-    /// Sets the de-duplication window of q2 consumers.
+    /// Sets how many de-duplication ids a q2 consumer remembers (0 turns de-duplication off).
     #[must_use]
-    pub fn dedup_window(mut self, window: usize) -> Self {
-        self.dedup_window = window;
+    pub fn dedup_capacity(mut self, capacity: usize) -> Self {
+        self.dedup_capacity = capacity.min(MAX_DEDUP_CAPACITY);
         self
     }
 
     /// Sets how long after a reconnect unrouted q1/q2 publishes are published again
-    /// ([`Duration::ZERO`] turns it off).
+    /// ([`Duration::ZERO`] turns it off; at most 1 h).
     #[must_use]
     pub fn rejoin_grace(mut self, grace: Duration) -> Self {
-        self.rejoin_grace = grace;
+        self.rejoin_grace = grace.min(MAX_REJOIN_GRACE);
         self
     }
 
@@ -374,21 +399,11 @@ impl MqttConfig {
             Self::SCHEME
         };
         match &self.username {
-            Some(user) => format!("{scheme}://{user}:***@{}", self.address()),
+            Some(user) => format!("{scheme}://{user}:{}@{}", Secret::REDACTED, self.address()),
             None => format!("{scheme}://{}", self.address()),
         }
     }
-
-    pub(crate) fn validate(&self) -> Result<()> {
-        if self.host.is_empty() {
-            return Err(Error::config("MQTT host is empty"));
-        }
-        check_prefix(&self.client_id_prefix)
-    }
 }
-
-/// MQTT's largest packet: 268,435,455 bytes (a remaining length of 4 bytes).
-pub(crate) const MAX_PACKET: u32 = 268_435_455;
 
 fn check_prefix(prefix: &str) -> Result<()> {
     if prefix.is_empty()
@@ -404,59 +419,6 @@ fn check_prefix(prefix: &str) -> Result<()> {
     Ok(())
 }
 
-fn decode(s: &str, what: &str) -> Result<String> {
-    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .ok_or_else(|| Error::config(format!("MQTT URL {what} is not valid percent-encoding")))
-}
-
-/// The URL with any password replaced by `***`, for error messages about malformed URLs.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(start), Some(at)) if at > start => {
-            let userinfo = &url[start + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => {
-                    format!(
-                        "{}{}:***{}",
-                        &url[..start + 3],
-                        &userinfo[..colon],
-                        &url[at..]
-                    )
-                }
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-impl fmt::Debug for MqttConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MqttConfig")
-            .field("host", &self.host)
-            .field("port", &self.port)
-            .field("tls", &self.tls)
-            .field("ca_file", &self.ca_file)
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "***"))
-            .field("client_id_prefix", &self.client_id_prefix)
-            .field("keep_alive", &self.keep_alive)
-            .field("session_expiry", &self.session_expiry)
-            .field("tcp_nodelay", &self.tcp_nodelay)
-            .field("max_payload", &self.max_payload)
-            .field("request_capacity", &self.request_capacity)
-            .field("inflight", &self.inflight)
-            .field("receive_maximum", &self.receive_maximum)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("reconnect_max_delay", &self.reconnect_max_delay)
-            .field("dedup_window", &self.dedup_window)
-            .field("rejoin_grace", &self.rejoin_grace)
-            .finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -465,14 +427,14 @@ mod tests {
     #[test]
     fn full_url() {
         let c = MqttConfig::from_url(
-            "mqtt://user:p%40ss%3Aword@10.0.0.5:1884?client_id=svc-1&keep_alive=15&tcp_nodelay=false\
-             &session_expiry=60&max_payload=65536&capacity=10&inflight=20&receive_maximum=30\
-             &connect_timeout=2&reconnect_max=5000&dedup_window=7&rejoin_grace=2500",
+            "mqtt://user:p%40ss%3Aword@10.0.0.5:1884?client_id=svc-1&keep_alive=15s&tcp_nodelay=false\
+             &session_expiry=1m&max_payload=65536&capacity=10&inflight=20&receive_maximum=30\
+             &connect_timeout=2s&reconnect_max=5s&dedup_capacity=7&rejoin_grace=2500ms",
         )
         .unwrap();
         assert_eq!((c.host.as_str(), c.port, c.tls), ("10.0.0.5", 1884, false));
         assert_eq!(c.username.as_deref(), Some("user"));
-        assert_eq!(c.password.as_deref(), Some("p@ss:word"));
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("p@ss:word"));
         assert_eq!(c.client_id_prefix, "svc-1");
         assert_eq!(c.keep_alive, Duration::from_secs(15));
         assert!(!c.tcp_nodelay);
@@ -487,9 +449,11 @@ mod tests {
             (65536, 10, 20, 30)
         );
         assert_eq!(c.connect_timeout, Duration::from_secs(2));
-        assert_eq!(c.reconnect_max_delay, Duration::from_secs(5));
-        assert_eq!(c.dedup_window, 7);
+        assert_eq!(c.reconnect_max, Duration::from_secs(5));
+        assert_eq!(c.dedup_capacity, 7);
         assert_eq!(c.rejoin_grace, Duration::from_millis(2500));
+        let off = MqttConfig::from_url("mqtt://h?rejoin_grace=0s&dedup_capacity=0").unwrap();
+        assert_eq!((off.rejoin_grace, off.dedup_capacity), (Duration::ZERO, 0));
     }
 
     #[test]
@@ -499,7 +463,7 @@ mod tests {
         let s = MqttConfig::from_url("mqtts://broker?ca_file=/etc/ca.pem").unwrap();
         assert_eq!((s.port, s.tls), (8883, true));
         assert_eq!(s.ca_file, Some("/etc/ca.pem".into()));
-        let v6 = MqttConfig::from_url("mqtt://[::1]:1999").unwrap();
+        let v6 = MqttConfig::from_url("mqtt://[::1]:1999/").unwrap();
         assert_eq!((v6.host.as_str(), v6.port), ("::1", 1999));
         assert_eq!(v6.address(), "[::1]:1999");
         let user_only = MqttConfig::from_url("mqtt://reader@broker").unwrap();
@@ -511,7 +475,7 @@ mod tests {
 
     #[test]
     fn flag_form_matches_url_form() {
-        let url = MqttConfig::from_url("mqtt://u:p@h:1?client_id=x&keep_alive=9").unwrap();
+        let url = MqttConfig::from_url("mqtt://u:p@h:1?client_id=x&keep_alive=9s").unwrap();
         let flags = MqttConfig::new("h", 1)
             .credentials("u", "p")
             .client_id_prefix("x")
@@ -534,6 +498,8 @@ mod tests {
         assert_eq!(c.redacted_url(), "mqtt://admin:***@broker:1883");
         let err = MqttConfig::from_url("mqtt://admin:hunter2@broker:99999").unwrap_err();
         assert!(!err.to_string().contains("hunter2"), "{err}");
+        let err = MqttConfig::from_url("mqtt://admin:hunter2@broker?inflight=0").unwrap_err();
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 
     #[test]
@@ -541,18 +507,44 @@ mod tests {
         for (url, needle) in [
             ("redis://x", "mqtt://"),
             ("not a url", "malformed"),
-            ("mqtt://h?keep_alive=often", "keep_alive"),
-            ("mqtt://h?keep_alive=1", "out of range"),
-            ("mqtt://h?tcp_nodelay=maybe", "tcp_nodelay"),
-            ("mqtt://h?colour=blue", "colour"),
+            ("mqtt://h?keep_alive=often", "keep_alive=\"often\""),
+            ("mqtt://h?keep_alive=30", "a duration needs a unit"),
+            (
+                "mqtt://h?keep_alive=1s",
+                "keep_alive must be between 5s and 65535s",
+            ),
+            ("mqtt://h?tcp_nodelay=maybe", "tcp_nodelay=\"maybe\""),
+            (
+                "mqtt://h?colour=blue",
+                "\"colour\"; known: client_id, keep_alive, session_expiry",
+            ),
+            ("mqtt://h?dedup_window=100", "\"dedup_window\"; known:"),
             ("mqtt://h?client_id=a/b", "client id"),
-            ("mqtt://h?inflight=0", "inflight"),
+            ("mqtt://h?inflight=0", "inflight must be at least 1"),
+            ("mqtt://h?inflight=70000", "inflight=\"70000\""),
+            (
+                "mqtt://h?reconnect_max=10ms",
+                "reconnect_max must be between 100ms and 1h",
+            ),
+            ("mqtt://h?ca_file=", "ca_file must be a file name"),
+            ("mqtt://h?capacity=1&capacity=2", "given twice"),
             ("mqtt://h/path", "path"),
             ("mqtt://h:notaport", "malformed"),
+            ("mqtt://?inflight=1", "no host"),
         ] {
             let err = MqttConfig::from_url(url).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::ConfigInvalid, "{url}");
             assert!(err.to_string().contains(needle), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn a_configuration_made_in_code_is_checked_too() {
+        let mut c = MqttConfig::new("h", 1);
+        c.receive_maximum = 0;
+        let err = c.check().unwrap_err();
+        assert!(err.to_string().contains("receive_maximum"), "{err}");
+        assert!(MqttConfig::new("", 1).check().is_err());
+        assert!(MqttConfig::default().check().is_ok());
     }
 }

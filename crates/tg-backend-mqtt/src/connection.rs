@@ -6,16 +6,18 @@
 //! takes requests from its queue, so the task keeps requests in that order and pairs them up.
 //!
 //! When the connection breaks, the task takes back every publish and subscribe that was not yet
-//! confirmed (rumqttc drops them when the broker has no session for the client), waits with
-//! exponential backoff and full jitter, reconnects, and queues them again first, in their
-//! original order, publishes no faster than the in-flight window allows. Consumers resubscribe
-//! after every reconnect, and get back the acknowledgements rumqttc dropped.
+//! confirmed (rumqttc drops them when the broker has no session for the client), waits (a
+//! [`Backoff`] with full jitter: the n-th delay is drawn from zero to `min(100 ms × 2ⁿ⁻¹,
+//! reconnect_max)`), reconnects, and queues them again first, in their original order,
+//! publishes no faster than the in-flight window allows. Consumer connections resubscribe after
+//! every reconnect, and get back from their [`Session`] the acknowledgements rumqttc dropped.
 //!
 //! After a reconnect, for `rejoin_grace`, a q1/q2 publish the broker routed to nobody is
 //! published again after a delay: a restarted broker's consumers may not have resubscribed yet.
 //!
 //! The task never waits for the application (a consumer's receivers hand their acknowledgements
-//! to it): it must keep polling to write acknowledgements, ping, and notice a dead connection.
+//! to it through the session): it must keep polling to write acknowledgements, ping, and notice a
+//! dead connection.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -23,22 +25,22 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use rand::Rng;
 use rumqttc::v5::mqttbytes::v5::{
-    ConnectReturnCode, Filter, Packet, PubAckReason, PubRecReason, Publish, Subscribe,
-    SubscribeReasonCode, UnsubAckReason, Unsubscribe,
+    Filter, Packet, PubAckReason, PubRecReason, Publish, Subscribe, SubscribeReasonCode,
+    UnsubAckReason, Unsubscribe,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Request, StateError,
 };
 use rumqttc::Outgoing;
-use tg_backend_api::{Error, ErrorKind, MessageId, Result};
+use tg_backend_api::{Backoff, Error, ErrorKind, MessageId, Result};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
 use crate::config::{MqttConfig, MAX_PACKET};
-use crate::consumer::ConsumerCore;
+use crate::error::{connection_closed, connection_failed, refused, unconfirmed};
+use crate::session::Session;
 
 /// How long a consumer waits for the broker to close the connection after the DISCONNECT of a
 /// session resume before it drops the connection itself.
@@ -49,6 +51,9 @@ const RESUME_CLOSE_LIMIT: Duration = Duration::from_secs(5);
 const UNROUTED_RETRY_FIRST: Duration = Duration::from_millis(100);
 const UNROUTED_RETRY_MAX: Duration = Duration::from_secs(1);
 
+/// The first reconnect delay's ceiling; it doubles per failed attempt up to `reconnect_max`.
+const RECONNECT_FIRST: Duration = Duration::from_millis(100);
+
 /// Room left in a packet for the topic, properties and header when a payload is at the limit.
 pub(crate) const PACKET_HEADROOM: usize = 64 * 1024;
 
@@ -57,8 +62,8 @@ pub(crate) struct ConnectionSpec {
     pub(crate) client_id: String,
     /// `None`: clean start, no session. `Some(secs)`: persistent session kept that long.
     pub(crate) session_expiry: Option<u32>,
-    /// Consumers: where incoming publishes go (manual acks on).
-    pub(crate) consumer: Option<Arc<ConsumerCore>>,
+    /// Consumers: the session incoming publishes go to (manual acks on).
+    pub(crate) session: Option<Arc<Session>>,
 }
 
 /// What the broker said about a publish.
@@ -203,7 +208,7 @@ struct Shared {
     resuming: AtomicBool,
     shutdown: Notify,
     progress: Notify,
-    consumer: Option<Arc<ConsumerCore>>,
+    session: Option<Arc<Session>>,
     last_error: Mutex<Option<String>>,
     publish_ids: AtomicU64,
     /// `MqttConfig::rejoin_grace`.
@@ -214,7 +219,7 @@ struct Shared {
 
 impl Shared {
     /// Not connected yet, nothing tracked.
-    fn new(config: &MqttConfig, client_id: String, consumer: Option<Arc<ConsumerCore>>) -> Self {
+    fn new(config: &MqttConfig, client_id: String, session: Option<Arc<Session>>) -> Self {
         Self {
             client_id,
             address: config.address(),
@@ -226,7 +231,7 @@ impl Shared {
             resuming: AtomicBool::new(false),
             shutdown: Notify::new(),
             progress: Notify::new(),
-            consumer,
+            session,
             last_error: Mutex::new(None),
             publish_ids: AtomicU64::new(0),
             rejoin_grace: config.rejoin_grace,
@@ -248,10 +253,10 @@ impl Connection {
     pub(crate) async fn open(config: &MqttConfig, spec: ConnectionSpec) -> Result<Arc<Self>> {
         let options = mqtt_options(config, &spec)?;
         let (client, eventloop) = AsyncClient::new(options, config.request_capacity);
-        let shared = Arc::new(Shared::new(config, spec.client_id, spec.consumer));
+        let shared = Arc::new(Shared::new(config, spec.client_id, spec.session));
         let (first_tx, first_rx) = oneshot::channel();
-        let backoff_cap = config.reconnect_max_delay;
-        let task = tokio::spawn(run(eventloop, shared.clone(), first_tx, backoff_cap));
+        let backoff = reconnect_backoff(config);
+        let task = tokio::spawn(run(eventloop, shared.clone(), first_tx, backoff));
         let timeout = config.connect_timeout + Duration::from_secs(1);
         match tokio::time::timeout(timeout, first_rx).await {
             Ok(Ok(Ok(()))) => Ok(Arc::new(Self {
@@ -290,7 +295,7 @@ impl Connection {
     }
 
     /// Consumers: disconnects and reconnects at once with the same session, so that the broker
-    /// sends again what it holds unacknowledged for it (see [`ConsumerCore::resume_due`]). The
+    /// sends again what it holds unacknowledged for it (see [`Session::resume_due`]). The
     /// DISCONNECT goes through the request queue, after the acknowledgements queued before it.
     /// False when it could not be queued now.
     pub(crate) fn resume_session(&self) -> bool {
@@ -321,7 +326,7 @@ impl Connection {
         let (tx, rx) = oneshot::channel();
         let _order = self.shared.submit.lock().await;
         if self.is_closed() {
-            return Err(Error::closed("MQTT connection"));
+            return Err(connection_closed());
         }
         let seq = {
             let mut t = self.shared.tracker.lock();
@@ -352,7 +357,7 @@ impl Connection {
             if t.unassigned.back().is_some_and(|o| o.seq == seq) {
                 t.unassigned.pop_back();
             }
-            return Err(Error::closed("MQTT connection"));
+            return Err(connection_closed());
         }
         Ok(rx)
     }
@@ -377,7 +382,7 @@ impl Connection {
         {
             let _order = self.shared.submit.lock().await;
             if self.is_closed() {
-                return Err(Error::closed("MQTT connection"));
+                return Err(connection_closed());
             }
             let seq = {
                 let mut t = self.shared.tracker.lock();
@@ -403,12 +408,12 @@ impl Connection {
                 if t.subs_unassigned.back().is_some_and(|o| o.seq == seq) {
                     t.subs_unassigned.pop_back();
                 }
-                return Err(Error::closed("MQTT connection"));
+                return Err(connection_closed());
             }
         }
         match tokio::time::timeout(Duration::from_secs(30), rx).await {
             Ok(Ok(r)) => r,
-            Ok(Err(_)) => Err(Error::closed("MQTT connection")),
+            Ok(Err(_)) => Err(connection_closed()),
             Err(_) => Err(
                 Error::new(ErrorKind::Timeout, "no SUBACK/UNSUBACK within 30 s")
                     .with_context("client_id", &self.shared.client_id),
@@ -432,7 +437,7 @@ impl Connection {
                 return Ok(());
             }
             if self.is_closed() {
-                return Err(Error::closed("MQTT connection"));
+                return Err(connection_closed());
             }
             notified.await;
         }
@@ -466,6 +471,17 @@ impl Connection {
     }
 }
 
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection")
+            .field("client_id", &self.shared.client_id)
+            .field("broker", &self.shared.address)
+            .field("connected", &self.is_connected())
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
 impl Drop for Connection {
     fn drop(&mut self) {
         if !self.shared.closed.swap(true, Ordering::AcqRel) && self.client.try_disconnect().is_err()
@@ -476,17 +492,17 @@ impl Drop for Connection {
 }
 
 fn mqtt_options(config: &MqttConfig, spec: &ConnectionSpec) -> Result<MqttOptions> {
-    config.validate()?;
     let mut options = MqttOptions::new(spec.client_id.clone(), config.host.clone(), config.port);
     options.set_keep_alive(config.keep_alive.max(Duration::from_secs(5)));
-    options.set_connection_timeout(config.connect_timeout.as_secs().max(1));
+    options.set_connection_timeout(connect_secs(config));
     options.set_request_channel_capacity(config.request_capacity);
     options.set_outgoing_inflight_upper_limit(config.inflight);
     let incoming_max =
         (config.max_payload.saturating_add(PACKET_HEADROOM)).min(MAX_PACKET as usize);
     options.set_max_packet_size(Some(incoming_max as u32));
     if let Some(user) = &config.username {
-        options.set_credentials(user.clone(), config.password.clone().unwrap_or_default());
+        let password = config.password.as_ref().map_or("", |p| p.expose());
+        options.set_credentials(user.clone(), password);
     }
     match spec.session_expiry {
         Some(secs) => {
@@ -497,18 +513,18 @@ fn mqtt_options(config: &MqttConfig, spec: &ConnectionSpec) -> Result<MqttOption
             options.set_clean_start(true);
         }
     }
-    if spec.consumer.is_some() {
+    if spec.session.is_some() {
         options.set_manual_acks(true);
         options.set_receive_maximum(Some(config.receive_maximum));
     }
     let mut network = rumqttc::NetworkOptions::new();
     network.set_tcp_nodelay(config.tcp_nodelay);
-    network.set_connection_timeout(config.connect_timeout.as_secs().max(1));
+    network.set_connection_timeout(connect_secs(config));
     options.set_network_options(network);
     if config.tls {
         #[cfg(feature = "tls")]
         {
-            options.set_transport(rumqttc::Transport::tls_with_config(tls_config(
+            options.set_transport(rumqttc::Transport::tls_with_config(crate::tls::tls_config(
                 config.ca_file.as_deref(),
             )?));
         }
@@ -522,87 +538,26 @@ fn mqtt_options(config: &MqttConfig, spec: &ConnectionSpec) -> Result<MqttOption
     Ok(options)
 }
 
-#[cfg(feature = "tls")]
-fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rumqttc::TlsConfiguration> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::CertificateDer;
-    use rustls::{ClientConfig, RootCertStore};
-
-    let (pem, from) = match ca_file {
-        Some(path) => {
-            let pem = std::fs::read(path).map_err(|e| {
-                Error::config(format!(
-                    "cannot read the TLS CA file {}: {e}",
-                    path.display()
-                ))
-            })?;
-            (pem, path.display().to_string())
-        }
-        None => {
-            // The system's PEM bundle (Debian/Ubuntu/Alpine, then Fedora/RHEL).
-            let bundles = [
-                "/etc/ssl/certs/ca-certificates.crt",
-                "/etc/pki/tls/certs/ca-bundle.crt",
-            ];
-            let found = bundles
-                .iter()
-                .find_map(|p| std::fs::read(p).ok().map(|pem| (pem, (*p).to_owned())));
-            found.ok_or_else(|| {
-                Error::config("no system root certificates found for mqtts://; set ca_file")
-            })?
-        }
-    };
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem).flatten() {
-        let _ = roots.add(cert);
-    }
-    if roots.is_empty() {
-        return Err(Error::config(format!("no usable certificate in {from}")));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::config(format!("TLS setup failed: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(rumqttc::TlsConfiguration::Rustls(Arc::new(config)))
+/// rumqttc's connect timeouts are whole seconds: `connect_timeout`, rounded up.
+fn connect_secs(config: &MqttConfig) -> u64 {
+    config.connect_timeout.as_secs_f64().ceil().max(1.0) as u64
 }
 
-/// Classifies a connection failure for the caller; never includes credentials.
-fn classify(e: &ConnectionError, address: &str) -> Error {
-    let err = match e {
-        ConnectionError::ConnectionRefused(
-            code @ (ConnectReturnCode::BadUserNamePassword | ConnectReturnCode::NotAuthorized),
-        ) => Error::new(
-            ErrorKind::Auth,
-            format!("the MQTT broker refused the credentials ({code:?})"),
-        ),
-        ConnectionError::ConnectionRefused(code) => {
-            Error::connection(format!("the MQTT broker refused the connection ({code:?})"))
-        }
-        ConnectionError::Io(io) => Error::connection(format!("cannot reach the MQTT broker: {io}")),
-        ConnectionError::Timeout(_) => Error::connection("connecting to the MQTT broker timed out"),
-        #[cfg(feature = "tls")]
-        ConnectionError::Tls(tls) => Error::connection(format!("TLS handshake failed: {tls}")),
-        other => Error::connection(format!("MQTT connection failed: {other}")),
-    };
-    err.with_context("broker", address)
-}
-
-fn backoff(attempt: u32, cap: Duration) -> Duration {
-    let base = Duration::from_millis(100);
-    let ceiling = base.saturating_mul(1u32 << attempt.min(16)).min(cap);
-    let millis = ceiling.as_millis().max(1) as u64;
-    Duration::from_millis(rand::thread_rng().gen_range(millis / 10..=millis))
+/// The back-off between reconnect attempts: 100 ms doubling up to `reconnect_max`, with full
+/// jitter (each delay drawn uniformly from zero to that), so that clients restarted together do
+/// not reconnect together.
+fn reconnect_backoff(config: &MqttConfig) -> Backoff {
+    Backoff::new(RECONNECT_FIRST, config.reconnect_max).jitter(true)
 }
 
 async fn run(
     mut eventloop: EventLoop,
     shared: Arc<Shared>,
     first: oneshot::Sender<Result<()>>,
-    backoff_cap: Duration,
+    backoff: Backoff,
 ) {
     let mut first = Some(first);
+    // Failed attempts since the last CONNACK.
     let mut attempt = 0u32;
     let mut connected_before = false;
     // rumqttc forgets the packet ids of QoS 2 messages it sent PUBREC for when the connection
@@ -619,8 +574,8 @@ async fn run(
         .unwrap_or(u16::MAX);
     let mut window = upper;
     loop {
-        if let Some(consumer) = &shared.consumer {
-            consumer.flush_local_acks(&mut eventloop);
+        if let Some(session) = &shared.session {
+            session.flush_local_acks(&mut eventloop);
         }
         let unrouted_due = {
             let mut t = shared.tracker.lock();
@@ -679,7 +634,7 @@ async fn run(
                 }
             }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
-                let Some(consumer) = shared.consumer.as_ref() else {
+                let Some(session) = shared.session.as_ref() else {
                     break;
                 };
                 if shared.closed.load(Ordering::Acquire) {
@@ -688,7 +643,7 @@ async fn run(
                 // Not a close: the consumer asked for its session to be resumed. The broker
                 // closes the connection (dropping it here, with unread data, would reset it and
                 // could lose the acknowledgements written just before); then reconnect at once.
-                tracing::debug!(client_id = %shared.client_id, refused = consumer.refused_pending(),
+                tracing::debug!(client_id = %shared.client_id, refused = session.refused_pending(),
                     "resuming the MQTT session to fetch the messages the buffer had no room for");
                 shared.resuming.store(true, Ordering::Release);
                 resume_deadline = Some(Instant::now() + RESUME_CLOSE_LIMIT);
@@ -698,7 +653,7 @@ async fn run(
                 shared.connected.store(false, Ordering::Release);
                 resume_deadline = None;
                 let resumed = shared.resuming.load(Ordering::Acquire);
-                let err = classify(&e, &shared.address);
+                let err = connection_failed(&e, &shared.address);
                 if matches!(e, ConnectionError::MqttState(StateError::Unsolicited(_))) {
                     unsolicited += 1;
                     if persistent && unsolicited >= 2 {
@@ -730,8 +685,8 @@ async fn run(
                     tracing::debug!(client_id = %shared.client_id, "reconnecting to resume the session");
                     continue;
                 }
-                let delay = backoff(attempt, backoff_cap);
                 attempt = attempt.saturating_add(1);
+                let delay = backoff.delay(attempt);
                 let auth = err.kind() == ErrorKind::Auth;
                 *shared.last_error.lock() = Some(err.message().to_owned());
                 if auth {
@@ -755,9 +710,6 @@ async fn run(
     shared.connected.store(false, Ordering::Release);
     shared.closed.store(true, Ordering::Release);
     fail_all(&shared);
-    if let Some(consumer) = &shared.consumer {
-        consumer.connection_ended();
-    }
 }
 
 /// After the connection dropped: answers the events rumqttc produced before (acks read in the
@@ -768,8 +720,8 @@ fn after_disconnect(eventloop: &mut EventLoop, shared: &Shared) {
     for event in stale {
         handle(shared, event, &mut eventloop.pending);
     }
-    if let Some(consumer) = &shared.consumer {
-        consumer.recover_acks(eventloop);
+    if let Some(session) = &shared.session {
+        session.recover_acks(eventloop);
     }
     take_back(eventloop, shared);
     shared.resuming.store(false, Ordering::Release);
@@ -787,17 +739,17 @@ async fn until(deadline: Option<Instant>) {
 fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
     match event {
         Event::Incoming(Packet::Publish(publish)) => {
-            if let Some(consumer) = &shared.consumer {
-                if let Some(ack) = consumer.deliver(publish) {
-                    consumer.record_ack(&ack);
+            if let Some(session) = &shared.session {
+                if let Some(ack) = session.deliver(publish) {
+                    session.record_ack(&ack);
                     pending.push_back(ack);
                 }
             }
         }
         Event::Outgoing(Outgoing::PubAck(pkid) | Outgoing::PubRec(pkid)) => {
-            if let Some(consumer) = &shared.consumer {
+            if let Some(session) = &shared.session {
                 if !shared.resuming.load(Ordering::Acquire) {
-                    consumer.ack_written(pkid);
+                    session.ack_written(pkid);
                 }
             }
         }
@@ -839,7 +791,7 @@ fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
             if let Some(mut op) = op {
                 let outcome = match ack.reason {
                     PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
-                    other => Err(refused(format!("{other:?}"))),
+                    other => Err(refused(other)),
                 };
                 complete(shared, &mut op, outcome);
             }
@@ -856,7 +808,7 @@ fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
                 other => {
                     if let Some(mut op) = t.inflight.remove(&rec.pkid) {
                         drop(t);
-                        complete(shared, &mut op, Err(refused(format!("{other:?}"))));
+                        complete(shared, &mut op, Err(refused(other)));
                     }
                 }
             }
@@ -924,13 +876,6 @@ fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
         }
         _ => {}
     }
-}
-
-fn refused(reason: String) -> Error {
-    Error::new(
-        ErrorKind::Unexpected,
-        format!("the MQTT broker did not accept the message: {reason}"),
-    )
 }
 
 fn complete(shared: &Shared, op: &mut PubOp, outcome: Result<()>) {
@@ -1006,8 +951,8 @@ fn requeue(eventloop: &mut EventLoop, shared: &Shared, session_present: bool, re
     // restored from its persistence file until they are subscribed again.
     let mut subs = std::mem::take(&mut t.subs_resend);
     if reconnect {
-        if let Some(consumer) = &shared.consumer {
-            let filters = consumer.filters();
+        if let Some(session) = &shared.session {
+            let filters = session.filters();
             if !filters.is_empty() {
                 t.next_seq += 1;
                 let seq = t.next_seq;
@@ -1064,8 +1009,8 @@ fn requeue(eventloop: &mut EventLoop, shared: &Shared, session_present: bool, re
     for request in front.into_iter().rev() {
         eventloop.pending.push_front(request);
     }
-    if let Some(consumer) = &shared.consumer {
-        consumer.session_resumed(session_present || !reconnect);
+    if let Some(session) = &shared.session {
+        session.session_resumed(session_present || !reconnect);
     }
 }
 
@@ -1111,15 +1056,12 @@ fn fail_all(shared: &Shared) {
     drop(guard);
     for mut op in ops {
         if let Some(done) = op.done.take() {
-            let _ = done.send(Err(Error::new(
-                ErrorKind::Closed,
-                "the MQTT connection closed before the broker confirmed the message",
-            )));
+            let _ = done.send(Err(unconfirmed()));
         }
     }
     for op in subs {
         if let Some(done) = op.done {
-            let _ = done.send(Err(Error::closed("MQTT connection")));
+            let _ = done.send(Err(connection_closed()));
         }
     }
     shared.progress.notify_waiters();
@@ -1130,22 +1072,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_with_full_jitter_and_stays_under_the_cap() {
-        let cap = Duration::from_secs(10);
-        for attempt in 0..40 {
-            let ceiling = Duration::from_millis(100)
-                .saturating_mul(1 << attempt.min(16))
-                .min(cap);
+    fn reconnect_delays_are_full_jitter_under_reconnect_max() {
+        let config = MqttConfig::default().reconnect_max(Duration::from_secs(10));
+        let backoff = reconnect_backoff(&config);
+        let mut below_a_tenth = 0;
+        for attempt in 1..40 {
+            let ceiling = RECONNECT_FIRST
+                .saturating_mul(1 << (attempt - 1).min(16))
+                .min(config.reconnect_max);
+            assert_eq!(backoff.ceiling(attempt), ceiling, "{attempt}");
             for _ in 0..50 {
-                let d = backoff(attempt, cap);
-                assert!(
-                    d <= ceiling && d >= ceiling / 10 - Duration::from_millis(1),
-                    "{attempt}: {d:?}"
-                );
+                let d = backoff.delay(attempt);
+                assert!(d <= ceiling, "{attempt}: {d:?}");
+                below_a_tenth += usize::from(d < ceiling / 10);
             }
         }
-        // Jitter: many clients restarting together do not pick the same delay.
-        let delays: std::collections::HashSet<_> = (0..20).map(|_| backoff(6, cap)).collect();
+        // Full jitter draws from zero: about a tenth of the delays are below a tenth of their
+        // ceiling (none would be with delays drawn from [ceiling / 10, ceiling]).
+        assert!(below_a_tenth > 50, "{below_a_tenth} of 1950");
+        // Many clients restarting together do not pick the same delay.
+        let delays: std::collections::HashSet<_> = (0..20).map(|_| backoff.delay(7)).collect();
         assert!(delays.len() > 10, "{delays:?}");
     }
 
@@ -1278,20 +1224,5 @@ mod tests {
             t.hold_unrouted(again, after, 10).is_some(),
             "the grace is over"
         );
-    }
-
-    #[test]
-    fn refused_credentials_are_auth_errors_without_secrets() {
-        let err = classify(
-            &ConnectionError::ConnectionRefused(ConnectReturnCode::BadUserNamePassword),
-            "broker:1883",
-        );
-        assert_eq!(err.kind(), ErrorKind::Auth);
-        assert_eq!(err.context_value("broker"), Some("broker:1883"));
-        let err = classify(
-            &ConnectionError::ConnectionRefused(ConnectReturnCode::ServerUnavailable),
-            "b:1",
-        );
-        assert_eq!(err.kind(), ErrorKind::Connection);
     }
 }

@@ -6,33 +6,40 @@ mod backend;
 mod config;
 mod connection;
 mod consumer;
+mod core;
+mod error;
 mod producer;
+mod session;
+#[cfg(feature = "tls")]
+mod tls;
 mod topic;
 
 pub use backend::MqttBackend;
 pub use config::MqttConfig;
+pub use consumer::MqttConsumer;
+pub use producer::MqttProducer;
 
 /// User property holding how often a message was delivered before (set by `negative_acknowledge`
 /// and by `close` when they hand a message back to its subscription).
-pub const REDELIVERY_PROPERTY: &str = consumer::REDELIVERY_PROPERTY;
+pub const REDELIVERY_PROPERTY: &str = session::REDELIVERY_PROPERTY;
 
 /// User property carrying the message key ([`tg_backend_api::OutboundMessage::key`]).
-pub const KEY_PROPERTY: &str = consumer::KEY_PROPERTY;
+pub const KEY_PROPERTY: &str = session::KEY_PROPERTY;
 
 /// Suffix of the [`MessageId`](tg_backend_api::MessageId) a send receipt resolves to when the
 /// broker answered the QoS 1/2 publish with "no matching subscribers" (reason code 0x10): it
 /// accepted the message but no subscription took it. Otherwise receipts resolve to a number.
 pub const NO_SUBSCRIBERS_SUFFIX: &str = "-nosub";
 
-use tg_backend_api::kit::{self, BackendConfig, Driver, Setting, Settings};
+use tg_backend_api::kit::{self, Driver, Setting, Settings};
 use tg_backend_api::Error;
 
 /// The MQTT backend's driver: `PUBSUB_BACKEND=mqtt`, configured by `MQTT_URL`, or by `MQTT_HOST`,
 /// `MQTT_PORT`, `MQTT_USERNAME` and `MQTT_PASSWORD`.
 pub static DRIVER: Driver = Driver {
     name: "mqtt",
-    title: "MQTT",
-    schemes: &["mqtt", "mqtts"],
+    title: config::TITLE,
+    schemes: &[MqttConfig::SCHEME, MqttConfig::TLS_SCHEME],
     settings: &[
         Setting::new(
             "MQTT_URL",
@@ -44,7 +51,7 @@ pub static DRIVER: Driver = Driver {
         Setting::new("MQTT_USERNAME", "mqtt-username", "MQTT user name"),
         Setting::new("MQTT_PASSWORD", "mqtt-password", "MQTT password").secret(),
     ],
-    options: Vec::new,
+    options: kit::config::option_names::<MqttConfig>,
     secret_options: &[],
     configure: |settings| Ok(kit::configured(from_settings(settings)?)),
 };
@@ -74,13 +81,5 @@ fn from_settings(settings: &Settings<'_>) -> tg_backend_api::Result<MqttConfig> 
             Error::config("is set without MQTT_USERNAME / --mqtt-username"),
         )),
         (None, None) => Ok(config),
-    }
-}
-
-impl BackendConfig for MqttConfig {
-    type Backend = MqttBackend;
-
-    async fn connect(self) -> tg_backend_api::Result<MqttBackend> {
-        MqttBackend::connect(self).await
     }
 }
