@@ -1,104 +1,22 @@
-//! The Redis backend: connection handling and the [`Backend`] implementation.
+//! The Redis backend: what it guarantees per quality of service, and opening producers and
+//! consumers on the shared [`Core`].
 
+use std::borrow::Cow;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::AsyncConnectionConfig;
+use tg_backend_api::kit::{BackendConfig, Feature, Lifecycle, RawBackend};
 use tg_backend_api::{
-    Backend, Capabilities, Consumer, ConsumerOptions, ConsumerType, Error, ErrorKind,
-    HandleRegistry, InitialPosition, Producer, ProducerOptions, Qos, Result, Topic,
+    Backend, Capabilities, Consumer, ConsumerOptions, Producer, ProducerOptions, Qos, Result, Topic,
 };
+use tokio::sync::OnceCell;
 
 use crate::config::RedisConfig;
-use crate::consumer::{ConsumerCore, StreamConsumer};
-use crate::error::convert;
-use crate::producer::{ProducerCore, RedisProducer};
-use crate::pubsub::{PubSubConsumer, PubSubHub};
-
-/// State shared by the backend and everything it created.
-pub(crate) struct Shared {
-    pub(crate) config: RedisConfig,
-    pub(crate) server: String,
-    pub(crate) client: redis::Client,
-    pub(crate) conn: ConnectionManager,
-    closed: AtomicBool,
-    pubsub: tokio::sync::OnceCell<Arc<PubSubHub>>,
-    consumers: HandleRegistry<ConsumerCore>,
-    producers: HandleRegistry<ProducerCore>,
-}
-
-impl Shared {
-    pub(crate) fn is_closed(&self) -> bool {
-        self.closed.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn check_open(&self) -> Result<()> {
-        if self.is_closed() {
-            Err(Error::closed("redis backend").with_context("server", &self.server))
-        } else {
-            Ok(())
-        }
-    }
-
-    /// A clone of the shared multiplexed, self-reconnecting command connection.
-    pub(crate) fn conn(&self) -> ConnectionManager {
-        self.conn.clone()
-    }
-
-    pub(crate) fn err(&self, e: redis::RedisError, what: &str) -> Error {
-        convert(e, what, &self.server)
-    }
-
-    /// Settings of a new connection; `response_timeout` None for connections that block.
-    pub(crate) fn async_config(&self, response_timeout: Option<Duration>) -> AsyncConnectionConfig {
-        let mut cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(self.config.connect_timeout)
-            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        if let Some(t) = response_timeout {
-            cfg = cfg.set_response_timeout(t);
-        }
-        cfg
-    }
-
-    /// A dedicated connection (for one consumer's blocking reads), bounded by the connect timeout.
-    pub(crate) async fn dedicated_connection(&self) -> Result<MultiplexedConnection> {
-        let cfg = self.async_config(None);
-        match tokio::time::timeout(
-            self.config.connect_timeout,
-            self.client
-                .get_multiplexed_async_connection_with_config(&cfg),
-        )
-        .await
-        {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(self.err(e, "cannot connect to Redis")),
-            Err(_) => Err(Error::connection(format!(
-                "timed out after {:?} connecting to Redis",
-                self.config.connect_timeout
-            ))
-            .with_context("server", &self.server)),
-        }
-    }
-
-    pub(crate) fn register_consumer(&self, core: &Arc<ConsumerCore>) {
-        self.consumers.register(core);
-    }
-
-    pub(crate) fn register_producer(&self, core: &Arc<ProducerCore>) {
-        self.producers.register(core);
-    }
-
-    async fn pubsub(self: &Arc<Self>) -> Result<Arc<PubSubHub>> {
-        self.pubsub
-            .get_or_try_init(|| PubSubHub::connect(self.clone()))
-            .await
-            .cloned()
-    }
-}
+use crate::consumer::{RedisConsumer, StreamConsumer};
+use crate::core::Core;
+use crate::producer::RedisProducer;
+use crate::q0::{PubSubHub, Q0Consumer};
 
 /// A connection to one Redis server (see the crate docs for the mapping).
 ///
@@ -122,7 +40,7 @@ impl Shared {
 /// ```
 #[derive(Clone)]
 pub struct RedisBackend {
-    shared: Arc<Shared>,
+    raw: Raw,
 }
 
 impl RedisBackend {
@@ -130,93 +48,71 @@ impl RedisBackend {
     pub const NAME: &'static str = "redis";
 
     /// Connects to the server, failing within [`RedisConfig::connect_timeout`] with
-    /// [`ErrorKind::Connection`] (unreachable) or [`ErrorKind::Auth`] (credentials refused); the
-    /// error names the server, never the password.
+    /// [`ErrorKind::Connection`](tg_backend_api::ErrorKind::Connection) (unreachable) or
+    /// [`ErrorKind::Auth`](tg_backend_api::ErrorKind::Auth) (credentials refused); the error
+    /// names the server, never the password.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
-        let server = config.server();
-        let info = config.connection_info()?;
-        let client = redis::Client::open(info)
-            .map_err(|e| convert(e, "invalid Redis connection settings", &server))?;
-        let timeout = config.connect_timeout;
-        let timed_out = || {
-            Error::connection(format!("timed out after {timeout:?} connecting to Redis"))
-                .with_context("server", &server)
-        };
-        let probe_cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(timeout)
-            .set_response_timeout(timeout);
-        let probe = async {
-            let mut c = client
-                .get_multiplexed_async_connection_with_config(&probe_cfg)
-                .await?;
-            redis::cmd("PING").query_async::<()>(&mut c).await
-        };
-        match tokio::time::timeout(timeout, probe).await {
-            Err(_) => return Err(timed_out()),
-            Ok(Err(e)) => {
-                // anything but refused credentials means: no usable Redis there (Connection,
-                // which the facade's fallback acts on)
-                return Err(if crate::error::kind_of(&e) == ErrorKind::Auth {
-                    convert(e, "Redis refused the credentials", &server)
-                } else {
-                    Error::connection(format!("cannot connect to Redis: {e}"))
-                        .with_context("server", &server)
-                });
-            }
-            Ok(Ok(())) => {}
-        }
-        let manager_cfg = manager_config(&config);
-        let conn = match tokio::time::timeout(
-            timeout,
-            ConnectionManager::new_with_config(client.clone(), manager_cfg),
-        )
-        .await
-        {
-            Err(_) => return Err(timed_out()),
-            Ok(Err(e)) => return Err(convert(e, "cannot connect to Redis", &server)),
-            Ok(Ok(c)) => c,
-        };
-        tracing::debug!(server = %server, "connected to Redis");
         Ok(Self {
-            shared: Arc::new(Shared {
-                config,
-                server,
-                client,
-                conn,
-                closed: AtomicBool::new(false),
-                pubsub: tokio::sync::OnceCell::new(),
-                consumers: HandleRegistry::new(),
-                producers: HandleRegistry::new(),
-            }),
+            raw: Raw {
+                core: Arc::new(Core::connect(config).await?),
+                hub: Arc::new(OnceCell::new()),
+            },
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &RedisConfig {
-        &self.shared.config
+        &self.raw.core.config
     }
 }
 
-/// Settings of the self-reconnecting connections: reconnect for ever (callers bound their
-/// waits with their own timeouts), at most a second apart.
-pub(crate) fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(config.connect_timeout)
-        .set_number_of_retries(1_000_000)
-        .set_factor(50)
-        .set_max_delay(1000)
-        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+impl BackendConfig for RedisConfig {
+    type Backend = RedisBackend;
+
+    async fn connect(self) -> Result<RedisBackend> {
+        RedisBackend::connect(self).await
+    }
 }
 
 impl fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBackend")
-            .field("server", &self.shared.server)
-            .field("closed", &self.shared.is_closed())
+            .field("server", &self.raw.core.server)
+            .field("closed", &self.raw.core.life.is_closed())
             .finish_non_exhaustive()
     }
 }
 
+/// What the backend guarantees for topics of `qos`.
+fn capabilities(config: &RedisConfig, qos: Qos) -> Capabilities {
+    let mut caps = Capabilities::NONE;
+    // (queued records carry 32-bit lengths; Redis itself takes at most 512 MiB by default)
+    caps.max_payload = config.max_payload.min(u32::MAX as usize);
+    if qos == Qos::Q0 {
+        // PUBLISH/SUBSCRIBE: whoever is subscribed now gets a copy, nothing is kept.
+        caps.ordered = true;
+        return caps;
+    }
+    caps.persistent = true;
+    caps.durable_subscriptions = true;
+    caps.ordered = true;
+    caps.shared = true;
+    caps.exclusive = true;
+    caps.failover = true;
+    caps.earliest = true;
+    caps.nack_redelivery = true;
+    caps.redelivery_count = true;
+    caps.redeliver_unacked_on_close = true;
+    caps.acknowledgement = true;
+    caps.deduplication = qos == Qos::Q2;
+    caps
+}
+
+// `RedisBackend` is the kit's backend with one difference: its q0 capabilities say
+// `shared: false` (a q0 subscription takes one consumer of the default type; a second one is
+// refused as `Unsupported`), while the kit refuses every consumer of a type whose flag is false,
+// so it would refuse all q0 consumers. `Raw` therefore tells the kit `shared: true` on q0 (the
+// hub refuses the second consumer) and `RedisBackend` reports the real capabilities.
 #[async_trait]
 impl Backend for RedisBackend {
     fn name(&self) -> &'static str {
@@ -224,26 +120,7 @@ impl Backend for RedisBackend {
     }
 
     fn capabilities(&self, qos: Qos) -> Capabilities {
-        let mut caps = Capabilities::NONE;
-        caps.max_payload = self.shared.config.max_payload;
-        if qos == Qos::Q0 {
-            // PUBLISH/SUBSCRIBE: whoever is subscribed now gets a copy, nothing is kept.
-            caps.ordered = true;
-            return caps;
-        }
-        caps.persistent = true;
-        caps.durable_subscriptions = true;
-        caps.ordered = true;
-        caps.shared = true;
-        caps.exclusive = true;
-        caps.failover = true;
-        caps.earliest = true;
-        caps.nack_redelivery = true;
-        caps.redelivery_count = true;
-        caps.redeliver_unacked_on_close = true;
-        caps.acknowledgement = true;
-        caps.deduplication = qos == Qos::Q2;
-        caps
+        capabilities(&self.raw.core.config, qos)
     }
 
     async fn create_producer(
@@ -251,10 +128,7 @@ impl Backend for RedisBackend {
         topic: &Topic,
         options: ProducerOptions,
     ) -> Result<Box<dyn Producer>> {
-        self.shared.check_open()?;
-        let producer = RedisProducer::new(self.shared.clone(), topic.clone(), &options);
-        self.shared.register_producer(producer.core());
-        Ok(Box::new(producer))
+        Backend::create_producer(&self.raw, topic, options).await
     }
 
     async fn create_consumer(
@@ -262,57 +136,111 @@ impl Backend for RedisBackend {
         topic: &Topic,
         options: ConsumerOptions,
     ) -> Result<Box<dyn Consumer>> {
-        options.validate()?;
-        self.shared.check_open()?;
-        if topic.qos() == Qos::Q0 {
-            if options.consumer_type != ConsumerType::Shared {
-                return Err(Error::unsupported(format!(
-                    "q0 topics use Redis PUBLISH/SUBSCRIBE, where every subscriber gets every \
-                     message; {} consumers need a q1 topic",
-                    options.consumer_type
-                ))
-                .with_context("topic", topic));
-            }
-            if options.initial_position == InitialPosition::Earliest {
-                tracing::debug!(%topic, "q0 topics retain nothing: Earliest behaves as Latest");
-            }
-            let hub = self.shared.pubsub().await?;
-            let consumer = PubSubConsumer::subscribe(hub, topic.clone(), options).await?;
-            return Ok(Box::new(consumer));
-        }
-        let consumer = StreamConsumer::create(self.shared.clone(), topic.clone(), options).await?;
-        self.shared.register_consumer(consumer.core());
-        Ok(Box::new(consumer))
+        Backend::create_consumer(&self.raw, topic, options).await
     }
 
     async fn ping(&self) -> Result<()> {
-        self.shared.check_open()?;
-        let mut conn = self.shared.conn();
-        match tokio::time::timeout(
-            self.shared.config.connect_timeout,
-            redis::cmd("PING").query_async::<()>(&mut conn),
-        )
-        .await
-        {
-            Ok(r) => r.map_err(|e| self.shared.err(e, "PING failed")),
-            Err(_) => Err(
-                Error::new(ErrorKind::Timeout, "Redis did not answer PING in time")
-                    .with_context("server", &self.shared.server),
-            ),
-        }
+        Backend::ping(&self.raw).await
     }
 
     async fn close(&self) -> Result<()> {
-        if self.shared.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
+        Backend::close(&self.raw).await
+    }
+}
+
+/// The backend as the kit sees it.
+#[derive(Clone)]
+struct Raw {
+    core: Arc<Core>,
+    /// The q0 pub/sub connection, opened with the first q0 consumer.
+    hub: Arc<OnceCell<Arc<PubSubHub>>>,
+}
+
+impl Raw {
+    async fn hub(&self) -> Result<Arc<PubSubHub>> {
+        self.hub
+            .get_or_try_init(|| PubSubHub::connect(self.core.clone()))
+            .await
+            .cloned()
+    }
+}
+
+impl fmt::Debug for Raw {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Raw")
+            .field("server", &self.core.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RawBackend for Raw {
+    type Producer = RedisProducer;
+    type Consumer = RedisConsumer;
+
+    const NAME: &'static str = RedisBackend::NAME;
+
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.core.life
+    }
+
+    fn caps(&self, qos: Qos) -> Capabilities {
+        let mut caps = capabilities(&self.core.config, qos);
+        if qos == Qos::Q0 {
+            caps.shared = true; // see `impl Backend for RedisBackend`
         }
-        for p in self.shared.producers.drain_live() {
-            let _ = p.shutdown().await;
+        caps
+    }
+
+    fn why_not(&self, qos: Qos, feature: Feature) -> Cow<'static, str> {
+        match feature {
+            Feature::Retained => "the Redis backend keeps no retained messages; use a q1 topic \
+                                  and an Earliest subscription to replay what a stream holds"
+                .into(),
+            Feature::Earliest => "q0 topics retain nothing".into(),
+            Feature::Consumer(t) if qos == Qos::Q0 => format!(
+                "q0 topics use Redis PUBLISH/SUBSCRIBE, where every subscriber gets every \
+                 message; {t} consumers need a q1 topic"
+            )
+            .into(),
+            Feature::Consumer(t) => format!("the Redis backend has no {t} consumers").into(),
         }
-        for c in self.shared.consumers.drain_live() {
-            let _ = c.shutdown(false).await;
+    }
+
+    async fn open_producer(
+        &self,
+        topic: &Topic,
+        options: &ProducerOptions,
+    ) -> Result<RedisProducer> {
+        Ok(RedisProducer::new(
+            self.core.clone(),
+            topic.clone(),
+            options,
+        ))
+    }
+
+    async fn open_consumer(
+        &self,
+        topic: &Topic,
+        options: &ConsumerOptions,
+        id: u64,
+    ) -> Result<RedisConsumer> {
+        if topic.qos() == Qos::Q0 {
+            let hub = self.hub().await?;
+            return Ok(RedisConsumer::Q0(
+                Q0Consumer::subscribe(hub, topic, options, id).await?,
+            ));
         }
-        if let Some(hub) = self.shared.pubsub.get() {
+        Ok(RedisConsumer::Stream(
+            StreamConsumer::create(self.core.clone(), topic, options, id).await?,
+        ))
+    }
+
+    async fn probe(&self) -> Result<()> {
+        self.core.ping().await
+    }
+
+    async fn shutdown(&self) -> Result<()> {
+        if let Some(hub) = self.hub.get() {
             hub.close();
         }
         Ok(())

@@ -1,55 +1,70 @@
 //! Configuration of the Redis backend.
 
-use std::fmt;
 use std::time::Duration;
 
+use serde::Deserialize;
+use tg_backend_api::kit::config::{self, require, Secret};
 use tg_backend_api::{Error, Result};
+
+/// The broker's name in messages.
+pub(crate) const TITLE: &str = "Redis";
+/// The URL schemes: `rediss` connects with TLS.
+pub(crate) const SCHEMES: &[&str] = &["redis", "rediss"];
 
 /// Configuration of [`RedisBackend`](crate::RedisBackend).
 ///
-/// From a URL (what `REDIS_URL` / `--redis-url` hold):
+/// From a URL (what `REDIS_URL` / `--redis-url` hold), every option optional:
 ///
 /// ```text
-/// redis[s]://[[user]:password@]host[:port][/db][?param=value&…]
+/// redis[s]://[[user]:password@]host[:port][/db][?option=value&…]
 /// ```
 ///
-/// `rediss://` connects with TLS (needs the crate feature `tls-rustls`). User name and password are
-/// percent-decoded. Every parameter is optional; each is one field below: `connect_timeout_ms`,
-/// `send_timeout_ms`, `max_len`, `batch`, `block_ms`, `visibility_timeout_ms`, `lease_ms`,
-/// `dedup_window_s`, `max_payload`, `q0_buffer`, `prefix`.
+/// `rediss://` connects with TLS (needs the crate feature `tls-rustls`). The options are the
+/// fields below from `connect_timeout` on, read by the backend kit's URL grammar: durations with a
+/// unit (`250ms`, `30s`, `10m`), sizes in bytes; an unknown option is refused with the list of the
+/// known ones.
 ///
 /// ```
 /// use std::time::Duration;
 /// use tg_backend_redis::RedisConfig;
 ///
-/// let config = RedisConfig::from_url("redis://app:s3cret@cache.internal:6380/2?max_len=5000").unwrap();
+/// let config = RedisConfig::from_url("redis://app:s3cret@cache.internal:6380/2?max_len=5000&lease=3s").unwrap();
 /// assert_eq!((config.host.as_str(), config.port, config.db), ("cache.internal", 6380, 2));
 /// assert_eq!(config.username.as_deref(), Some("app"));
-/// assert_eq!(config.max_len, 5000);
+/// assert_eq!((config.max_len, config.lease), (5000, Duration::from_secs(3)));
 /// assert!(!format!("{config:?}").contains("s3cret"));
 /// let config = config.connect_timeout(Duration::from_millis(500));
 /// assert_eq!(config.connect_timeout, Duration::from_millis(500));
 /// ```
 #[non_exhaustive]
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct RedisConfig {
     /// Server host name or address. Default: `127.0.0.1`.
+    #[serde(skip)]
     pub host: String,
     /// Server port. Default: 6379.
+    #[serde(skip)]
     pub port: u16,
     /// Connect with TLS (`rediss://`). Default: false.
+    #[serde(skip)]
     pub tls: bool,
     /// ACL user name. Default: none (the `default` user).
+    #[serde(skip)]
     pub username: Option<String>,
-    /// Password; never printed by `Debug`, errors or logs. Default: none.
-    pub password: Option<String>,
+    /// Password; printed as `***` by `Debug`, never in errors or logs. Default: none.
+    #[serde(skip)]
+    pub password: Option<Secret>,
     /// Database number (the URL path). Default: 0.
+    #[serde(skip)]
     pub db: i64,
     /// How long `connect` (and every reconnection attempt) may take before failing with
     /// `Connection`. Default: 3 s.
+    #[serde(with = "config::duration")]
     pub connect_timeout: Duration,
     /// How long a send may wait for Redis (including reconnecting) before its receipt fails.
     /// Default: 30 s. A producer's `ProducerOptions::send_timeout` overrides it.
+    #[serde(with = "config::duration")]
     pub send_timeout: Duration,
     /// Approximate bound of every q1/q2 stream (`XADD … MAXLEN ~ max_len`). When a stream reaches
     /// it, its oldest entries are trimmed whether or not every subscription consumed them.
@@ -60,14 +75,19 @@ pub struct RedisConfig {
     /// retry stream and the topic stream both deliver a full batch). Default: 64.
     pub batch: usize,
     /// How long one blocking `XREADGROUP` waits before it is issued again. Default: 2 s.
+    #[serde(with = "config::duration")]
     pub block: Duration,
     /// How long a message may stay unacknowledged with a consumer before other members of its
     /// group reclaim it (`XAUTOCLAIM`): the recovery time after a consumer crashed. Default: 30 s.
+    #[serde(with = "config::duration")]
     pub visibility_timeout: Duration,
     /// Lifetime of the lease of an exclusive or failover consumer, renewed every third of it: a
     /// standby takes over at most this long after the active consumer died. Default: 5 s.
+    #[serde(with = "config::duration")]
     pub lease: Duration,
-    /// How long a q2 de-duplication id is remembered. Default: 10 minutes.
+    /// How long a q2 de-duplication id is remembered (whole seconds: it is a key expiry).
+    /// Default: 10 minutes.
+    #[serde(with = "config::duration")]
     pub dedup_window: Duration,
     /// Largest payload in bytes. Default: 5 MiB.
     pub max_payload: usize,
@@ -102,8 +122,10 @@ impl Default for RedisConfig {
     }
 }
 
-const PARAMS: &str = "connect_timeout_ms, send_timeout_ms, max_len, batch, block_ms, \
-                      visibility_timeout_ms, lease_ms, dedup_window_s, max_payload, q0_buffer, prefix";
+/// The shortest lease: renewing every third of it must stay well above a round trip.
+const MIN_LEASE: Duration = Duration::from_millis(30);
+/// The shortest de-duplication window: it is a key expiry in whole seconds.
+const MIN_DEDUP_WINDOW: Duration = Duration::from_secs(1);
 
 impl RedisConfig {
     /// The URL the local development server answers on.
@@ -111,109 +133,68 @@ impl RedisConfig {
 
     /// Parses `redis://` or `rediss://` URLs (see the type's docs).
     pub fn from_url(url: &str) -> Result<Self> {
-        let parsed = url::Url::parse(url)
-            .map_err(|e| Error::config(format!("malformed Redis URL {:?}: {e}", redact(url))))?;
-        let tls = match parsed.scheme() {
-            "redis" => false,
-            "rediss" => true,
-            other => {
-                return Err(Error::config(format!(
-                    "Redis URL must start with redis:// or rediss://, got scheme {other:?}"
-                )))
-            }
-        };
-        let host = match parsed.host_str() {
-            Some(h) if !h.is_empty() => h.trim_start_matches('[').trim_end_matches(']').to_owned(),
-            _ => {
-                return Err(Error::config(
-                    "Redis URL has no host (expected redis://host:port)",
-                ))
-            }
-        };
-        let mut config = Self {
-            host,
-            tls,
-            ..Self::default()
-        };
-        if let Some(port) = parsed.port() {
-            config.port = port;
-        }
-        let decode = |s: &str, what: &str| {
-            percent_decode(s).ok_or_else(|| {
-                Error::config(format!(
-                    "Redis URL {what} is not valid percent-encoded UTF-8"
-                ))
-            })
-        };
-        if !parsed.username().is_empty() {
-            config.username = Some(decode(parsed.username(), "user name")?);
-        }
-        if let Some(password) = parsed.password() {
-            config.password = Some(decode(password, "password")?);
-        }
-        let path = parsed.path().trim_matches('/');
-        if !path.is_empty() {
-            config.db = path.parse::<i64>().ok().filter(|d| *d >= 0).ok_or_else(|| {
+        let url = config::parse_url::<Self>(TITLE, SCHEMES, url)?;
+        let host = url.require_host(TITLE, "redis://host:port")?;
+        let path = url.path.trim_end_matches('/');
+        let db = if path.is_empty() {
+            0
+        } else {
+            path.parse::<i64>().ok().filter(|d| *d >= 0).ok_or_else(|| {
                 Error::config(format!(
                     "Redis URL path {path:?} is not a database number (expected e.g. redis://host/2)"
                 ))
-            })?;
+            })?
+        };
+        Self {
+            host,
+            port: url.port.unwrap_or(6379),
+            tls: url.scheme == "rediss",
+            username: url.username,
+            password: url.password,
+            db,
+            ..url.options
         }
-        for (key, value) in parsed.query_pairs() {
-            let number = || {
-                value.parse::<u64>().map_err(|e| {
-                    Error::config(format!(
-                        "Redis URL parameter {key}={value:?} is not a number: {e}"
-                    ))
-                })
-            };
-            let millis = || number().map(Duration::from_millis);
-            match &*key {
-                "connect_timeout_ms" => config.connect_timeout = millis()?,
-                "send_timeout_ms" => config.send_timeout = millis()?,
-                "max_len" => config.max_len = number()?,
-                "batch" => config.batch = number()? as usize,
-                "block_ms" => config.block = millis()?,
-                "visibility_timeout_ms" => config.visibility_timeout = millis()?,
-                "lease_ms" => config.lease = millis()?,
-                "dedup_window_s" => config.dedup_window = Duration::from_secs(number()?),
-                "max_payload" => config.max_payload = number()? as usize,
-                "q0_buffer" => config.q0_buffer = number()? as usize,
-                "prefix" => config.prefix = value.into_owned(),
-                other => {
-                    return Err(Error::config(format!(
-                        "unknown Redis URL parameter {other:?}; known: {PARAMS}"
-                    )))
-                }
-            }
-        }
-        config.check()
+        .checked()
     }
 
-    /// Checks the values that must be positive (every setter and `from_url` end here).
-    fn check(self) -> Result<Self> {
-        let zero = [
-            ("connect_timeout", self.connect_timeout.is_zero()),
-            ("send_timeout", self.send_timeout.is_zero()),
-            ("max_len", self.max_len == 0),
-            ("batch", self.batch == 0),
-            ("block", self.block.is_zero()),
-            ("visibility_timeout", self.visibility_timeout.is_zero()),
-            ("lease", self.lease < Duration::from_millis(30)),
-            ("dedup_window", self.dedup_window < Duration::from_secs(1)),
-            ("max_payload", self.max_payload == 0),
-            ("q0_buffer", self.q0_buffer == 0),
-            (
-                "prefix",
-                self.prefix.is_empty() || self.prefix.contains(['{', '}']),
-            ),
-        ];
-        if let Some((name, _)) = zero.iter().find(|(_, bad)| *bad) {
-            return Err(Error::config(format!(
-                "Redis option {name} is out of range (durations and sizes must be positive, the \
-                 lease at least 30 ms, the dedup window at least 1 s, the prefix non-empty without braces)"
-            )));
-        }
+    /// Checks the option values (the setters clamp instead).
+    fn checked(self) -> Result<Self> {
+        require(
+            !self.connect_timeout.is_zero(),
+            TITLE,
+            "connect_timeout",
+            "positive",
+        )?;
+        require(
+            !self.send_timeout.is_zero(),
+            TITLE,
+            "send_timeout",
+            "positive",
+        )?;
+        require(self.max_len >= 1, TITLE, "max_len", "at least 1")?;
+        require(self.batch >= 1, TITLE, "batch", "at least 1")?;
+        require(!self.block.is_zero(), TITLE, "block", "positive")?;
+        require(
+            !self.visibility_timeout.is_zero(),
+            TITLE,
+            "visibility_timeout",
+            "positive",
+        )?;
+        require(self.lease >= MIN_LEASE, TITLE, "lease", "at least 30ms")?;
+        require(
+            self.dedup_window >= MIN_DEDUP_WINDOW,
+            TITLE,
+            "dedup_window",
+            "at least 1s (it is a key expiry in whole seconds)",
+        )?;
+        require(self.max_payload >= 1, TITLE, "max_payload", "at least 1")?;
+        require(self.q0_buffer >= 1, TITLE, "q0_buffer", "at least 1")?;
+        require(
+            valid_prefix(&self.prefix),
+            TITLE,
+            "prefix",
+            "non-empty and without { or }",
+        )?;
         Ok(self)
     }
 
@@ -251,7 +232,7 @@ impl RedisConfig {
 
     /// Sets user name and password.
     #[must_use]
-    pub fn credentials(mut self, username: Option<String>, password: Option<String>) -> Self {
+    pub fn credentials(mut self, username: Option<String>, password: Option<Secret>) -> Self {
         self.username = username;
         self.password = password;
         self
@@ -309,14 +290,14 @@ impl RedisConfig {
     /// Sets the lease of exclusive and failover consumers (at least 30 ms).
     #[must_use]
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.lease = lease.max(Duration::from_millis(30));
+        self.lease = lease.max(MIN_LEASE);
         self
     }
 
     /// Sets the q2 de-duplication window (at least 1 s; Redis expiries are whole seconds here).
     #[must_use]
     pub fn dedup_window(mut self, window: Duration) -> Self {
-        self.dedup_window = window.max(Duration::from_secs(1));
+        self.dedup_window = window.max(MIN_DEDUP_WINDOW);
         self
     }
 
@@ -338,7 +319,7 @@ impl RedisConfig {
     #[must_use]
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         let prefix = prefix.into();
-        if !prefix.is_empty() && !prefix.contains(['{', '}']) {
+        if valid_prefix(&prefix) {
             self.prefix = prefix;
         }
         self
@@ -368,61 +349,16 @@ impl RedisConfig {
             redis: redis::RedisConnectionInfo {
                 db: self.db,
                 username: self.username.clone(),
-                password: self.password.clone(),
+                password: self.password.as_ref().map(|p| p.expose().to_owned()),
                 protocol: redis::ProtocolVersion::RESP2,
             },
         })
     }
 }
 
-impl fmt::Debug for RedisConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisConfig")
-            .field("server", &self.server())
-            .field("username", &self.username)
-            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
-            .field("connect_timeout", &self.connect_timeout)
-            .field("send_timeout", &self.send_timeout)
-            .field("max_len", &self.max_len)
-            .field("batch", &self.batch)
-            .field("block", &self.block)
-            .field("visibility_timeout", &self.visibility_timeout)
-            .field("lease", &self.lease)
-            .field("dedup_window", &self.dedup_window)
-            .field("max_payload", &self.max_payload)
-            .field("q0_buffer", &self.q0_buffer)
-            .field("prefix", &self.prefix)
-            .finish()
-    }
-}
-
-/// The URL with any password replaced, for error messages about a URL that did not parse.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            let user = creds.split(':').next().unwrap_or("");
-            format!("{}{user}:<redacted>{}", &url[..s + 3], &url[at..])
-        }
-        _ => url.to_owned(),
-    }
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
+/// Keys and channels are `<prefix>/{<topic>}`: a brace in the prefix would move the hash tag.
+fn valid_prefix(prefix: &str) -> bool {
+    !prefix.is_empty() && !prefix.contains(['{', '}'])
 }
 
 #[cfg(test)]
@@ -432,13 +368,14 @@ mod tests {
 
     #[test]
     fn defaults_from_plain_url() {
-        let c = RedisConfig::from_url("redis://127.0.0.1:6379").unwrap();
+        let c = RedisConfig::from_url(RedisConfig::DEFAULT_URL).unwrap();
         assert_eq!(c, RedisConfig::default());
         let c = RedisConfig::from_url("redis://localhost").unwrap();
         assert_eq!(
             (c.host.as_str(), c.port, c.db, c.tls),
             ("localhost", 6379, 0, false)
         );
+        assert_eq!(RedisConfig::from_url("redis://h/2/").unwrap().db, 2);
     }
 
     #[test]
@@ -447,7 +384,7 @@ mod tests {
             RedisConfig::from_url("rediss://svc:p%40ss%3Aword@redis.example.com:6390/3").unwrap();
         assert!(c.tls);
         assert_eq!(c.username.as_deref(), Some("svc"));
-        assert_eq!(c.password.as_deref(), Some("p@ss:word"));
+        assert_eq!(c.password.as_ref().map(Secret::expose), Some("p@ss:word"));
         assert_eq!(
             (c.host.as_str(), c.port, c.db),
             ("redis.example.com", 6390, 3)
@@ -456,7 +393,7 @@ mod tests {
         // password only (Redis < 6 AUTH)
         let c = RedisConfig::from_url("redis://:only@h/1").unwrap();
         assert_eq!(
-            (c.username, c.password.as_deref(), c.db),
+            (c.username, c.password.as_ref().map(Secret::expose), c.db),
             (None, Some("only"), 1)
         );
         // IPv6
@@ -466,10 +403,10 @@ mod tests {
     }
 
     #[test]
-    fn parameters() {
+    fn options() {
         let c = RedisConfig::from_url(
-            "redis://h/?connect_timeout_ms=250&send_timeout_ms=900&max_len=10&batch=8&block_ms=100\
-             &visibility_timeout_ms=1500&lease_ms=600&dedup_window_s=60&max_payload=1024&q0_buffer=7&prefix=x",
+            "redis://h/?connect_timeout=250ms&send_timeout=900ms&max_len=10&batch=8&block=100ms\
+             &visibility_timeout=1500ms&lease=600ms&dedup_window=1m&max_payload=1024&q0_buffer=7&prefix=x",
         )
         .unwrap();
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
@@ -480,6 +417,22 @@ mod tests {
         assert_eq!(c.lease, Duration::from_millis(600));
         assert_eq!(c.dedup_window, Duration::from_secs(60));
         assert_eq!((c.prefix.as_str(), c.q0_buffer), ("x", 7));
+        assert_eq!(
+            config::option_names::<RedisConfig>(),
+            [
+                "connect_timeout",
+                "send_timeout",
+                "max_len",
+                "batch",
+                "block",
+                "visibility_timeout",
+                "lease",
+                "dedup_window",
+                "max_payload",
+                "q0_buffer",
+                "prefix"
+            ]
+        );
     }
 
     #[test]
@@ -488,7 +441,7 @@ mod tests {
         let shown = format!("{c:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(
-            shown.contains("<redacted>") && shown.contains("user"),
+            shown.contains("password: Some(***)") && shown.contains("user"),
             "{shown}"
         );
         let c = RedisConfig::default().credentials(None, Some("pa55".into()));
@@ -501,10 +454,24 @@ mod tests {
             ("http://h", "redis://"),
             ("redis://h/abc", "database number"),
             ("redis://h/-1", "database number"),
-            ("redis://h/?max_len=lots", "max_len"),
-            ("redis://h/?colour=blue", "colour"),
-            ("redis://h/?batch=0", "batch"),
-            ("redis://h/?lease_ms=1", "lease"),
+            ("redis://h/?max_len=lots", "max_len=\"lots\""),
+            (
+                "redis://h/?colour=blue",
+                "unknown Redis URL option \"colour\"; known: connect_timeout, send_timeout",
+            ),
+            ("redis://h/?batch=0", "batch must be at least 1"),
+            ("redis://h/?lease=1ms", "lease must be at least 30ms"),
+            (
+                "redis://h/?dedup_window=500ms",
+                "dedup_window must be at least 1s",
+            ),
+            ("redis://h/?block=2000", "a duration needs a unit"),
+            ("redis://h/?prefix=a%7Bb", "prefix must be non-empty"),
+            ("redis://h/?batch=1&batch=2", "given twice"),
+            (
+                "redis://h/?lease_ms=3000",
+                "unknown Redis URL option \"lease_ms\"",
+            ),
             ("redis:///0", "no host"),
             ("not a url", "malformed"),
             ("redis://h:99999", "malformed"),
@@ -516,9 +483,16 @@ mod tests {
     }
 
     #[test]
-    fn malformed_url_errors_hide_the_password() {
-        let err = RedisConfig::from_url("redis://u:topsecret@h:99999").unwrap_err();
-        assert!(!err.to_string().contains("topsecret"), "{err}");
+    fn errors_hide_the_password() {
+        for url in [
+            "redis://u:topsecret@h:99999",
+            "redis://u:topsecret@h/x",
+            "redis://u:topsecret@h/?batch=none",
+            "http://u:topsecret@h",
+        ] {
+            let err = RedisConfig::from_url(url).unwrap_err();
+            assert!(!format!("{err} {err:?}").contains("topsecret"), "{err}");
+        }
     }
 
     #[test]
@@ -527,8 +501,10 @@ mod tests {
             .batch(0)
             .max_len(0)
             .lease(Duration::ZERO)
+            .dedup_window(Duration::ZERO)
             .prefix("");
         assert_eq!((c.batch, c.max_len, c.prefix.as_str()), (1, 1, "tgps"));
-        assert_eq!(c.lease, Duration::from_millis(30));
+        assert_eq!(c.lease, MIN_LEASE);
+        assert_eq!(c.dedup_window, MIN_DEDUP_WINDOW);
     }
 }

@@ -32,7 +32,8 @@ pub(crate) fn kind_of(e: &RedisError) -> ErrorKind {
 }
 
 /// Converts a client error, naming what we did and the server (never the password: the
-/// client's errors do not carry it, and `server` comes from [`RedisConfig::server`](crate::RedisConfig::server)).
+/// client's errors do not carry it, and `server` is the configuration's `server()`, which has no
+/// credentials).
 pub(crate) fn convert(e: RedisError, what: &str, server: &str) -> Error {
     let kind = kind_of(&e);
     Error::new(kind, format!("{what}: {e}")).with_context("server", server)

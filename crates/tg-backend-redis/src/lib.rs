@@ -2,46 +2,46 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod acks;
 mod backend;
+mod completion;
 mod config;
 mod consumer;
+mod core;
+mod entry;
 mod error;
+mod frame;
+mod inbox;
+mod lease;
 mod producer;
-mod pubsub;
+mod q0;
+mod record;
 mod scripts;
-mod sync;
 mod topic;
 
 pub use backend::RedisBackend;
 pub use config::RedisConfig;
 
-use tg_backend_api::kit::{self, BackendConfig, Driver, Setting};
+use tg_backend_api::kit::{self, Driver, Setting};
 
-/// The Redis backend's driver: `PUBSUB_BACKEND=redis`, configured by `REDIS_URL` / `--redis-url`.
+/// The Redis backend's driver: `PUBSUB_BACKEND=redis`, configured by `REDIS_URL` /
+/// `--redis-url` (default `redis://127.0.0.1:6379`).
 pub static DRIVER: Driver = Driver {
-    name: "redis",
-    title: "Redis",
-    schemes: &["redis", "rediss"],
+    name: RedisBackend::NAME,
+    title: config::TITLE,
+    schemes: config::SCHEMES,
     settings: &[Setting::new(
         "REDIS_URL",
         "redis-url",
-        "Redis URL: redis://[user[:password]@]host[:port][/db], rediss:// for TLS",
+        "Redis URL: redis://[user[:password]@]host[:port][/db][?option=value&…], rediss:// for TLS",
     )
     .default_value(RedisConfig::DEFAULT_URL)],
-    options: Vec::new,
+    options: kit::config::option_names::<RedisConfig>,
     secret_options: &[],
     configure: |settings| {
         let config = settings
             .parse_url(RedisConfig::from_url)
-            .unwrap_or_else(|| RedisConfig::from_url(RedisConfig::DEFAULT_URL))?;
+            .unwrap_or_else(|| Ok(RedisConfig::default()))?;
         Ok(kit::configured(config))
     },
 };
-
-impl BackendConfig for RedisConfig {
-    type Backend = RedisBackend;
-
-    async fn connect(self) -> tg_backend_api::Result<RedisBackend> {
-        RedisBackend::connect(self).await
-    }
-}

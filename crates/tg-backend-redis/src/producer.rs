@@ -9,26 +9,28 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use parking_lot::Mutex;
 use redis::aio::ConnectionLike;
 use redis::{Pipeline, Value};
+use tg_backend_api::kit::RawProducer;
 use tg_backend_api::{
-    Error, ErrorKind, MessageId, OutboundMessage, Producer, ProducerOptions, Qos, Result,
+    Backoff, Error, ErrorKind, MessageId, OutboundMessage, ProducerOptions, Qos, Result,
     SendReceipt, Topic, DEDUP_ID_PROPERTY,
 };
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::backend::Shared;
+use crate::completion::Completion;
+use crate::core::Core;
+use crate::entry::{as_bytes, push_fields};
 use crate::error::{convert, is_connection_error};
+use crate::frame::{now_ms, FrameArg};
+use crate::record::{encode_record, Record};
 use crate::scripts::DEDUP_XADD;
-use crate::sync::Completion;
-use crate::topic::{as_bytes, encode_record, now_ms, push_fields, FrameArg, Record, TopicKeys};
+use crate::topic::TopicKeys;
 
 /// Messages a producer queues before `send` waits: the batch being written and the next one.
 const QUEUE: usize = 2 * MAX_BATCH;
@@ -36,6 +38,13 @@ const QUEUE: usize = 2 * MAX_BATCH;
 const MAX_BATCH: usize = 1024;
 /// How many times the writer yields to let a busy producer fill a batch.
 const LINGER_YIELDS: usize = 16;
+/// Retrying a pipeline after a connection loss, within the send timeout.
+const RETRY: Backoff = Backoff {
+    initial: Duration::from_millis(20),
+    max: Duration::from_millis(500),
+    factor: 2.0,
+    jitter: false,
+};
 
 /// How a pipeline ended.
 enum Outcome {
@@ -50,13 +59,13 @@ enum Outcome {
 /// One pipeline's outcome, which its receipts wait for.
 struct Batch {
     done: Completion<Outcome>,
-    shared: Arc<Shared>,
+    core: Arc<Core>,
 }
 
 impl Batch {
     /// The receipt of the `index`-th command, once the batch completed.
     fn reply(&self, index: usize) -> Result<MessageId> {
-        let server = &self.shared.server;
+        let server = &self.core.server;
         match self.done.get() {
             Some(Outcome::Replies { seq, values }) => match values.get(index) {
                 Some(Value::ServerError(e)) => Err(convert(
@@ -137,7 +146,7 @@ impl Queue {
     async fn push(
         &self,
         message: &OutboundMessage,
-        shared: &Arc<Shared>,
+        core: &Arc<Core>,
     ) -> Option<(Arc<Batch>, usize)> {
         loop {
             {
@@ -155,7 +164,7 @@ impl Queue {
                             n: 0,
                             batch: Arc::new(Batch {
                                 done: Completion::new(),
-                                shared: shared.clone(),
+                                core: core.clone(),
                             }),
                         });
                     }
@@ -203,86 +212,52 @@ impl Queue {
     }
 }
 
-/// The part of a producer the backend keeps (weakly) to close it.
-pub(crate) struct ProducerCore {
-    shared: Arc<Shared>,
+impl Queue {
+    /// The producer is closed or gone: the writer writes what is queued, then ends.
+    fn finish(&self) {
+        self.state.lock().dropped = true;
+        self.wake.notify_one();
+    }
+}
+
+/// The Redis producer (as the kit sees it; applications get it as a `Box<dyn Producer>`).
+pub(crate) struct RedisProducer {
+    core: Arc<Core>,
     topic: Topic,
     queue: Arc<Queue>,
-    closed: AtomicBool,
-}
-
-impl ProducerCore {
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed("producer").with_context("topic", &self.topic));
-        }
-        self.shared.check_open()
-    }
-
-    async fn flush(&self) -> Result<()> {
-        if let Some(batch) = self.queue.last_batch() {
-            if let Outcome::Closed = batch.done.wait().await {
-                return Err(Error::closed("producer").with_context("topic", &self.topic));
-            }
-        } else if self.queue.state.lock().writer_gone {
-            return Err(Error::closed("producer").with_context("topic", &self.topic));
-        }
-        Ok(())
-    }
-
-    /// Flushes and closes; later sends fail with `Closed`.
-    pub(crate) async fn shutdown(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        self.flush().await
-    }
-}
-
-impl Drop for ProducerCore {
-    fn drop(&mut self) {
-        // the writer writes what is queued, then ends
-        self.queue.state.lock().dropped = true;
-        self.queue.wake.notify_one();
-    }
-}
-
-pub(crate) struct RedisProducer {
-    core: Arc<ProducerCore>,
 }
 
 impl RedisProducer {
-    pub(crate) fn new(shared: Arc<Shared>, topic: Topic, options: &ProducerOptions) -> Self {
+    pub(crate) fn new(core: Arc<Core>, topic: Topic, options: &ProducerOptions) -> Self {
         let commands = Commands {
             qos: topic.qos(),
-            keys: TopicKeys::new(&shared.config.prefix, &topic),
-            max_len: shared.config.max_len.to_string(),
-            dedup_window: shared.config.dedup_window.as_secs().max(1).to_string(),
+            keys: TopicKeys::new(&core.config.prefix, &topic),
+            max_len: core.config.max_len.to_string(),
+            dedup_window: core.config.dedup_window.as_secs().max(1).to_string(),
         };
         let queue = Arc::new(Queue::new());
-        let send_timeout = options.send_timeout.unwrap_or(shared.config.send_timeout);
+        let send_timeout = options.send_timeout.unwrap_or(core.config.send_timeout);
         // batching(false): every message goes out as soon as the writer sees it (no lingering);
         // messages that queued up meanwhile still share a pipeline
         let linger = options.batching.unwrap_or(true);
         tokio::spawn(run_writer(
-            shared.clone(),
+            core.clone(),
             commands,
             queue.clone(),
             send_timeout,
             linger,
         ));
-        Self {
-            core: Arc::new(ProducerCore {
-                shared,
-                topic,
-                queue,
-                closed: AtomicBool::new(false),
-            }),
-        }
+        Self { core, topic, queue }
     }
 
-    pub(crate) fn core(&self) -> &Arc<ProducerCore> {
-        &self.core
+    fn closed(&self) -> Error {
+        Error::closed("producer").with_context("topic", &self.topic)
+    }
+}
+
+impl Drop for RedisProducer {
+    fn drop(&mut self) {
+        self.queue.finish();
     }
 }
 
@@ -344,35 +319,12 @@ impl Commands {
     }
 }
 
-#[async_trait]
-impl Producer for RedisProducer {
-    fn topic(&self) -> &Topic {
-        &self.core.topic
-    }
-
+impl RawProducer for RedisProducer {
     async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
-        self.core.check_open()?;
-        // (queued records carry 32-bit lengths; Redis itself takes at most 512 MiB by default)
-        let max = self.core.shared.config.max_payload.min(u32::MAX as usize);
-        if message.payload().len() > max {
-            return Err(Error::payload_too_large(message.payload().len(), max)
-                .with_context("topic", &self.core.topic));
-        }
-        if message.is_retained() {
-            return Err(Error::unsupported(
-                "the Redis backend keeps no retained messages; use a q1 topic and an Earliest \
-                 subscription to replay what a stream holds",
-            )
-            .with_context("topic", &self.core.topic));
-        }
         // a send never waits while there is room: keep other tasks of this worker running
         tokio::task::coop::consume_budget().await;
-        let mut message = message;
-        if self.core.topic.qos() == Qos::Q2 {
-            message.ensure_dedup_id();
-        }
-        let Some((batch, index)) = self.core.queue.push(&message, &self.core.shared).await else {
-            return Err(Error::closed("producer").with_context("topic", &self.core.topic));
+        let Some((batch, index)) = self.queue.push(&message, &self.core).await else {
+            return Err(self.closed());
         };
         Ok(SendReceipt::from_future(async move {
             batch.done.wait().await;
@@ -381,20 +333,35 @@ impl Producer for RedisProducer {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.core.check_open()?;
-        self.core.flush().await
+        if let Some(batch) = self.queue.last_batch() {
+            if let Outcome::Closed = batch.done.wait().await {
+                return Err(self.closed());
+            }
+        } else if self.queue.state.lock().writer_gone {
+            return Err(self.closed());
+        }
+        Ok(())
     }
 
     async fn close(&self) -> Result<()> {
-        self.core.shutdown().await
+        let flushed = self.flush().await;
+        self.queue.finish();
+        flushed
+    }
+
+    /// Dropped without `close`: the writer still writes what is queued (nobody awaits it), then
+    /// ends; nothing to await here.
+    fn close_sync(&self) -> bool {
+        self.queue.finish();
+        true
     }
 }
 
 impl fmt::Debug for RedisProducer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisProducer")
-            .field("topic", &self.core.topic)
-            .field("closed", &self.core.closed.load(Ordering::Relaxed))
+            .field("topic", &self.topic)
+            .field("server", &self.core.server)
             .finish()
     }
 }
@@ -421,7 +388,7 @@ impl Drop for WriterGone {
 
 /// Writes the queued pipelines one after the other.
 async fn run_writer(
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     commands: Commands,
     queue: Arc<Queue>,
     send_timeout: Duration,
@@ -441,6 +408,7 @@ async fn run_writer(
                 None => None,
             }
         };
+        // (the writer ends with its producer: closing the backend closes every producer first)
         let Some((mut n, count)) = front else {
             queue.wake.notified().await;
             continue;
@@ -487,7 +455,7 @@ async fn run_writer(
             pipe.add_command(commands.command(&record, time_ms));
         }
         let outcome = if pipe.len() == n {
-            write_batch(&shared, qos, &pipe, n, send_timeout, &mut seq).await
+            write_batch(&core, qos, &pipe, n, send_timeout, &mut seq).await
         } else {
             Outcome::Failed(
                 ErrorKind::Unexpected,
@@ -508,7 +476,7 @@ async fn run_writer(
 }
 
 async fn write_batch(
-    shared: &Shared,
+    core: &Core,
     qos: Qos,
     pipe: &Pipeline,
     n: usize,
@@ -516,8 +484,8 @@ async fn write_batch(
     seq: &mut u64,
 ) -> Outcome {
     let deadline = Instant::now() + send_timeout;
-    let mut conn = shared.conn();
-    let mut delay = Duration::from_millis(20);
+    let mut conn = core.conn();
+    let mut retry = 0;
     loop {
         match tokio::time::timeout_at(deadline, conn.req_packed_commands(pipe, 0, n)).await {
             Err(_) => {
@@ -544,13 +512,16 @@ async fn write_batch(
                 *seq += n as u64;
                 return Outcome::Replies { seq: base, values };
             }
-            Ok(Err(e)) if is_connection_error(&e) && Instant::now() + delay < deadline => {
-                tracing::debug!(server = %shared.server, error = %e, "send failed; retrying after reconnect");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_millis(500));
+            Ok(Err(e))
+                if is_connection_error(&e)
+                    && Instant::now() + RETRY.ceiling(retry + 1) < deadline =>
+            {
+                retry += 1;
+                tracing::debug!(server = %core.server, error = %e, "send failed; retrying after reconnect");
+                tokio::time::sleep(RETRY.delay(retry)).await;
             }
             Ok(Err(e)) => {
-                let e = shared.err(e, "sending to Redis failed");
+                let e = core.err(e, "sending to Redis failed");
                 return Outcome::Failed(e.kind(), e.message().to_owned());
             }
         }

@@ -1,4 +1,5 @@
-//! The conformance suite against the Redis server of `REDIS_URL` (default: the local one).
+//! The conformance suite against the Redis server of `REDIS_URL` (default: the local one), and the
+//! backend's page in `docs/`.
 //!
 //! Every run uses its own key prefix and deletes its keys at the end, so runs leave nothing behind.
 
@@ -9,7 +10,9 @@ use tg_backend_redis::{RedisConfig, DRIVER};
 fn main() -> ExitCode {
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| RedisConfig::DEFAULT_URL.to_owned());
     let prefix = format!("tgps-conf-{}", std::process::id());
-    let code = tg_testkit::Suite::for_driver_with(&DRIVER, &[("prefix", &prefix)]).run();
+    let code = tg_testkit::Suite::for_driver_with(&DRIVER, &[("prefix", &prefix)])
+        .doc_page(include_str!("../../../docs/redis.md"))
+        .run();
     if let Ok(config) = RedisConfig::from_url(&url) {
         cleanup(&config, &prefix);
     }
@@ -25,18 +28,16 @@ fn cleanup(config: &RedisConfig, prefix: &str) {
         return;
     };
     rt.block_on(async {
-        let url = match (&config.password, &config.username) {
-            (Some(p), u) => format!(
-                "redis://{}:{}@{}:{}/{}",
-                u.as_deref().unwrap_or(""),
-                p,
-                config.host,
-                config.port,
-                config.db
-            ),
-            (None, _) => format!("redis://{}:{}/{}", config.host, config.port, config.db),
+        let info = redis::ConnectionInfo {
+            addr: redis::ConnectionAddr::Tcp(config.host.clone(), config.port),
+            redis: redis::RedisConnectionInfo {
+                db: config.db,
+                username: config.username.clone(),
+                password: config.password.as_ref().map(|p| p.expose().to_owned()),
+                ..Default::default()
+            },
         };
-        let Ok(client) = redis::Client::open(url) else {
+        let Ok(client) = redis::Client::open(info) else {
             return;
         };
         let Ok(mut conn) = client.get_multiplexed_async_connection().await else {

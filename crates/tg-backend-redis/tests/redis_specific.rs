@@ -1,5 +1,6 @@
 //! What the conformance suite does not cover: connection errors and credentials, the topic
-//! mapping as seen in Redis, and carrying on across a server restart.
+//! mapping as seen in Redis, entries the backend did not write, and carrying on across a server
+//! restart.
 //!
 //! The restart and credential tests start their own `redis-server` on a free port (never the
 //! shared one); the mapping test uses `REDIS_URL` (default the local server). When a server or
@@ -10,7 +11,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tg_backend_api::{
@@ -328,6 +329,272 @@ async fn topic_mapping_as_seen_in_redis() {
             .await
             .unwrap();
     }
+}
+
+/// Log lines a test collects (a `tracing` writer).
+#[derive(Clone, Default)]
+struct LogBuffer(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuffer {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl LogBuffer {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// `XADD key * field value …`; the new entry's id.
+async fn xadd(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    fields: Vec<(&str, Vec<u8>)>,
+) -> String {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(key).arg("*");
+    for (f, v) in fields {
+        cmd.arg(f).arg(v);
+    }
+    cmd.query_async(conn).await.unwrap()
+}
+
+/// Entries anyone could `XADD` to a topic stream that are not messages of this backend: an `o`
+/// that is no entry id, an `r` that is no count, no payload `d`, a key that is not UTF-8. The
+/// consumer delivers the messages around them, warns once per bad entry naming the entry and
+/// the field, acknowledges the bad ones (so they do not come back) without deleting them, and goes
+/// on. A well-formed redelivered copy (`o`, `r`) keeps its original id and count.
+#[tokio::test]
+async fn malformed_entries_are_reported_and_skipped() {
+    let prefix = format!("tgps-malformed-{}", std::process::id());
+    let Some((backend, url)) = shared_backend(&prefix).await else {
+        return;
+    };
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    // the test runtime is single-threaded: the consumer's reader logs on this thread
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let topic = Topic::new(Qos::Q1, "t", "malformed", "q").unwrap();
+    let key = format!("{prefix}/{{q1/t/malformed/q}}");
+    let consumer = backend
+        .create_consumer(&topic, ConsumerOptions::new("s"))
+        .await
+        .unwrap();
+
+    let good_1 = xadd(&mut conn, &key, vec![("d", b"good-1".to_vec())]).await;
+    let bad_o = xadd(
+        &mut conn,
+        &key,
+        vec![("d", b"x".to_vec()), ("o", b"garbage-id".to_vec())],
+    )
+    .await;
+    let bad_r = xadd(
+        &mut conn,
+        &key,
+        vec![("d", b"y".to_vec()), ("r", b"lots".to_vec())],
+    )
+    .await;
+    let no_d = xadd(
+        &mut conn,
+        &key,
+        vec![("k", b"key".to_vec()), ("p:id", b"1".to_vec())],
+    )
+    .await;
+    let bad_k = xadd(
+        &mut conn,
+        &key,
+        vec![("d", b"z".to_vec()), ("k", vec![0xff, 0xfe])],
+    )
+    .await;
+    xadd(
+        &mut conn,
+        &key,
+        vec![
+            ("d", b"retried".to_vec()),
+            ("o", b"1700000000000-7".to_vec()),
+            ("r", b"2".to_vec()),
+        ],
+    )
+    .await;
+    let good_2 = xadd(
+        &mut conn,
+        &key,
+        vec![("d", b"good-2".to_vec()), ("p:id", b"7".to_vec())],
+    )
+    .await;
+
+    let mut got = Vec::new();
+    while let Ok(m) = consumer.receive(Duration::from_millis(1500)).await {
+        consumer.acknowledge(&m).await.unwrap();
+        got.push((
+            String::from_utf8_lossy(m.payload()).into_owned(),
+            m.id().to_string(),
+            m.redelivery_count(),
+        ));
+    }
+    assert_eq!(
+        got,
+        [
+            ("good-1".to_owned(), good_1, 0),
+            ("retried".to_owned(), "1700000000000-7".to_owned(), 2),
+            ("good-2".to_owned(), good_2, 0),
+        ]
+    );
+
+    // one warning per bad entry, naming it and its field
+    let lines = logs.lines();
+    for (id, field) in [(&bad_o, "o"), (&bad_r, "r"), (&no_d, "d"), (&bad_k, "k")] {
+        let warned: Vec<&String> = lines
+            .iter()
+            .filter(|l| l.contains(&format!("entry={id}")))
+            .collect();
+        assert_eq!(warned.len(), 1, "{id}: {lines:#?}");
+        assert!(
+            warned[0].contains("WARN") && warned[0].contains(&format!("field={field}")),
+            "{}",
+            warned[0]
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.contains("\"garbage-id\"")),
+        "{lines:#?}"
+    );
+
+    // the bad entries were acknowledged, not deleted: nothing pending, all seven still there
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg(&key)
+            .arg("s")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if pending.0 == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} entries still pending",
+            pending.0
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let len: usize = redis::cmd("XLEN")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 7);
+
+    // and the consumer goes on
+    let producer = backend
+        .create_producer(&topic, Default::default())
+        .await
+        .unwrap();
+    producer
+        .send(OutboundMessage::new("after"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let m = consumer.receive(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m.payload().as_ref(), b"after");
+    consumer.acknowledge(&m).await.unwrap();
+    assert_eq!(logs.lines().len(), lines.len(), "no further warnings");
+
+    consumer.close().await.unwrap();
+    backend.close().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}/*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// q0 is Redis pub/sub: a subscription takes one consumer of the default type (capability
+/// `shared: false`), a second one and exclusive/failover consumers are refused as `Unsupported`
+/// saying why; after the first closes, the subscription takes a consumer again.
+#[tokio::test]
+async fn q0_takes_one_consumer_per_subscription() {
+    let prefix = format!("tgps-q0-{}", std::process::id());
+    let Some((backend, _)) = shared_backend(&prefix).await else {
+        return;
+    };
+    let caps = backend.capabilities(Qos::Q0);
+    assert!(!caps.shared && !caps.exclusive && !caps.failover);
+    let topic = Topic::new(Qos::Q0, "t", "q0", "events").unwrap();
+    let first = backend
+        .create_consumer(&topic, ConsumerOptions::new("live"))
+        .await
+        .expect("one consumer of the default type");
+    let err = backend
+        .create_consumer(&topic, ConsumerOptions::new("live"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+    assert!(err.to_string().contains("already has a consumer"), "{err}");
+    for ty in [
+        tg_backend_api::ConsumerType::Exclusive,
+        tg_backend_api::ConsumerType::Failover,
+    ] {
+        let err = backend
+            .create_consumer(&topic, ConsumerOptions::new("other").consumer_type(ty))
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+        assert!(err.to_string().contains("PUBLISH/SUBSCRIBE"), "{err}");
+    }
+    let other = backend
+        .create_consumer(&topic, ConsumerOptions::new("another"))
+        .await
+        .expect("another subscription");
+    let producer = backend
+        .create_producer(&topic, Default::default())
+        .await
+        .unwrap();
+    producer
+        .send(OutboundMessage::new("to both"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for c in [&first, &other] {
+        let m = c.receive(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(m.payload().as_ref(), b"to both");
+        c.acknowledge(&m).await.unwrap();
+    }
+    first.close().await.unwrap();
+    let again = backend
+        .create_consumer(&topic, ConsumerOptions::new("live"))
+        .await
+        .expect("the subscription is free again");
+    again.close().await.unwrap();
+    other.close().await.unwrap();
+    backend.close().await.unwrap();
 }
 
 /// The batched paths (many sends per pipeline, reads of full batches that carry the previous

@@ -1,26 +1,29 @@
-//! q0: one RESP3 pub/sub connection per backend, fanned out in-process to its consumers.
+//! q0, the best-effort path: `PUBLISH` to a channel per topic (the producer writes the frames,
+//! see `frame.rs`), and one RESP3 pub/sub connection per backend ([`PubSubHub`]) fanned out
+//! in-process to its consumers ([`Q0Consumer`]).
 
 use std::collections::HashMap;
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::RwLock;
 use redis::aio::{AsyncPushSender, MultiplexedConnection, SendError};
 use redis::{PushInfo, PushKind, Value};
+use tg_backend_api::kit::RawConsumer;
 use tg_backend_api::{
-    next_consumer_id, receive_timeout, AckHandle, Consumer, ConsumerOptions, Error, ErrorKind,
-    Message, MessageId, Result, Topic,
+    AckHandle, Backoff, ConsumerOptions, Error, Message, MessageId, Result, Topic,
 };
 use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
 
-use crate::backend::Shared;
-use crate::sync::{Inbox, Popped};
-use crate::topic::{decode_frame, TopicKeys};
+use crate::core::Core;
+use crate::frame::decode_frame;
+use crate::inbox::Inbox;
+use crate::topic::TopicKeys;
 
 struct Route {
     consumer: u64,
@@ -142,59 +145,61 @@ impl Route {
 /// who listens on which channel. A supervisor task reconnects and subscribes again after the
 /// connection drops; messages published meanwhile are lost (q0 is best effort).
 pub(crate) struct PubSubHub {
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     conn: parking_lot::Mutex<Option<MultiplexedConnection>>,
     routes: Routes,
     seq: Arc<AtomicU64>,
     disconnected: Arc<Notify>,
     ops: tokio::sync::Mutex<()>,
-    closed: AtomicBool,
 }
 
 impl PubSubHub {
-    pub(crate) async fn connect(shared: Arc<Shared>) -> Result<Arc<Self>> {
+    pub(crate) async fn connect(core: Arc<Core>) -> Result<Arc<Self>> {
         let hub = Arc::new(Self {
-            shared,
+            core,
             conn: parking_lot::Mutex::new(None),
             routes: Arc::default(),
             seq: Arc::default(),
             disconnected: Arc::new(Notify::new()),
             ops: tokio::sync::Mutex::new(()),
-            closed: AtomicBool::new(false),
         });
         let conn = hub.open().await?;
         *hub.conn.lock() = Some(conn);
-        tokio::spawn(supervise(Arc::downgrade(&hub), hub.disconnected.clone()));
+        tokio::spawn(supervise(
+            Arc::downgrade(&hub),
+            hub.disconnected.clone(),
+            hub.core.life.token(),
+        ));
         Ok(hub)
     }
 
     async fn open(&self) -> Result<MultiplexedConnection> {
-        let shared = &self.shared;
-        let mut info = shared.config.connection_info()?;
+        let core = &self.core;
+        let mut info = core.config.connection_info()?;
         info.redis.protocol = redis::ProtocolVersion::RESP3;
         let client =
-            redis::Client::open(info).map_err(|e| shared.err(e, "invalid Redis settings"))?;
-        let cfg = shared
-            .async_config(Some(shared.config.send_timeout))
+            redis::Client::open(info).map_err(|e| core.err(e, "invalid Redis settings"))?;
+        let cfg = core
+            .async_config(Some(core.config.send_timeout))
             .set_push_sender(Dispatcher {
                 routes: self.routes.clone(),
                 seq: self.seq.clone(),
                 disconnected: self.disconnected.clone(),
             });
         match tokio::time::timeout(
-            shared.config.connect_timeout,
+            core.config.connect_timeout,
             client.get_multiplexed_async_connection_with_config(&cfg),
         )
         .await
         {
             Ok(Ok(c)) => Ok(c),
-            Ok(Err(e)) => Err(shared.err(
+            Ok(Err(e)) => Err(core.err(
                 e,
                 "cannot open the Redis pub/sub connection (RESP3, Redis 6+)",
             )),
             Err(_) => Err(
                 Error::connection("timed out opening the Redis pub/sub connection")
-                    .with_context("server", &shared.server),
+                    .with_context("server", &core.server),
             ),
         }
     }
@@ -202,7 +207,7 @@ impl PubSubHub {
     fn current(&self) -> Result<MultiplexedConnection> {
         self.conn.lock().clone().ok_or_else(|| {
             Error::connection("the Redis pub/sub connection is down; reconnecting")
-                .with_context("server", &self.shared.server)
+                .with_context("server", &self.core.server)
         })
     }
 
@@ -226,18 +231,14 @@ impl PubSubHub {
             let res = match self.current() {
                 Ok(mut conn) => {
                     match tokio::time::timeout(
-                        self.shared.config.send_timeout,
+                        self.core.config.send_timeout,
                         conn.subscribe(channel),
                     )
                     .await
                     {
                         Ok(Ok(())) => Ok(()),
-                        Ok(Err(e)) => Err(self.shared.err(e, "SUBSCRIBE failed")),
-                        Err(_) => Err(Error::new(
-                            ErrorKind::Timeout,
-                            "SUBSCRIBE was not confirmed in time",
-                        )
-                        .with_context("server", &self.shared.server)),
+                        Ok(Err(e)) => Err(self.core.err(e, "SUBSCRIBE failed")),
+                        Err(_) => Err(self.core.timeout("SUBSCRIBE was not confirmed in time")),
                     }
                 }
                 Err(e) => Err(e),
@@ -274,27 +275,30 @@ impl PubSubHub {
         }
     }
 
-    /// Drops every route (the backend closed): consumers see their channel close.
+    /// Drops every route and the connection (the backend closed, after its consumers): any
+    /// consumer left sees its channel close.
     pub(crate) fn close(&self) {
-        self.closed.store(true, Ordering::Release);
         for (_, list) in self.routes.write().drain() {
             for route in list {
                 route.inbox.close();
             }
         }
         self.conn.lock().take();
-        self.disconnected.notify_one();
     }
 }
 
-/// Reconnects the pub/sub connection after it dropped and subscribes to every channel again.
-async fn supervise(hub: Weak<PubSubHub>, disconnected: Arc<Notify>) {
+/// Reconnects the pub/sub connection after it dropped and subscribes to every channel again,
+/// until the backend closes.
+async fn supervise(hub: Weak<PubSubHub>, disconnected: Arc<Notify>, closed: CancellationToken) {
     loop {
-        disconnected.notified().await;
-        let mut delay = Duration::from_millis(50);
+        tokio::select! {
+            () = disconnected.notified() => {}
+            () = closed.cancelled() => return,
+        }
+        let mut retry = 0;
         loop {
             let Some(hub) = hub.upgrade() else { return };
-            if hub.closed.load(Ordering::Acquire) {
+            if closed.is_cancelled() {
                 return;
             }
             hub.conn.lock().take();
@@ -305,13 +309,13 @@ async fn supervise(hub: Weak<PubSubHub>, disconnected: Arc<Notify>) {
                 if !channels.is_empty() {
                     conn.subscribe(&channels)
                         .await
-                        .map_err(|e| hub.shared.err(e, "SUBSCRIBE failed"))?;
+                        .map_err(|e| hub.core.err(e, "SUBSCRIBE failed"))?;
                 }
                 Ok::<_, Error>(conn)
             };
             match attempt.await {
                 Ok(conn) => {
-                    tracing::info!(server = %hub.shared.server, "pub/sub connection restored");
+                    tracing::info!(server = %hub.core.server, "pub/sub connection restored");
                     *hub.conn.lock() = Some(conn);
                     break;
                 }
@@ -319,32 +323,36 @@ async fn supervise(hub: Weak<PubSubHub>, disconnected: Arc<Notify>) {
             }
             drop(_guard);
             drop(hub);
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(1));
+            retry += 1;
+            tokio::select! {
+                () = tokio::time::sleep(Backoff::reconnect().delay(retry)) => {}
+                () = closed.cancelled() => return,
+            }
         }
     }
 }
 
-/// A q0 consumer.
-pub(crate) struct PubSubConsumer {
+/// A q0 consumer: a route of the hub's pub/sub connection into its own bounded inbox.
+pub(crate) struct Q0Consumer {
     id: u64,
     hub: Arc<PubSubHub>,
     topic: Topic,
     subscription: String,
     channel: String,
     inbox: Arc<Inbox>,
-    closed: AtomicBool,
 }
 
-impl PubSubConsumer {
+impl Q0Consumer {
+    /// Subscribes (the first consumer of a channel in this backend sends `SUBSCRIBE` and waits
+    /// for its confirmation); a second consumer of one subscription is refused as `Unsupported`.
     pub(crate) async fn subscribe(
         hub: Arc<PubSubHub>,
-        topic: Topic,
-        options: ConsumerOptions,
+        topic: &Topic,
+        options: &ConsumerOptions,
+        id: u64,
     ) -> Result<Self> {
-        let channel = TopicKeys::new(&hub.shared.config.prefix, &topic).main;
-        let id = next_consumer_id();
-        let capacity = hub.shared.config.q0_buffer;
+        let channel = TopicKeys::new(&hub.core.config.prefix, topic).main;
+        let capacity = hub.core.config.q0_buffer;
         let inbox = Arc::new(Inbox::new(capacity.min(256)));
         let route = Arc::new(Route {
             consumer: id,
@@ -355,137 +363,67 @@ impl PubSubConsumer {
         });
         hub.add(&channel, route)
             .await
-            .map_err(|e| e.with_context("topic", &topic))?;
+            .map_err(|e| e.with_context("topic", topic))?;
         Ok(Self {
             id,
             hub,
-            topic,
-            subscription: options.subscription,
+            topic: topic.clone(),
+            subscription: options.subscription.clone(),
             channel,
             inbox,
-            closed: AtomicBool::new(false),
         })
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed("consumer")
-                .with_context("topic", &self.topic)
-                .with_context("subscription", &self.subscription));
-        }
-        self.hub.shared.check_open()
-    }
-
-    fn check_own(&self, message: &Message) -> Result<()> {
-        if message.ack_handle().consumer() != self.id {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "the message was received by another consumer; acknowledge it there",
-            )
-            .with_context("message_id", message.id()));
-        }
-        Ok(())
-    }
-
-    fn closed_error(&self) -> Error {
-        self.check_open()
-            .err()
-            .unwrap_or_else(|| Error::closed("consumer"))
     }
 }
 
-#[async_trait]
-impl Consumer for PubSubConsumer {
-    fn topic(&self) -> &Topic {
-        &self.topic
+impl Q0Consumer {
+    /// The consumer's buffer, which `receive` takes from.
+    pub(crate) fn inbox(&self) -> &Inbox {
+        &self.inbox
     }
+}
 
-    fn subscription(&self) -> &str {
-        &self.subscription
-    }
-
+impl RawConsumer for Q0Consumer {
     async fn receive(&self, timeout: Duration) -> Result<Message> {
-        self.check_open()?;
-        // fast path: a buffered message needs no timer
-        if let Some(m) = self.inbox.try_pop() {
-            return Ok(m);
-        }
-        match self.inbox.pop() {
-            Popped::Message(m) => return Ok(m),
-            Popped::Closed => return Err(self.closed_error()),
-            Popped::Empty if timeout.is_zero() => return Err(receive_timeout(timeout)),
-            Popped::Empty => {}
-        }
-        match self.inbox.pop_wait(timeout).await {
-            Some(m) => {
-                self.check_open()?;
-                Ok(m)
-            }
-            None => {
-                self.check_open()?;
-                match self.inbox.pop() {
-                    Popped::Message(m) => Ok(m),
-                    Popped::Closed => Err(self.closed_error()),
-                    Popped::Empty => Err(receive_timeout(timeout)),
-                }
-            }
-        }
+        self.inbox.receive(timeout).await
     }
 
-    async fn acknowledge(&self, message: &Message) -> Result<()> {
+    async fn acknowledge(&self, _message: &Message) -> Result<()> {
         // best effort: nothing to acknowledge
-        self.check_own(message)
+        Ok(())
     }
 
-    async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
+    async fn negative_acknowledge(&self, _message: &Message) -> Result<()> {
         // best effort: nothing is redelivered
-        self.check_own(message)
+        Ok(())
     }
 
     async fn unsubscribe(&self) -> Result<()> {
-        self.check_open()?;
+        // the subscription is this consumer's route: nothing outlives it
         self.close().await
     }
 
     async fn close(&self) -> Result<()> {
-        if !self.closed.swap(true, Ordering::AcqRel) {
-            self.hub.remove(&self.channel, self.id).await;
-        }
+        self.hub.remove(&self.channel, self.id).await;
         Ok(())
     }
-}
 
-impl Drop for PubSubConsumer {
-    fn drop(&mut self) {
-        if !self.closed.swap(true, Ordering::AcqRel)
-            && self.hub.remove_route(&self.channel, self.id)
-        {
-            let hub = self.hub.clone();
-            let channel = self.channel.clone();
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _guard = hub.ops.lock().await;
-                    if !hub.routes.read().contains_key(channel.as_bytes()) {
-                        if let Ok(mut conn) = hub.current() {
-                            let _ = tokio::time::timeout(
-                                Duration::from_secs(2),
-                                conn.unsubscribe(&channel),
-                            )
-                            .await;
-                        }
-                    }
-                });
-            }
+    /// Without a runtime (nothing can await the `UNSUBSCRIBE`) the route goes at once, so the
+    /// dispatcher stops filling this consumer's inbox.
+    fn close_sync(&self) -> bool {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return false;
         }
+        self.hub.remove_route(&self.channel, self.id);
+        true
     }
 }
 
-impl fmt::Debug for PubSubConsumer {
+impl fmt::Debug for Q0Consumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisPubSubConsumer")
+        f.debug_struct("Q0Consumer")
+            .field("id", &self.id)
             .field("topic", &self.topic)
             .field("subscription", &self.subscription)
-            .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish()
     }
 }

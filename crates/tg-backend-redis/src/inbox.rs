@@ -1,87 +1,17 @@
-//! Small synchronisation pieces that replace per-message channels on the hot paths:
-//! [`Completion`] (one result many tasks wait for: a pipeline's replies, an `XACK` batch) and
-//! [`Inbox`] (a consumer's buffer of received messages, filled a batch at a time).
+//! [`Inbox`]: a consumer's buffer of received messages. The stream consumer's reader fills it a
+//! batch at a time, the q0 dispatcher one message at a time; any number of tasks calling
+//! `receive` take from it.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::OnceLock;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tg_backend_api::Message;
+use tg_backend_api::{receive_timeout, Error, Message, Result};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// A value set once, which any number of tasks can wait for: one notification per batch
-/// instead of one channel per message. Waiting registers the task's waker once (a task waiting
-/// for many acknowledgements of one batch is woken once).
-pub(crate) struct Completion<T> {
-    value: OnceLock<T>,
-    wakers: Mutex<Vec<Waker>>,
-}
-
-impl<T> Completion<T> {
-    pub(crate) fn new() -> Self {
-        Self {
-            value: OnceLock::new(),
-            wakers: Mutex::new(Vec::new()),
-        }
-    }
-
-    /// Sets the value (the first call wins) and wakes every waiter.
-    pub(crate) fn set(&self, value: T) {
-        if self.value.set(value).is_ok() {
-            let wakers = std::mem::take(&mut *self.wakers.lock());
-            for w in wakers {
-                w.wake();
-            }
-        }
-    }
-
-    /// The value, if set.
-    pub(crate) fn get(&self) -> Option<&T> {
-        self.value.get()
-    }
-
-    /// Waits until the value is set.
-    pub(crate) fn wait(&self) -> Wait<'_, T> {
-        Wait(self)
-    }
-
-    fn poll_wait(&self, cx: &mut Context<'_>) -> Poll<&T> {
-        if let Some(v) = self.value.get() {
-            return Poll::Ready(v);
-        }
-        let mut wakers = self.wakers.lock();
-        // `set` stores the value before it takes the wakers, so a second look under the lock
-        // cannot miss it
-        if let Some(v) = self.value.get() {
-            return Poll::Ready(v);
-        }
-        if !wakers.iter().rev().take(4).any(|w| w.will_wake(cx.waker())) {
-            wakers.push(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-}
-
-/// The future of [`Completion::wait`]. Dropping it early leaves at most a stale waker behind
-/// (one spurious wake-up).
-pub(crate) struct Wait<'a, T>(&'a Completion<T>);
-
-impl<'a, T> Future for Wait<'a, T> {
-    type Output = &'a T;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<&'a T> {
-        let completion: &'a Completion<T> = self.0;
-        completion.poll_wait(cx)
-    }
-}
-
 /// What [`Inbox::pop`] found.
-pub(crate) enum Popped {
+enum Popped {
     Message(Message),
     Empty,
     Closed,
@@ -119,8 +49,36 @@ impl Inbox {
         }
     }
 
+    /// The next message, waiting up to `timeout` (a consumer's `receive`); `Closed` once the
+    /// inbox is closed and empty.
+    ///
+    /// The wait is boxed: the kit moves the future of every `receive` into its own, and most
+    /// calls find a message buffered, so the future stays a few words instead of carrying a
+    /// timer and a notification it rarely uses.
+    pub(crate) async fn receive(&self, timeout: Duration) -> Result<Message> {
+        // fast path: a buffered message needs no timer
+        if let Some(m) = self.try_pop() {
+            return Ok(m);
+        }
+        match self.pop() {
+            Popped::Message(m) => return Ok(m),
+            Popped::Closed => return Err(Error::closed("consumer")),
+            Popped::Empty if timeout.is_zero() => return Err(receive_timeout(timeout)),
+            Popped::Empty => {}
+        }
+        if let Some(m) = Box::pin(self.pop_wait(timeout)).await {
+            return Ok(m);
+        }
+        match self.pop() {
+            Popped::Message(m) => Ok(m),
+            Popped::Closed => Err(Error::closed("consumer")),
+            Popped::Empty => Err(receive_timeout(timeout)),
+        }
+    }
+
     /// Takes the next message if there is one (the fast path of `receive`).
-    pub(crate) fn try_pop(&self) -> Option<Message> {
+    #[inline]
+    fn try_pop(&self) -> Option<Message> {
         let mut s = self.state.lock();
         let m = s.buf.pop_front()?;
         let room = match s.room_wanted {
@@ -138,7 +96,7 @@ impl Inbox {
     }
 
     /// Takes the next message, if any. Buffered messages are still handed out after `close`.
-    pub(crate) fn pop(&self) -> Popped {
+    fn pop(&self) -> Popped {
         match self.pop_or_wait(false) {
             Ok(p) => p,
             Err(_) => Popped::Empty,
@@ -175,7 +133,7 @@ impl Inbox {
 
     /// Waits up to `timeout` for a message: `None` when none came (or the inbox closed and is
     /// empty; the caller tells these apart with its own state).
-    pub(crate) async fn pop_wait(&self, timeout: Duration) -> Option<Message> {
+    async fn pop_wait(&self, timeout: Duration) -> Option<Message> {
         let deadline = Instant::now() + timeout;
         loop {
             let notified = self.available.notified();
