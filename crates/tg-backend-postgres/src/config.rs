@@ -1,41 +1,40 @@
 //! Configuration of the PostgreSQL backend.
 
-use std::fmt;
-use std::str::FromStr;
+use std::borrow::Cow;
 use std::time::Duration;
 
+use serde::{Deserialize, Deserializer};
+use tg_backend_api::kit::config::{self, require, Secret};
 use tg_backend_api::{Error, Result};
 
-/// Parameters of the URL that tg-pubsub reads itself; everything else goes to `tokio-postgres`.
-const OWN_PARAMS: &[&str] = &[
-    "sslmode",
-    "sslrootcert",
-    "schema",
-    "pool_size",
-    "visibility_timeout",
-    "retention",
-    "unconsumed_retention",
-    "max_payload",
-    "batch_size",
-    "prefetch",
-    "safety_interval",
-    "lease_interval",
-    "cleanup_interval",
-    "send_timeout",
-    "consumer_synchronous_commit",
-    "producer_synchronous_commit",
-];
+/// libpq's `sslmode`, as the URL writes it (`verify-full`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SslMode {
+    /// Plain text.
+    Disable,
+    /// Plain text (libpq would try TLS if the server insisted; tg-pubsub connects in plain text).
+    Allow,
+    /// Plain text: TLS is only used when asked for with `require` or stronger. The default.
+    #[default]
+    Prefer,
+    /// TLS, without checking the server's certificate (as libpq without a root certificate).
+    Require,
+    /// TLS, the certificate chain checked against the roots; the host name is not checked.
+    VerifyCa,
+    /// TLS, the chain and the host name checked.
+    VerifyFull,
+}
 
 /// Configuration of [`PostgresBackend`](crate::PostgresBackend).
 ///
-/// From a URL (`DATABASE_URL` / `--postgres-url`): the standard
-/// `postgres://user:password@host:port/dbname?sslmode=disable&application_name=…&connect_timeout=5`
-/// plus tg-pubsub's own optional parameters, each named like the field below
-/// (`schema`, `pool_size`, `visibility_timeout`, `retention`, `unconsumed_retention`,
-/// `max_payload`, `batch_size`, `prefetch`, `safety_interval`, `lease_interval`,
-/// `cleanup_interval`, `send_timeout`, `consumer_synchronous_commit`,
-/// `producer_synchronous_commit`). Durations take a unit:
-/// `500ms`, `30s`, `10m`, `2h`, `7d`.
+/// From a URL (`DATABASE_URL` / `--postgres-url`):
+/// `postgres://user:password@host:port/dbname?option=value&…`. The libpq parameters
+/// `sslmode`, `sslrootcert`, `application_name`, `connect_timeout` and `options` mean what they
+/// mean to libpq, so a URL other PostgreSQL clients read works here too; tg-pubsub's own options
+/// are named like the fields below. Durations take a unit (`500ms`, `30s`, `10m`, `2h`, `7d`;
+/// `connect_timeout` also takes libpq's whole seconds), booleans are `true` or `false`, and an
+/// unknown option is refused with the list of known ones.
 ///
 /// ```
 /// use std::time::Duration;
@@ -52,29 +51,52 @@ const OWN_PARAMS: &[&str] = &[
 /// `require` encrypts without checking the certificate, `verify-ca` checks the chain,
 /// `verify-full` the chain and the host name, against `sslrootcert=/path.pem` or the system's roots.
 #[non_exhaustive]
-#[derive(Clone)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PostgresConfig {
-    pg: tokio_postgres::Config,
+    /// Hosts from the URL (several separated by commas; a path is a Unix-socket directory).
+    #[serde(skip)]
+    host: String,
+    #[serde(skip)]
+    port: u16,
+    #[serde(skip)]
+    user: Option<String>,
+    #[serde(skip)]
+    password: Option<Secret>,
+    #[serde(skip)]
+    dbname: Option<String>,
+    #[serde(rename = "sslmode")]
     ssl_mode: SslMode,
+    #[serde(rename = "sslrootcert")]
     ssl_root_cert: Option<String>,
     /// Schema holding tg-pubsub's tables, created on first use. Default: `tgps`.
-    /// Letters, digits and `_`, starting with a letter or `_`, at most 63 bytes.
+    /// Lowercase letters, digits and `_`, starting with a letter or `_`, not `pg_`, at most 63
+    /// bytes.
     pub schema: String,
     /// The `application_name` of every connection (visible in `pg_stat_activity`).
-    /// Default: `tg-pubsub`, unless the URL sets `application_name`.
+    /// Default: `tg-pubsub`.
     pub application_name: String,
+    /// How long opening a connection may take. Default: 5 s.
+    #[serde(deserialize_with = "libpq_duration")]
+    pub connect_timeout: Duration,
+    /// libpq's `options`: command-line options sent to the server at connection start
+    /// (`-c synchronous_commit=off`). Default: none.
+    pub options: Option<String>,
     /// Most pooled connections (producers' writers, consumers' claims and acks). Exclusive and
     /// failover consumers hold one more connection each for their advisory lock, and each backend
     /// holds one `LISTEN` connection. Default: 8.
     pub pool_size: usize,
     /// How long a claimed, unacknowledged q1/q2 message stays invisible to the subscription's
     /// other consumers before it is delivered again (a consumer that crashed). Default: 30 s.
+    #[serde(with = "config::duration")]
     pub visibility_timeout: Duration,
     /// How long a q1/q2 message is kept after it was published even once every subscription has
     /// acknowledged it: what `Earliest` replays and the q2 de-duplication window. Default: 1 hour.
+    #[serde(with = "config::duration")]
     pub retention: Duration,
     /// Unacknowledged messages older than this are deleted with their pending deliveries.
     /// Default: `None` — kept until acknowledged or their subscription is deleted.
+    #[serde(with = "config::opt_duration")]
     pub unconsumed_retention: Option<Duration>,
     /// Largest q1/q2 payload in bytes. Default: 5 MiB. (q0 payloads are limited by `NOTIFY`; see
     /// the crate docs.)
@@ -85,13 +107,17 @@ pub struct PostgresConfig {
     pub prefetch: usize,
     /// A waiting consumer checks the table at least this often even without a notification
     /// (a safety net; delivery is by `NOTIFY`). Default: 15 s.
+    #[serde(with = "config::duration")]
     pub safety_interval: Duration,
     /// How often a failover standby or a refused exclusive consumer retries the subscription's
     /// advisory lock. Default: 250 ms.
+    #[serde(with = "config::duration")]
     pub lease_interval: Duration,
     /// How often retention runs (one backend at a time per database). Default: 60 s.
+    #[serde(with = "config::duration")]
     pub cleanup_interval: Duration,
     /// How long a send may keep retrying a lost connection before failing. Default: 30 s.
+    #[serde(with = "config::duration")]
     pub send_timeout: Duration,
     /// Whether claims, acknowledgements and negative acknowledgements wait for the WAL flush.
     /// `false` (the default) commits them asynchronously: a server *crash* may forget the last
@@ -107,33 +133,18 @@ pub struct PostgresConfig {
 
 impl Default for PostgresConfig {
     fn default() -> Self {
-        let mut pg = tokio_postgres::Config::new();
-        pg.host("127.0.0.1")
-            .port(5432)
-            .user("postgres")
-            .dbname("test");
-        pg.connect_timeout(Duration::from_secs(5));
-        Self::with_pg(pg)
-    }
-}
-
-impl PostgresConfig {
-    /// The URL schemes accepted: `postgres` and `postgresql`.
-    pub const SCHEMES: [&'static str; 2] = ["postgres", "postgresql"];
-
-    /// The URL used when `DATABASE_URL` is not set.
-    pub const DEFAULT_URL: &'static str = "postgres://postgres@127.0.0.1:5432/test";
-
-    /// The environment variable holding the URL.
-    pub const ENV_VAR: &'static str = "DATABASE_URL";
-
-    fn with_pg(pg: tokio_postgres::Config) -> Self {
         Self {
-            pg,
+            host: "127.0.0.1".to_owned(),
+            port: 5432,
+            user: Some("postgres".to_owned()),
+            password: None,
+            dbname: Some("test".to_owned()),
             ssl_mode: SslMode::Prefer,
             ssl_root_cert: None,
             schema: "tgps".to_owned(),
             application_name: "tg-pubsub".to_owned(),
+            connect_timeout: Duration::from_secs(5),
+            options: None,
             pool_size: 8,
             visibility_timeout: Duration::from_secs(30),
             retention: Duration::from_secs(3600),
@@ -149,90 +160,54 @@ impl PostgresConfig {
             producer_synchronous_commit: None,
         }
     }
+}
 
-    /// Parses `postgres://user:password@host:port/dbname?param=value&…`.
+/// `connect_timeout` as libpq writes it (whole seconds: `connect_timeout=10`), so one
+/// `DATABASE_URL` serves libpq-based clients and this one, or with a unit like every other
+/// duration (`10s`, `500ms`).
+fn libpq_duration<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Duration, D::Error> {
+    let text = Cow::<str>::deserialize(deserializer)?;
+    match text.trim().parse::<u64>() {
+        Ok(seconds) => Ok(Duration::from_secs(seconds)),
+        Err(_) => config::duration::parse(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+impl PostgresConfig {
+    /// The backend's name in messages.
+    pub const TITLE: &'static str = "PostgreSQL";
+
+    /// The URL schemes accepted: `postgres` and `postgresql`.
+    pub const SCHEMES: [&'static str; 2] = ["postgres", "postgresql"];
+
+    /// The URL used when `DATABASE_URL` is not set.
+    pub const DEFAULT_URL: &'static str = "postgres://postgres@127.0.0.1:5432/test";
+
+    /// The environment variable holding the URL.
+    pub const ENV_VAR: &'static str = "DATABASE_URL";
+
+    /// Parses `postgres://user:password@host:port/dbname?option=value&…`. A URL without host
+    /// means `127.0.0.1`, without port 5432; without user the operating system's user name and
+    /// without database the user's name, as in libpq.
     pub fn from_url(url: &str) -> Result<Self> {
-        let mut parsed = url::Url::parse(url).map_err(|e| {
-            Error::config(format!("malformed PostgreSQL URL: {e}"))
-                .with_context("url", redact_url_text(url))
-        })?;
-        if !Self::SCHEMES.contains(&parsed.scheme()) {
-            return Err(Error::config(format!(
-                "PostgreSQL URL must start with postgres:// or postgresql://, got scheme {:?}",
-                parsed.scheme()
-            )));
-        }
-        let mut own = Vec::new();
-        // Keep libpq's parameters exactly as written (tokio-postgres decodes them itself).
-        let mut rest: Vec<String> = Vec::new();
-        for segment in parsed
-            .query()
-            .unwrap_or("")
-            .split('&')
-            .filter(|s| !s.is_empty())
-        {
-            let Some((k, v)) = url::form_urlencoded::parse(segment.as_bytes()).next() else {
-                continue;
-            };
-            if OWN_PARAMS.contains(&k.as_ref()) {
-                own.push((k.into_owned(), v.into_owned()));
-            } else {
-                rest.push(segment.to_owned());
-            }
-        }
-        if rest.is_empty() {
-            parsed.set_query(None);
-        } else {
-            parsed.set_query(Some(&rest.join("&")));
-        }
-        let mut pg = tokio_postgres::Config::from_str(parsed.as_str()).map_err(|e| {
-            Error::config(format!("invalid PostgreSQL URL: {e}"))
-                .with_context("url", redact_url(&parsed))
-        })?;
-        if pg.get_connect_timeout().is_none() {
-            pg.connect_timeout(Duration::from_secs(5));
-        }
-        if pg.get_hosts().is_empty() {
-            pg.host("127.0.0.1");
-        }
-        let app = pg.get_application_name().map(str::to_owned);
-        let mut config = Self::with_pg(pg);
-        if let Some(app) = app {
-            config.application_name = app;
-        }
-        for (key, value) in own {
-            let duration = || parse_duration(&key, &value);
-            let number = || {
-                value.parse::<usize>().map_err(|e| {
-                    Error::config(format!(
-                        "PostgreSQL URL parameter {key}={value:?} is not a number: {e}"
-                    ))
-                })
-            };
-            match key.as_str() {
-                "sslmode" => config.ssl_mode = value.parse()?,
-                "sslrootcert" => config.ssl_root_cert = Some(value.clone()),
-                "schema" => config.schema = value.clone(),
-                "pool_size" => config.pool_size = number()?,
-                "visibility_timeout" => config.visibility_timeout = duration()?,
-                "retention" => config.retention = duration()?,
-                "unconsumed_retention" => config.unconsumed_retention = Some(duration()?),
-                "max_payload" => config.max_payload = number()?,
-                "batch_size" => config.batch_size = number()?,
-                "prefetch" => config.prefetch = number()?,
-                "safety_interval" => config.safety_interval = duration()?,
-                "lease_interval" => config.lease_interval = duration()?,
-                "cleanup_interval" => config.cleanup_interval = duration()?,
-                "send_timeout" => config.send_timeout = duration()?,
-                "consumer_synchronous_commit" => {
-                    config.consumer_synchronous_commit = parse_bool(&key, &value)?
-                }
-                "producer_synchronous_commit" => {
-                    config.producer_synchronous_commit = Some(parse_bool(&key, &value)?)
-                }
-                _ => {}
-            }
-        }
+        let url = config::parse_url::<Self>(Self::TITLE, &Self::SCHEMES, url)?;
+        let host = match url.host {
+            Some(host) => percent_encoding::percent_decode_str(&host)
+                .decode_utf8()
+                .map_err(|_| Error::config("PostgreSQL URL host is not valid UTF-8"))?
+                .into_owned(),
+            None => "127.0.0.1".to_owned(),
+        };
+        let config = Self {
+            host,
+            port: url.port.unwrap_or(5432),
+            user: url.username,
+            password: url.password,
+            dbname: (!url.path.is_empty()).then_some(url.path),
+            ..url.options
+        };
         config.validate()?;
         Ok(config)
     }
@@ -240,46 +215,58 @@ impl PostgresConfig {
     /// Checks the values; [`PostgresBackend::connect`](crate::PostgresBackend::connect) calls it.
     pub fn validate(&self) -> Result<()> {
         let s = &self.schema;
-        let valid = !s.is_empty()
+        let schema_ok = !s.is_empty()
             && s.len() <= 63
             && s.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
             && !s.starts_with(|c: char| c.is_ascii_digit())
             && !s.starts_with("pg_");
-        if !valid {
-            return Err(Error::config(format!(
-                "invalid PostgreSQL schema name {s:?}: use lowercase letters, digits and _, \
-                 starting with a letter or _, not pg_, at most 63 bytes"
-            )));
-        }
-        for (name, value) in [
-            ("pool_size", self.pool_size),
-            ("batch_size", self.batch_size),
-            ("prefetch", self.prefetch),
-        ] {
-            if value == 0 {
-                return Err(Error::config(format!(
-                    "PostgreSQL {name} must be at least 1"
-                )));
-            }
-        }
-        if self.max_payload > 1 << 29 {
-            return Err(Error::config(
-                "PostgreSQL max_payload must be at most 512 MiB (bytea values are limited to 1 GB)",
-            ));
-        }
-        if self.visibility_timeout < Duration::from_millis(100) {
-            return Err(Error::config(
-                "PostgreSQL visibility_timeout must be at least 100ms",
-            ));
-        }
-        Ok(())
+        let what = Self::TITLE;
+        require(
+            schema_ok,
+            what,
+            "schema",
+            "lowercase letters, digits and _, starting with a letter or _, not pg_, at most 63 \
+             bytes",
+        )?;
+        require(self.pool_size >= 1, what, "pool_size", "at least 1")?;
+        require(self.batch_size >= 1, what, "batch_size", "at least 1")?;
+        require(self.prefetch >= 1, what, "prefetch", "at least 1")?;
+        require(
+            self.max_payload <= 1 << 29,
+            what,
+            "max_payload",
+            "at most 512 MiB (bytea values are limited to 1 GB)",
+        )?;
+        require(
+            self.visibility_timeout >= Duration::from_millis(100),
+            what,
+            "visibility_timeout",
+            "at least 100ms",
+        )
     }
 
     /// The `tokio-postgres` configuration (host, credentials, database, timeouts).
     pub fn pg_config(&self) -> tokio_postgres::Config {
-        let mut pg = self.pg.clone();
-        pg.application_name(self.application_name.clone());
+        let mut pg = tokio_postgres::Config::new();
+        for host in self.host.split(',').filter(|h| !h.is_empty()) {
+            pg.host(host);
+        }
+        pg.port(self.port);
+        if let Some(user) = &self.user {
+            pg.user(user);
+        }
+        if let Some(password) = &self.password {
+            pg.password(password.expose());
+        }
+        if let Some(dbname) = &self.dbname {
+            pg.dbname(dbname);
+        }
+        if let Some(options) = &self.options {
+            pg.options(options);
+        }
+        pg.application_name(&self.application_name);
+        pg.connect_timeout(self.connect_timeout);
         pg.ssl_mode(match self.ssl_mode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -296,6 +283,11 @@ impl PostgresConfig {
         self.ssl_mode
     }
 
+    /// The PEM file of root certificates trusted for `verify-ca` / `verify-full`, if set.
+    pub(crate) fn ssl_root_cert_path(&self) -> Option<&str> {
+        self.ssl_root_cert.as_deref()
+    }
+
     /// Sets the `sslmode`.
     #[must_use]
     pub fn with_ssl_mode(mut self, mode: SslMode) -> Self {
@@ -304,39 +296,24 @@ impl PostgresConfig {
     }
 
     /// Sets a PEM file of root certificates trusted for `verify-ca` / `verify-full`
-    /// (URL parameter `sslrootcert`; default: the system's roots).
+    /// (URL option `sslrootcert`; default: the system's roots).
     #[must_use]
     pub fn ssl_root_cert(mut self, path: impl Into<String>) -> Self {
         self.ssl_root_cert = Some(path.into());
         self
     }
 
-    pub(crate) fn tls(&self) -> Result<crate::tls::Tls> {
-        use crate::tls::Verify;
-        let verify = match self.ssl_mode {
-            SslMode::Disable | SslMode::Allow | SslMode::Prefer => None,
-            SslMode::Require => Some(Verify::None),
-            SslMode::VerifyCa => Some(Verify::Chain),
-            SslMode::VerifyFull => Some(Verify::Full),
-        };
-        crate::tls::Tls::new(verify, self.ssl_root_cert.as_deref())
-    }
-
     /// The server as `host:port` (for messages; never holds the password).
     pub fn server(&self) -> String {
-        let host = match self.pg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            #[cfg(unix)]
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".to_owned(),
-        };
-        let port = self.pg.get_ports().first().copied().unwrap_or(5432);
-        format!("{host}:{port}")
+        format!("{}:{}", self.host, self.port)
     }
 
     /// The database name.
     pub fn dbname(&self) -> &str {
-        self.pg.get_dbname().unwrap_or("postgres")
+        self.dbname
+            .as_deref()
+            .or(self.user.as_deref())
+            .unwrap_or("postgres")
     }
 
     /// Sets the schema.
@@ -446,145 +423,16 @@ impl PostgresConfig {
 
     /// Sets the password.
     #[must_use]
-    pub fn password(mut self, password: impl AsRef<[u8]>) -> Self {
-        self.pg.password(password.as_ref());
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.password = Some(Secret::new(password));
         self
     }
 
     /// Sets the connect timeout.
     #[must_use]
     pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.pg.connect_timeout(timeout);
+        self.connect_timeout = timeout;
         self
-    }
-}
-
-/// libpq's `sslmode`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SslMode {
-    /// Plain text.
-    Disable,
-    /// Plain text (libpq would try TLS if the server insisted; tg-pubsub connects in plain text).
-    Allow,
-    /// Plain text: TLS is only used when asked for with `require` or stronger.
-    Prefer,
-    /// TLS, without checking the server's certificate (as libpq without a root certificate).
-    Require,
-    /// TLS, the certificate chain checked against the roots; the host name is not checked.
-    VerifyCa,
-    /// TLS, the chain and the host name checked.
-    VerifyFull,
-}
-
-impl FromStr for SslMode {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "disable" => Self::Disable,
-            "allow" => Self::Allow,
-            "prefer" => Self::Prefer,
-            "require" => Self::Require,
-            "verify-ca" => Self::VerifyCa,
-            "verify-full" => Self::VerifyFull,
-            other => {
-                return Err(Error::config(format!(
-                    "unknown sslmode {other:?}; expected disable, allow, prefer, require, \
-                     verify-ca or verify-full"
-                )))
-            }
-        })
-    }
-}
-
-fn parse_bool(key: &str, value: &str) -> Result<bool> {
-    match value {
-        "on" | "true" | "1" => Ok(true),
-        "off" | "false" | "0" => Ok(false),
-        _ => Err(Error::config(format!(
-            "PostgreSQL URL parameter {key}={value:?} must be on or off"
-        ))),
-    }
-}
-
-fn parse_duration(key: &str, value: &str) -> Result<Duration> {
-    let split = value
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(value.len());
-    let (num, unit) = value.split_at(split);
-    let n: u64 = num.parse().map_err(|_| {
-        Error::config(format!(
-            "PostgreSQL URL parameter {key}={value:?} is not a duration such as 500ms, 30s, 10m, 2h, 7d"
-        ))
-    })?;
-    let d = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" | "" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        "d" => Duration::from_secs(n * 86400),
-        _ => {
-            return Err(Error::config(format!(
-                "PostgreSQL URL parameter {key}={value:?} has unknown unit {unit:?}; use ms, s, m, h or d"
-            )))
-        }
-    };
-    Ok(d)
-}
-
-fn redact_url(url: &url::Url) -> String {
-    let mut u = url.clone();
-    if u.password().is_some() {
-        let _ = u.set_password(Some("***"));
-    }
-    u.to_string()
-}
-
-/// Redacts what looks like a password in a URL that did not parse.
-fn redact_url_text(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.find(':') {
-                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
-
-impl fmt::Debug for PostgresConfig {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresConfig")
-            .field("server", &self.server())
-            .field("user", &self.pg.get_user())
-            .field("password", &self.pg.get_password().map(|_| "***"))
-            .field("dbname", &self.pg.get_dbname())
-            .field("ssl_mode", &self.ssl_mode)
-            .field("ssl_root_cert", &self.ssl_root_cert)
-            .field("schema", &self.schema)
-            .field("application_name", &self.application_name)
-            .field("pool_size", &self.pool_size)
-            .field("visibility_timeout", &self.visibility_timeout)
-            .field("retention", &self.retention)
-            .field("unconsumed_retention", &self.unconsumed_retention)
-            .field("max_payload", &self.max_payload)
-            .field("batch_size", &self.batch_size)
-            .field("prefetch", &self.prefetch)
-            .field("safety_interval", &self.safety_interval)
-            .field("lease_interval", &self.lease_interval)
-            .field("cleanup_interval", &self.cleanup_interval)
-            .field("send_timeout", &self.send_timeout)
-            .field(
-                "consumer_synchronous_commit",
-                &self.consumer_synchronous_commit,
-            )
-            .field(
-                "producer_synchronous_commit",
-                &self.producer_synchronous_commit,
-            )
-            .finish()
     }
 }
 
@@ -598,23 +446,27 @@ mod tests {
         let c = PostgresConfig::from_url("postgres://app:pw@db.example:6543/queue").unwrap();
         assert_eq!(c.server(), "db.example:6543");
         assert_eq!(c.dbname(), "queue");
-        assert_eq!(c.pg_config().get_user(), Some("app"));
-        assert_eq!(c.pg_config().get_password(), Some(&b"pw"[..]));
-        assert_eq!(c.pg_config().get_application_name(), Some("tg-pubsub"));
+        let pg = c.pg_config();
+        assert_eq!(pg.get_user(), Some("app"));
+        assert_eq!(pg.get_password(), Some(&b"pw"[..]));
+        assert_eq!(pg.get_application_name(), Some("tg-pubsub"));
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(5)));
+        assert_eq!(pg.get_ports(), &[6543]);
         assert_eq!(c.schema, "tgps");
-        assert_eq!(
-            c.pg_config().get_connect_timeout(),
-            Some(&Duration::from_secs(5))
-        );
+        let bare = PostgresConfig::from_url("postgresql:///").unwrap();
+        assert_eq!(bare.server(), "127.0.0.1:5432");
+        assert_eq!(bare.pg_config().get_user(), None);
+        assert_eq!(bare.pg_config().get_dbname(), None);
     }
 
     #[test]
-    fn own_and_libpq_parameters() {
+    fn own_and_libpq_options() {
         let c = PostgresConfig::from_url(
             "postgresql://u@h/d?sslmode=disable&application_name=svc&schema=q_1&pool_size=3\
              &visibility_timeout=1500ms&retention=2h&unconsumed_retention=7d&max_payload=100\
              &batch_size=10&prefetch=5&safety_interval=5s&lease_interval=100ms\
-             &cleanup_interval=1m&send_timeout=9s&consumer_synchronous_commit=on&producer_synchronous_commit=off&connect_timeout=2\
+             &cleanup_interval=1m&send_timeout=9s&consumer_synchronous_commit=true\
+             &producer_synchronous_commit=false&connect_timeout=2\
              &options=-c%20synchronous_commit%3Doff",
         )
         .unwrap();
@@ -631,27 +483,35 @@ mod tests {
         assert_eq!(c.send_timeout, Duration::from_secs(9));
         assert!(c.consumer_synchronous_commit);
         assert_eq!(c.producer_synchronous_commit, Some(false));
-        assert_eq!(
-            c.pg_config().get_connect_timeout(),
-            Some(&Duration::from_secs(2))
-        );
-        assert_eq!(
-            c.pg_config().get_ssl_mode(),
-            tokio_postgres::config::SslMode::Disable
-        );
-        let v = PostgresConfig::from_url("postgres://u@h/d?sslmode=verify-full&sslrootcert=/x.pem")
-            .unwrap();
+        let pg = c.pg_config();
+        assert_eq!(pg.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Disable);
+        assert_eq!(pg.get_application_name(), Some("svc"));
+        assert_eq!(pg.get_options(), Some("-c synchronous_commit=off"));
+        let v = PostgresConfig::from_url(
+            "postgres://u@h/d?sslmode=verify-full&sslrootcert=/x.pem&connect_timeout=750ms",
+        )
+        .unwrap();
         assert_eq!(v.ssl_mode(), SslMode::VerifyFull);
+        assert_eq!(v.ssl_root_cert_path(), Some("/x.pem"));
+        assert_eq!(v.connect_timeout, Duration::from_millis(750));
         assert_eq!(
             v.pg_config().get_ssl_mode(),
             tokio_postgres::config::SslMode::Require
         );
-        let err = v.tls().unwrap_err();
-        assert!(err.to_string().contains("/x.pem"), "{err}");
-        assert_eq!(
-            c.pg_config().get_options(),
-            Some("-c synchronous_commit=off")
-        );
+    }
+
+    #[test]
+    fn hosts_and_sockets() {
+        let c = PostgresConfig::from_url("postgres://u@%2Fvar%2Frun%2Fpostgresql/d").unwrap();
+        assert_eq!(c.server(), "/var/run/postgresql:5432");
+        #[cfg(unix)]
+        assert!(matches!(
+            c.pg_config().get_hosts(),
+            [tokio_postgres::config::Host::Unix(p)] if p.to_str() == Some("/var/run/postgresql")
+        ));
+        let c = PostgresConfig::from_url("postgres://u@a,b/d").unwrap();
+        assert_eq!(c.pg_config().get_hosts().len(), 2);
     }
 
     #[test]
@@ -664,14 +524,6 @@ mod tests {
             "{debug}"
         );
         assert!(debug.contains("***"), "{debug}");
-    }
-
-    #[test]
-    fn debug_hides_password() {
-        let c = PostgresConfig::from_url("postgres://user:hunter2@localhost/test").unwrap();
-        let debug = format!("{c:?}");
-        assert!(!debug.contains("hunter2"), "{debug}");
-        assert!(debug.contains("localhost:5432"), "{debug}");
         let c = PostgresConfig::default().password("topsecret");
         assert!(!format!("{c:?}").contains("topsecret"));
     }
@@ -681,17 +533,30 @@ mod tests {
         for (url, needle) in [
             ("redis://x", "postgres://"),
             ("not a url", "malformed"),
-            ("postgres://u@h/d?pool_size=lots", "pool_size"),
-            ("postgres://u@h/d?visibility_timeout=5y", "unit"),
-            ("postgres://u@h/d?schema=Bad-Name", "schema"),
-            ("postgres://u@h/d?schema=pg_x", "schema"),
-            ("postgres://u@h/d?colour=blue", "colour"),
-            ("postgres://u@h/d?sslmode=sometimes", "sslmode"),
-            ("postgres://u@h/d?prefetch=0", "prefetch"),
+            ("postgres://u@h/d?pool_size=lots", "pool_size=\"lots\""),
             (
-                "postgres://u@h/d?consumer_synchronous_commit=maybe",
-                "on or off",
+                "postgres://u@h/d?visibility_timeout=soon",
+                "visibility_timeout=\"soon\"",
             ),
+            ("postgres://u@h/d?retention=30", "a duration needs a unit"),
+            ("postgres://u@h/d?schema=Bad-Name", "schema must be"),
+            ("postgres://u@h/d?schema=pg_x", "schema must be"),
+            (
+                "postgres://u@h/d?colour=blue",
+                "\"colour\"; known: sslmode, sslrootcert, schema",
+            ),
+            ("postgres://u@h/d?keepalives=1", "\"keepalives\"; known:"),
+            (
+                "postgres://u@h/d?sslmode=sometimes",
+                "sslmode=\"sometimes\"",
+            ),
+            ("postgres://u@h/d?prefetch=0", "prefetch must be at least 1"),
+            ("postgres://u@h/d?visibility_timeout=10ms", "at least 100ms"),
+            (
+                "postgres://u@h/d?consumer_synchronous_commit=on",
+                "consumer_synchronous_commit=\"on\"",
+            ),
+            ("postgres://u@h/d?schema=a&schema=b", "given twice"),
         ] {
             let err = PostgresConfig::from_url(url).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::ConfigInvalid, "{url}");
@@ -704,9 +569,10 @@ mod tests {
         for url in [
             "postgres://u:hunter2@h/d?colour=blue",
             "postgres://u:hunter2@h:port/d",
+            "postgres://u:hunter2@h/d?pool_size=0",
         ] {
             let err = PostgresConfig::from_url(url).unwrap_err();
-            assert!(!err.to_string().contains("hunter2"), "{err}");
+            assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
         }
     }
 
@@ -715,6 +581,7 @@ mod tests {
         let c = PostgresConfig::from_url(PostgresConfig::DEFAULT_URL).unwrap();
         assert_eq!(c.server(), "127.0.0.1:5432");
         assert_eq!(c.dbname(), "test");
-        assert_eq!(PostgresConfig::default().server(), "127.0.0.1:5432");
+        let d = PostgresConfig::default();
+        assert_eq!(format!("{c:?}"), format!("{d:?}"));
     }
 }

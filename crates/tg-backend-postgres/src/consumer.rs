@@ -1,34 +1,120 @@
-//! The q1/q2 consumer: claims batches with `FOR UPDATE SKIP LOCKED`, waits on `NOTIFY`,
-//! coalesces acknowledgements.
+//! The consumer: for q1/q2 claims batches with `FOR UPDATE SKIP LOCKED`, waits on `NOTIFY`,
+//! coalesces acknowledgements; for q0 the notifications themselves ([`crate::q0`]).
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use sha2::{Digest, Sha256};
+use tg_backend_api::kit::RawConsumer;
 use tg_backend_api::{
-    receive_timeout, AckHandle, Consumer, ConsumerOptions, ConsumerType, Error, ErrorKind,
-    InitialPosition, Message, MessageId, Result, Topic,
+    receive_timeout, AckHandle, Backoff, ConsumerOptions, ConsumerType, Error, ErrorKind,
+    InitialPosition, Message, MessageId, Properties, Qos, Result, Topic,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::backend::Shared;
-use crate::error::retryable;
+use crate::core::Core;
+use crate::error::{clone_error, retryable};
 use crate::listener::Registration;
-use crate::producer::clone_error;
-use crate::topic::properties_from_json;
+use crate::q0::Q0Consumer;
 
 /// Most acknowledgements one statement carries.
 const ACK_BATCH: usize = 1024;
 
 /// Longest wait for more acknowledgements to join a batch.
 const ACK_LINGER: Duration = Duration::from_millis(1);
+
+/// Waits before the retries of an acknowledgement statement that lost its connection.
+const ACK_RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(1600));
+
+/// Retries of one acknowledgement statement.
+const ACK_RETRIES: u32 = 5;
+
+/// Waits before the retries of a claim that lost its connection, within the receive timeout.
+const CLAIM_RETRY: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+
+/// The PostgreSQL consumer (as the kit sees it; applications get it as a `Box<dyn Consumer>`).
+pub(crate) enum PostgresConsumer {
+    /// q1/q2: claims rows of the deliveries table.
+    Table(Box<TableConsumer>),
+    /// q0: `NOTIFY`.
+    Notify(Q0Consumer),
+}
+
+impl PostgresConsumer {
+    pub(crate) async fn open(
+        core: &Arc<Core>,
+        topic: &Topic,
+        options: &ConsumerOptions,
+        id: u64,
+    ) -> Result<Self> {
+        Ok(if topic.qos() == Qos::Q0 {
+            Self::Notify(Q0Consumer::create(core.clone(), topic.clone(), options, id).await?)
+        } else {
+            Self::Table(Box::new(
+                TableConsumer::create(core.clone(), id, topic.clone(), options).await?,
+            ))
+        })
+    }
+}
+
+impl RawConsumer for PostgresConsumer {
+    async fn receive(&self, timeout: Duration) -> Result<Message> {
+        match self {
+            Self::Table(c) => c.receive(timeout).await,
+            Self::Notify(c) => c.receive(timeout).await,
+        }
+    }
+
+    async fn acknowledge(&self, message: &Message) -> Result<()> {
+        match self {
+            Self::Table(c) => c.acknowledge(message).await,
+            Self::Notify(c) => c.acknowledge(message).await,
+        }
+    }
+
+    async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
+        match self {
+            Self::Table(c) => c.negative_acknowledge(message).await,
+            Self::Notify(c) => c.negative_acknowledge(message).await,
+        }
+    }
+
+    async fn unsubscribe(&self) -> Result<()> {
+        match self {
+            Self::Table(c) => c.unsubscribe().await,
+            Self::Notify(c) => c.unsubscribe().await,
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        match self {
+            Self::Table(c) => c.release().await,
+            Self::Notify(c) => c.close().await,
+        }
+    }
+
+    fn close_sync(&self) -> bool {
+        match self {
+            // giving the claims back takes a statement: the kit runs `close` in the background
+            Self::Table(_) => false,
+            Self::Notify(c) => c.close_sync(),
+        }
+    }
+}
+
+impl fmt::Debug for PostgresConsumer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Table(c) => c.fmt(f),
+            Self::Notify(c) => c.fmt(f),
+        }
+    }
+}
 
 struct AckReq {
     seq: i64,
@@ -60,10 +146,12 @@ impl Lease {
     }
 }
 
-pub(crate) struct PgConsumer {
+/// The q1/q2 consumer.
+pub(crate) struct TableConsumer {
     id: u64,
+    /// Marks this consumer's claims in the deliveries table.
     token: i64,
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     topic: Topic,
     subscription: String,
     sub_id: i64,
@@ -75,12 +163,10 @@ pub(crate) struct PgConsumer {
     /// Seqs handed to the application and not yet acknowledged.
     outstanding: Arc<Mutex<HashSet<i64>>>,
     fetch: tokio::sync::Mutex<()>,
-    /// When [`PgConsumer::next_visible_at`] last asked, and what it learnt.
+    /// When [`TableConsumer::next_visible_at`] last asked, and what it learnt.
     visible_check: Mutex<Option<(Instant, Option<Instant>)>>,
     lease: tokio::sync::Mutex<Option<Lease>>,
     acks: mpsc::Sender<AckReq>,
-    closed: AtomicBool,
-    closing: tokio::sync::watch::Sender<bool>,
 }
 
 fn lock_key(schema: &str, sub_id: i64) -> i64 {
@@ -95,49 +181,46 @@ fn lock_key(schema: &str, sub_id: i64) -> i64 {
     i64::from_be_bytes(b)
 }
 
-impl PgConsumer {
-    pub(crate) async fn create(
-        shared: Arc<Shared>,
+impl TableConsumer {
+    async fn create(
+        core: Arc<Core>,
         id: u64,
         topic: Topic,
-        options: ConsumerOptions,
+        options: &ConsumerOptions,
     ) -> Result<Self> {
-        let topic_id = shared.topic_id(&topic).await?;
-        let channel = shared.channel(&topic);
+        let topic_id = core.topic_id(&topic).await?;
+        let channel = core.channel(&topic);
         // listen first, so nothing committed after the subscription exists goes unnoticed
-        let registration = shared.listener.register(&channel, false, false).await?;
+        let registration = core.listener.register(&channel, false, false).await?;
         let sub_id = {
-            let mut client = shared.conn().await?;
+            let mut client = core.conn().await?;
             let tx = client
                 .transaction()
                 .await
-                .map_err(|e| shared.pg(e, "subscribe"))?;
+                .map_err(|e| core.pg(e, "subscribe"))?;
             let row = tx
-                .query_one(
-                    &shared.sql.subscription,
-                    &[&topic_id, &options.subscription],
-                )
+                .query_one(&core.sql.subscription, &[&topic_id, &options.subscription])
                 .await
-                .map_err(|e| shared.pg(e, "subscribe"))?;
+                .map_err(|e| core.pg(e, "subscribe"))?;
             let (sub_id, created): (i64, bool) = (row.get(0), row.get(1));
             if created && options.initial_position == InitialPosition::Earliest {
-                tx.execute(&shared.sql.replay, &[&sub_id, &topic_id])
+                tx.execute(&core.sql.replay, &[&sub_id, &topic_id])
                     .await
-                    .map_err(|e| shared.pg(e, "replay retained messages"))?;
+                    .map_err(|e| core.pg(e, "replay retained messages"))?;
             }
-            tx.commit().await.map_err(|e| shared.pg(e, "subscribe"))?;
+            tx.commit().await.map_err(|e| core.pg(e, "subscribe"))?;
             sub_id
         };
         let lease = match options.consumer_type {
             ConsumerType::Shared => None,
             ConsumerType::Exclusive | ConsumerType::Failover => {
                 let mut lease = Lease {
-                    key: lock_key(&shared.config.schema, sub_id),
+                    key: lock_key(&core.config.schema, sub_id),
                     conn: None,
                     held: false,
                     last_try: None,
                 };
-                let got = try_lock(&shared, &mut lease).await?;
+                let got = try_lock(&core, &mut lease).await?;
                 if !got && options.consumer_type == ConsumerType::Exclusive {
                     return Err(Error::new(
                         ErrorKind::ConsumerBusy,
@@ -154,19 +237,14 @@ impl PgConsumer {
         let token = i64::from_be_bytes(token_bytes) & i64::MAX;
         let (acks, ack_rx) = mpsc::channel(ACK_BATCH * 4);
         let outstanding = Arc::new(Mutex::new(HashSet::new()));
-        tokio::spawn(ack_task(
-            shared.clone(),
-            sub_id,
-            ack_rx,
-            outstanding.clone(),
-        ));
+        tokio::spawn(ack_task(core.clone(), sub_id, ack_rx, outstanding.clone()));
         let wake = registration.wake.clone();
         Ok(Self {
             id,
             token,
-            shared,
+            core,
             topic,
-            subscription: options.subscription,
+            subscription: options.subscription.clone(),
             sub_id,
             channel,
             kind: options.consumer_type,
@@ -178,23 +256,12 @@ impl PgConsumer {
             visible_check: Mutex::new(None),
             lease: tokio::sync::Mutex::new(lease),
             acks,
-            closed: AtomicBool::new(false),
-            closing: tokio::sync::watch::channel(false).0,
         })
-    }
-
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed("consumer")
-                .with_context("topic", &self.topic)
-                .with_context("subscription", &self.subscription));
-        }
-        self.shared.check_open()
     }
 
     /// Takes a buffered message whose claim has not expired.
     fn pop(&self) -> Option<Message> {
-        let vt = self.shared.config.visibility_timeout;
+        let vt = self.core.config.visibility_timeout;
         let mut buf = self.buffer.lock();
         while let Some((m, claimed)) = buf.pop_front() {
             // a claim near its expiry may already be someone else's: skip it, it comes back
@@ -224,14 +291,14 @@ impl PgConsumer {
             tracing::warn!(subscription = %self.subscription, "lost the advisory-lock connection; re-acquiring");
             lease.release();
         }
-        let interval = self.shared.config.lease_interval;
+        let interval = self.core.config.lease_interval;
         if let Some(last) = lease.last_try {
             let since = last.elapsed();
             if since < interval {
                 return Ok(Some(interval - since));
             }
         }
-        if try_lock(&self.shared, lease).await? {
+        if try_lock(&self.core, lease).await? {
             Ok(None)
         } else {
             Ok(Some(interval))
@@ -244,13 +311,13 @@ impl PgConsumer {
         if !self.buffer.lock().is_empty() {
             return Ok(1);
         }
-        let client = self.shared.conn().await?;
+        let client = self.core.conn().await?;
         let stmt = client
-            .prepare_cached(&self.shared.sql.claim)
+            .prepare_cached(&self.core.sql.claim)
             .await
-            .map_err(|e| self.shared.pg(e, "prepare"))?;
-        let limit = self.shared.config.prefetch as i64;
-        let vt_ms = self.shared.config.visibility_timeout.as_secs_f64() * 1000.0;
+            .map_err(|e| self.core.pg(e, "prepare"))?;
+        let limit = self.core.config.prefetch as i64;
+        let vt_ms = self.core.config.visibility_timeout.as_secs_f64() * 1000.0;
         let rows = client
             .query(
                 &stmt,
@@ -259,11 +326,11 @@ impl PgConsumer {
                     &limit,
                     &vt_ms,
                     &self.token,
-                    &self.shared.synchronous(),
+                    &self.core.synchronous(),
                 ],
             )
             .await
-            .map_err(|e| self.shared.pg(e, "claim"))?;
+            .map_err(|e| self.core.pg(e, "claim"))?;
         let now = Instant::now();
         let n = rows.len();
         let mut buf = self.buffer.lock();
@@ -292,7 +359,7 @@ impl PgConsumer {
     /// how long to sleep without a notification). Asks the server at most once a second.
     async fn next_visible_at(&self) -> Result<Instant> {
         let now = Instant::now();
-        let vt = self.shared.config.visibility_timeout;
+        let vt = self.core.config.visibility_timeout;
         if let Some((checked, next)) = *self.visible_check.lock() {
             let fresh = now.duration_since(checked) < Duration::from_secs(1);
             let not_passed = match next {
@@ -310,29 +377,17 @@ impl PgConsumer {
 
     /// How long until a claimed message of the subscription becomes visible again.
     async fn next_visible(&self) -> Result<Option<Duration>> {
-        let client = self.shared.conn().await?;
+        let client = self.core.conn().await?;
         let stmt = client
-            .prepare_cached(&self.shared.sql.next_visible)
+            .prepare_cached(&self.core.sql.next_visible)
             .await
-            .map_err(|e| self.shared.pg(e, "prepare"))?;
+            .map_err(|e| self.core.pg(e, "prepare"))?;
         let row = client
             .query_one(&stmt, &[&self.sub_id])
             .await
-            .map_err(|e| self.shared.pg(e, "claim"))?;
+            .map_err(|e| self.core.pg(e, "claim"))?;
         let ms: Option<i64> = row.get(0);
         Ok(ms.map(|ms| Duration::from_millis(ms.max(0) as u64 + 5)))
-    }
-
-    fn own_seq(&self, message: &Message) -> Result<i64> {
-        let handle = message.ack_handle();
-        if handle.consumer() != self.id {
-            return Err(Error::new(
-                ErrorKind::InvalidInput,
-                "the message was received by another consumer; acknowledge it there",
-            )
-            .with_context("message_id", message.id()));
-        }
-        Ok(handle.seq() as i64)
     }
 
     /// Gives back every claim of this consumer (count + 1 for those handed out), drops the lease.
@@ -340,14 +395,14 @@ impl PgConsumer {
         let delivered: Vec<i64> = self.outstanding.lock().drain().collect();
         self.buffer.lock().clear();
         let result = async {
-            let client = self.shared.conn().await?;
+            let client = self.core.conn().await?;
             client
                 .query(
-                    &self.shared.sql.release,
+                    &self.core.sql.release,
                     &[&self.sub_id, &self.token, &delivered, &self.channel],
                 )
                 .await
-                .map_err(|e| self.shared.pg(e, "release claims"))?;
+                .map_err(|e| self.core.pg(e, "release claims"))?;
             Ok::<_, Error>(())
         }
         .await;
@@ -359,7 +414,7 @@ impl PgConsumer {
     }
 }
 
-async fn try_lock(shared: &Shared, lease: &mut Lease) -> Result<bool> {
+async fn try_lock(core: &Core, lease: &mut Lease) -> Result<bool> {
     lease.last_try = Some(Instant::now());
     if lease
         .conn
@@ -370,7 +425,7 @@ async fn try_lock(shared: &Shared, lease: &mut Lease) -> Result<bool> {
     }
     let (client, _) = match &lease.conn {
         Some(conn) => conn,
-        None => lease.conn.insert(shared.dedicated().await?),
+        None => lease.conn.insert(core.dedicated().await?),
     };
     let got: std::result::Result<bool, _> = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&lease.key])
@@ -383,7 +438,7 @@ async fn try_lock(shared: &Shared, lease: &mut Lease) -> Result<bool> {
         }
         Err(e) => {
             lease.release();
-            Err(shared.pg(e, "advisory lock"))
+            Err(core.pg(e, "advisory lock"))
         }
     }
 }
@@ -391,15 +446,20 @@ async fn try_lock(shared: &Shared, lease: &mut Lease) -> Result<bool> {
 /// Coalesces acknowledgements into one `DELETE`. When the application holds more received
 /// messages than the batch acknowledges, more acknowledgements are on their way: wait up to
 /// [`ACK_LINGER`] for them. A consumer that acknowledges each message before receiving the next
-/// never waits.
+/// never waits. Ends with the consumer, or when the backend closes.
 async fn ack_task(
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     sub_id: i64,
     mut rx: mpsc::Receiver<AckReq>,
     outstanding: Arc<Mutex<HashSet<i64>>>,
 ) {
     let mut batch: Vec<AckReq> = Vec::with_capacity(64);
-    while let Some(first) = rx.recv().await {
+    loop {
+        let first = tokio::select! {
+            first = rx.recv() => first,
+            () = core.life.closed() => None,
+        };
+        let Some(first) = first else { return };
         batch.push(first);
         let linger_until = Instant::now() + ACK_LINGER;
         loop {
@@ -421,22 +481,22 @@ async fn ack_task(
         let mut attempt = 0;
         let result = loop {
             let r = async {
-                let client = shared.conn().await?;
+                let client = core.conn().await?;
                 let stmt = client
-                    .prepare_cached(&shared.sql.ack)
+                    .prepare_cached(&core.sql.ack)
                     .await
-                    .map_err(|e| shared.pg(e, "prepare"))?;
+                    .map_err(|e| core.pg(e, "prepare"))?;
                 client
-                    .execute(&stmt, &[&sub_id, &seqs, &shared.synchronous()])
+                    .execute(&stmt, &[&sub_id, &seqs, &core.synchronous()])
                     .await
-                    .map_err(|e| shared.pg(e, "acknowledge"))?;
+                    .map_err(|e| core.pg(e, "acknowledge"))?;
                 Ok::<_, Error>(())
             }
             .await;
             match r {
-                Err(e) if retryable(&e) && attempt < 5 && shared.check_open().is_ok() => {
+                Err(e) if retryable(&e) && attempt < ACK_RETRIES && !core.life.is_closed() => {
                     attempt += 1;
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    tokio::time::sleep(ACK_RETRY.ceiling(attempt)).await;
                 }
                 other => break other,
             }
@@ -450,32 +510,21 @@ async fn ack_task(
     }
 }
 
-#[async_trait]
-impl Consumer for PgConsumer {
-    fn topic(&self) -> &Topic {
-        &self.topic
-    }
-
-    fn subscription(&self) -> &str {
-        &self.subscription
-    }
-
+impl TableConsumer {
     async fn receive(&self, timeout: Duration) -> Result<Message> {
-        self.check_open()?;
         if let Some(m) = self.pop() {
             return Ok(m);
         }
         let deadline = Instant::now() + timeout;
-        let mut closing = self.closing.subscribe();
         let mut wake = self.wake.clone();
-        let mut backoff = Duration::from_millis(20);
+        // failed claims in a row
+        let mut retry = 0;
         loop {
-            self.check_open()?;
             wake.borrow_and_update();
             if let Some(m) = self.pop() {
                 return Ok(m);
             }
-            let mut wait_until = deadline.min(Instant::now() + self.shared.config.safety_interval);
+            let mut wait_until = deadline.min(Instant::now() + self.core.config.safety_interval);
             let step: Result<()> = async {
                 match self.active().await? {
                     Some(retry) => {
@@ -493,11 +542,11 @@ impl Consumer for PgConsumer {
             }
             .await;
             match step {
-                Ok(()) => backoff = Duration::from_millis(20),
+                Ok(()) => retry = 0,
                 Err(e) if retryable(&e) && Instant::now() < deadline => {
                     tracing::debug!(subscription = %self.subscription, error = %e, "claim failed; retrying");
-                    wait_until = wait_until.min(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    retry += 1;
+                    wait_until = wait_until.min(Instant::now() + CLAIM_RETRY.ceiling(retry));
                 }
                 Err(e) => return Err(e.with_context("subscription", &self.subscription)),
             }
@@ -509,15 +558,13 @@ impl Consumer for PgConsumer {
             }
             tokio::select! {
                 _ = wake.changed() => {}
-                _ = tokio::time::sleep_until(wait_until) => {}
-                _ = closing.changed() => {}
+                () = tokio::time::sleep_until(wait_until) => {}
             }
         }
     }
 
     async fn acknowledge(&self, message: &Message) -> Result<()> {
-        let seq = self.own_seq(message)?;
-        self.check_open()?;
+        let seq = message.ack_handle().seq() as i64;
         let (reply, rx) = oneshot::channel();
         self.acks
             .send(AckReq { seq, reply })
@@ -531,37 +578,34 @@ impl Consumer for PgConsumer {
     }
 
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
-        let seq = self.own_seq(message)?;
-        self.check_open()?;
-        let client = self.shared.conn().await?;
+        let seq = message.ack_handle().seq() as i64;
+        let client = self.core.conn().await?;
         client
             .query(
-                &self.shared.sql.nack,
+                &self.core.sql.nack,
                 &[
                     &self.sub_id,
                     &vec![seq],
                     &self.token,
-                    &self.shared.synchronous(),
+                    &self.core.synchronous(),
                     &self.channel,
                 ],
             )
             .await
-            .map_err(|e| self.shared.pg(e, "negative acknowledge"))?;
+            .map_err(|e| self.core.pg(e, "negative acknowledge"))?;
         self.outstanding.lock().remove(&seq);
-        self.shared.listener.wake_local(&self.channel);
+        self.core.listener.wake_local(&self.channel);
         Ok(())
     }
 
+    /// Deletes the subscription with its delivery rows, and lets go of everything else.
     async fn unsubscribe(&self) -> Result<()> {
-        self.check_open()?;
-        let client = self.shared.conn().await?;
+        let client = self.core.conn().await?;
         client
-            .execute(&self.shared.sql.unsubscribe, &[&self.sub_id])
+            .execute(&self.core.sql.unsubscribe, &[&self.sub_id])
             .await
-            .map_err(|e| self.shared.pg(e, "unsubscribe"))?;
+            .map_err(|e| self.core.pg(e, "unsubscribe"))?;
         drop(client);
-        self.closed.store(true, Ordering::Release);
-        self.closing.send_replace(true);
         self.buffer.lock().clear();
         self.outstanding.lock().clear();
         if let Some(lease) = self.lease.lock().await.as_mut() {
@@ -570,51 +614,23 @@ impl Consumer for PgConsumer {
         self.registration.lock().take();
         Ok(())
     }
-
-    async fn close(&self) -> Result<()> {
-        if self.closed.swap(true, Ordering::AcqRel) {
-            return Ok(());
-        }
-        self.closing.send_replace(true);
-        if self.shared.check_open().is_err() {
-            return Ok(());
-        }
-        self.release().await
-    }
 }
 
-impl Drop for PgConsumer {
-    fn drop(&mut self) {
-        if self.closed.swap(true, Ordering::AcqRel) || self.shared.check_open().is_err() {
-            return;
-        }
-        // dropped without close: give the claims back in the background
-        let shared = self.shared.clone();
-        let (sub_id, token, channel) = (self.sub_id, self.token, self.channel.clone());
-        let delivered: Vec<i64> = self.outstanding.lock().drain().collect();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                if let Ok(client) = shared.conn().await {
-                    let _ = client
-                        .query(
-                            &shared.sql.release,
-                            &[&sub_id, &token, &delivered, &channel],
-                        )
-                        .await;
-                }
-            });
-        }
-    }
-}
-
-impl fmt::Debug for PgConsumer {
+impl fmt::Debug for TableConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgConsumer")
+        f.debug_struct("TableConsumer")
             .field("id", &self.id)
             .field("topic", &self.topic)
             .field("subscription", &self.subscription)
             .field("type", &self.kind)
-            .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish()
+    }
+}
+
+/// Properties from the `jsonb` column's text.
+fn properties_from_json(text: Option<&str>) -> Properties {
+    match text {
+        Some(t) => serde_json::from_str(t).unwrap_or_default(),
+        None => Properties::new(),
     }
 }

@@ -55,3 +55,13 @@ pub(crate) fn pool(e: deadpool_postgres::PoolError, server: &str) -> Error {
 pub(crate) fn retryable(e: &Error) -> bool {
     e.kind() == ErrorKind::Connection
 }
+
+/// The same error again, for every waiter on one failed statement: [`Error`] is not `Clone`, so
+/// this rebuilds one with the same kind, message and context.
+pub(crate) fn clone_error(e: &Error) -> Error {
+    let mut out = Error::new(e.kind(), e.message().to_owned()).set_temporary(e.is_temporary());
+    for (k, v) in e.context() {
+        out = out.with_context(k, v);
+    }
+    out
+}

@@ -5,6 +5,7 @@
 mod backend;
 mod config;
 mod consumer;
+mod core;
 mod error;
 mod listener;
 mod producer;
@@ -17,21 +18,21 @@ pub use backend::PostgresBackend;
 pub use config::{PostgresConfig, SslMode};
 pub use topic::channel_name;
 
-use tg_backend_api::kit::{self, BackendConfig, Driver, Setting};
+use tg_backend_api::kit::{self, Driver, Setting};
 
 /// The PostgreSQL backend's driver: `PUBSUB_BACKEND=postgres`, configured by `DATABASE_URL` /
-/// `--postgres-url`.
+/// `--postgres-url` (default `postgres://postgres@127.0.0.1:5432/test`).
 pub static DRIVER: Driver = Driver {
-    name: "postgres",
-    title: "PostgreSQL",
-    schemes: &["postgres", "postgresql"],
+    name: PostgresBackend::NAME,
+    title: PostgresConfig::TITLE,
+    schemes: &PostgresConfig::SCHEMES,
     settings: &[Setting::new(
-        "DATABASE_URL",
+        PostgresConfig::ENV_VAR,
         "postgres-url",
-        "PostgreSQL URL: postgres://[user[:password]@]host[:port]/database[?sslmode=…]",
+        "PostgreSQL URL: postgres://[user[:password]@]host[:port]/database[?sslmode=…&schema=…]",
     )
     .default_value(PostgresConfig::DEFAULT_URL)],
-    options: Vec::new,
+    options: kit::config::option_names::<PostgresConfig>,
     secret_options: &[],
     configure: |settings| {
         let config = settings
@@ -40,11 +41,3 @@ pub static DRIVER: Driver = Driver {
         Ok(kit::configured(config))
     },
 };
-
-impl BackendConfig for PostgresConfig {
-    type Backend = PostgresBackend;
-
-    async fn connect(self) -> tg_backend_api::Result<PostgresBackend> {
-        PostgresBackend::connect(self).await
-    }
-}

@@ -7,12 +7,16 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use parking_lot::Mutex;
-use tg_backend_api::{Error, Result};
+use tg_backend_api::{Backoff, Error, Result};
 use tokio::sync::{broadcast, watch};
 use tokio_postgres::AsyncMessage;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::PostgresConfig;
 use crate::tls::{Messages, Tls};
+
+/// Waits between attempts to re-establish the connection: 50 ms doubling to 5 s, jittered so
+/// that the instances of a service do not all reconnect at the same moment.
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
 
 /// Capacity of a q0 channel's in-process fan-out; a consumer that falls further behind loses
 /// the oldest notifications (q0 is at-most-once).
@@ -65,20 +69,20 @@ impl Listener {
         })
     }
 
-    /// Starts the task that keeps the connection up; waits for the first connection.
+    /// Starts the task that keeps the connection up until `stop` is cancelled (the backend
+    /// closed); waits for the first connection.
     pub(crate) async fn start(
         self: &Arc<Self>,
-        config: &PostgresConfig,
+        pg: tokio_postgres::Config,
         tls: Tls,
-        shutdown: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) -> Result<()> {
-        let pg = config.pg_config();
         let first = tls
             .connect(&pg)
             .await
             .map_err(|e| crate::error::pg(e, "connect", &self.server))?;
         let this = self.clone();
-        tokio::spawn(async move { this.run(pg, tls, Some(first), shutdown).await });
+        tokio::spawn(async move { this.run(pg, tls, Some(first), stop).await });
         let mut connected = self.connected.subscribe();
         let _ = tokio::time::timeout(Duration::from_secs(10), connected.wait_for(|c| *c)).await;
         Ok(())
@@ -89,28 +93,27 @@ impl Listener {
         pg: tokio_postgres::Config,
         tls: Tls,
         mut first: Option<(tokio_postgres::Client, Messages)>,
-        mut shutdown: watch::Receiver<bool>,
+        stop: CancellationToken,
     ) {
-        let mut backoff = Duration::from_millis(50);
-        // the backend closed, or was dropped (the sender is gone)
-        let mut stopped = false;
-        loop {
-            if stopped || *shutdown.borrow() {
-                break;
-            }
+        // failed attempts since the last connection that worked
+        let mut retry = 0;
+        while !stop.is_cancelled() {
             let pair = match first.take() {
                 Some(p) => Ok(p),
-                None => tls.connect(&pg).await,
+                None => tokio::select! {
+                    pair = tls.connect(&pg) => pair,
+                    () = stop.cancelled() => break,
+                },
             };
             let (client, mut messages) = match pair {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(server = %self.server, error = %e, "LISTEN connection failed; retrying");
+                    retry += 1;
                     tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        r = shutdown.changed() => stopped = r.is_err(),
+                        () = tokio::time::sleep(RECONNECT.delay(retry)) => {}
+                        () = stop.cancelled() => break,
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
                     continue;
                 }
             };
@@ -157,7 +160,7 @@ impl Listener {
                     Some(res) = futures::future::OptionFuture::from(install.as_mut()), if install.is_some() => {
                         install = None;
                         match res {
-                            Ok(Ok(())) => backoff = Duration::from_millis(50),
+                            Ok(Ok(())) => retry = 0,
                             Ok(Err(e)) => {
                                 tracing::warn!(server = %self.server, error = %e, "LISTEN failed; reconnecting");
                                 break;
@@ -165,22 +168,18 @@ impl Listener {
                             Err(_) => break,
                         }
                     }
-                    r = shutdown.changed() => {
-                        if r.is_err() || *shutdown.borrow() {
-                            stopped = true;
-                            break;
-                        }
-                    }
+                    () = stop.cancelled() => break,
                 }
             }
             self.connected.send_replace(false);
             self.state.lock().client = None;
             drop(client);
-            if stopped || *shutdown.borrow() {
-                break;
+            tokio::select! {
+                () = tokio::time::sleep(RECONNECT.delay(retry + 1)) => {}
+                () = stop.cancelled() => break,
             }
-            tokio::time::sleep(backoff).await;
         }
+        self.connected.send_replace(false);
         self.state.lock().client = None;
     }
 

@@ -1,23 +1,85 @@
-//! The q1/q2 producer: a bounded channel into a writer task that inserts batches.
+//! The producer: for q1/q2 a bounded channel into a writer task that inserts batches, for q0
+//! notifications ([`crate::q0`]).
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use bytes::Bytes;
+use tg_backend_api::kit::RawProducer;
 use tg_backend_api::{
-    Error, ErrorKind, MessageId, OutboundMessage, Producer, ProducerOptions, Qos, Result,
-    SendReceipt, Topic,
+    Backoff, Error, ErrorKind, MessageId, OutboundMessage, ProducerOptions, Properties, Qos,
+    Result, SendReceipt, Topic,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::backend::Shared;
-use crate::error::retryable;
-use crate::topic::properties_to_json;
+use crate::core::Core;
+use crate::error::{clone_error, retryable};
+use crate::q0::Q0Producer;
+
+/// Waits before the retries of a batch that lost its connection: 20 ms doubling to 1 s, until
+/// the send timeout.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
+
+/// The PostgreSQL producer (as the kit sees it; applications get it as a `Box<dyn Producer>`).
+pub(crate) enum PostgresProducer {
+    /// q1/q2: rows in the messages table.
+    Table(TableProducer),
+    /// q0: `NOTIFY`.
+    Notify(Q0Producer),
+}
+
+impl PostgresProducer {
+    pub(crate) async fn open(
+        core: &Arc<Core>,
+        topic: &Topic,
+        options: &ProducerOptions,
+    ) -> Result<Self> {
+        if topic.qos() == Qos::Q0 {
+            return Ok(Self::Notify(Q0Producer::new(core.clone(), topic.clone())));
+        }
+        let topic_id = core.topic_id(topic).await?;
+        Ok(Self::Table(TableProducer::new(
+            core.clone(),
+            topic.clone(),
+            topic_id,
+            options,
+        )))
+    }
+}
+
+impl RawProducer for PostgresProducer {
+    async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
+        match self {
+            Self::Table(p) => p.send(message).await,
+            Self::Notify(p) => p.send(message).await,
+        }
+    }
+
+    async fn flush(&self) -> Result<()> {
+        match self {
+            Self::Table(p) => p.flush().await,
+            Self::Notify(p) => p.flush().await,
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        // what was sent before the close is still written; a failure is in its receipt
+        let _ = self.flush().await;
+        Ok(())
+    }
+}
+
+impl fmt::Debug for PostgresProducer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Table(p) => p.fmt(f),
+            Self::Notify(p) => p.fmt(f),
+        }
+    }
+}
 
 struct Row {
     payload: Bytes,
@@ -32,76 +94,43 @@ enum Item {
     Flush(oneshot::Sender<()>),
 }
 
-pub(crate) struct PgProducer {
-    shared: Arc<Shared>,
+/// The q1/q2 producer: one batch in flight at a time, which keeps its messages in order.
+pub(crate) struct TableProducer {
     topic: Topic,
     tx: mpsc::Sender<Item>,
-    closed: AtomicBool,
 }
 
-impl PgProducer {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        topic: Topic,
-        topic_id: i64,
-        options: ProducerOptions,
-    ) -> Self {
+impl TableProducer {
+    fn new(core: Arc<Core>, topic: Topic, topic_id: i64, options: &ProducerOptions) -> Self {
         let batch = if options.batching == Some(false) {
             1
         } else {
-            shared.config.batch_size
+            core.config.batch_size
         };
-        let capacity = (shared.config.batch_size * 2).max(64);
+        let capacity = (core.config.batch_size * 2).max(64);
         let (tx, rx) = mpsc::channel(capacity);
         let writer = Writer {
-            shared: shared.clone(),
-            channel: shared.channel(&topic),
+            channel: core.channel(&topic),
             topic: topic.clone(),
             topic_id,
             batch,
-            send_timeout: options.send_timeout.unwrap_or(shared.config.send_timeout),
-            commit: shared
+            send_timeout: options.send_timeout.unwrap_or(core.config.send_timeout),
+            commit: core
                 .config
                 .producer_synchronous_commit
                 .map(|on| if on { "on" } else { "off" }),
+            core,
         };
         tokio::spawn(writer.run(rx));
-        Self {
-            shared,
-            topic,
-            tx,
-            closed: AtomicBool::new(false),
-        }
+        Self { topic, tx }
     }
 
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed("producer").with_context("topic", &self.topic));
-        }
-        self.shared.check_open()
-    }
-}
-
-#[async_trait]
-impl Producer for PgProducer {
-    fn topic(&self) -> &Topic {
-        &self.topic
+    fn gone(&self) -> Error {
+        Error::closed("producer").with_context("topic", &self.topic)
     }
 
     async fn send(&self, mut message: OutboundMessage) -> Result<SendReceipt> {
-        self.check_open()?;
-        let max = self.shared.config.max_payload;
-        if message.payload().len() > max {
-            return Err(Error::payload_too_large(message.payload().len(), max)
-                .with_context("topic", &self.topic));
-        }
-        if message.is_retained() {
-            return Err(Error::unsupported(
-                "the PostgreSQL backend keeps no retained messages; subscribe at Earliest to replay \
-                 the retained history instead",
-            )
-            .with_context("topic", &self.topic));
-        }
+        // q2 messages carry their id: the kit set it before the producer sees them
         let dedup_id = (self.topic.qos() == Qos::Q2).then(|| message.ensure_dedup_id().to_owned());
         let (payload, properties, key) = message.into_parts();
         let (reply, rx) = oneshot::channel();
@@ -115,50 +144,40 @@ impl Producer for PgProducer {
         self.tx
             .send(Item::Row(row))
             .await
-            .map_err(|_| Error::closed("producer").with_context("topic", &self.topic))?;
+            .map_err(|_| self.gone())?;
         Ok(SendReceipt::from_channel(rx))
     }
 
     async fn flush(&self) -> Result<()> {
-        self.check_open()?;
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Item::Flush(tx))
             .await
-            .map_err(|_| Error::closed("producer").with_context("topic", &self.topic))?;
-        rx.await
-            .map_err(|_| Error::closed("producer").with_context("topic", &self.topic))
-    }
-
-    async fn close(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let flushed = if self.shared.check_open().is_ok() {
-            let (tx, rx) = oneshot::channel();
-            if self.tx.send(Item::Flush(tx)).await.is_ok() {
-                let _ = rx.await;
-            }
-            Ok(())
-        } else {
-            Ok(())
-        };
-        self.closed.store(true, Ordering::Release);
-        flushed
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())
     }
 }
 
-impl fmt::Debug for PgProducer {
+impl fmt::Debug for TableProducer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PgProducer")
+        f.debug_struct("TableProducer")
             .field("topic", &self.topic)
-            .field("closed", &self.closed.load(Ordering::Relaxed))
             .finish()
     }
 }
 
+/// Properties as the `text` form of the `jsonb` column (`None` when empty).
+fn properties_to_json(properties: &Properties) -> Option<String> {
+    if properties.is_empty() {
+        None
+    } else {
+        serde_json::to_string(properties).ok()
+    }
+}
+
+/// Writes what a producer queues; ends when the producer is gone.
 struct Writer {
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     topic: Topic,
     channel: String,
     topic_id: i64,
@@ -196,22 +215,28 @@ impl Writer {
         }
     }
 
+    /// Writes one batch, retrying a lost connection until the send timeout (or the backend
+    /// closes), and completes its receipts.
     async fn write(&self, rows: Vec<Row>) {
         let deadline = Instant::now() + self.send_timeout;
-        let mut backoff = Duration::from_millis(20);
+        let mut retry = 0;
         loop {
             match self.try_write(&rows).await {
                 Ok(ids) => {
-                    self.shared.listener.wake_local(&self.channel);
+                    self.core.listener.wake_local(&self.channel);
                     for (row, id) in rows.into_iter().zip(ids) {
                         let _ = row.reply.send(id);
                     }
                     return;
                 }
-                Err(e) if retryable(&e) && Instant::now() + backoff < deadline => {
+                Err(e)
+                    if retryable(&e)
+                        && !self.core.life.is_closed()
+                        && Instant::now() + RETRY.ceiling(retry + 1) < deadline =>
+                {
+                    retry += 1;
                     tracing::debug!(topic = %self.topic, error = %e, "publish failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    tokio::time::sleep(RETRY.ceiling(retry)).await;
                 }
                 Err(e) => {
                     let e = e.with_context("topic", &self.topic);
@@ -225,11 +250,12 @@ impl Writer {
     }
 
     async fn try_write(&self, rows: &[Row]) -> Result<Vec<Result<MessageId>>> {
-        let client = self.shared.conn().await?;
+        let core = &self.core;
+        let client = core.conn().await?;
         let stmt = client
-            .prepare_cached(&self.shared.sql.publish)
+            .prepare_cached(&core.sql.publish)
             .await
-            .map_err(|e| self.shared.pg(e, "prepare"))?;
+            .map_err(|e| core.pg(e, "prepare"))?;
         let payloads: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_ref()).collect();
         let props: Vec<Option<&str>> = rows.iter().map(|r| r.properties.as_deref()).collect();
         let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key.as_deref()).collect();
@@ -248,7 +274,7 @@ impl Writer {
                 ],
             )
             .await
-            .map_err(|e| self.shared.pg(e, "publish"))?;
+            .map_err(|e| core.pg(e, "publish"))?;
         let dedup_mode = rows.iter().any(|r| r.dedup_id.is_some());
         if !dedup_mode {
             let mut seqs: Vec<i64> = result.iter().map(|r| r.get(0)).collect();
@@ -278,9 +304,9 @@ impl Writer {
             .collect();
         if !missing.is_empty() {
             let found = client
-                .query(&self.shared.sql.dedup_lookup, &[&self.topic_id, &missing])
+                .query(&core.sql.dedup_lookup, &[&self.topic_id, &missing])
                 .await
-                .map_err(|e| self.shared.pg(e, "de-duplication lookup"))?;
+                .map_err(|e| core.pg(e, "de-duplication lookup"))?;
             for r in found {
                 by_dedup.insert(r.get(0), r.get(1));
             }
@@ -296,13 +322,4 @@ impl Writer {
             })
             .collect())
     }
-}
-
-/// [`Error`] is not `Clone`; rebuild one per receipt with the same kind, message and context.
-pub(crate) fn clone_error(e: &Error) -> Error {
-    let mut out = Error::new(e.kind(), e.message().to_owned()).set_temporary(e.is_temporary());
-    for (k, v) in e.context() {
-        out = out.with_context(k, v);
-    }
-    out
 }

@@ -1,26 +1,45 @@
-//! q0: `NOTIFY` carrying the message; only listeners connected now receive it.
+//! q0: `NOTIFY` carrying the message; only listeners connected now receive it. The notification
+//! text is `id \n header \n base64(payload)`, the header empty or a JSON object
+//! `{"p": properties, "k": key}`.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use async_trait::async_trait;
+use base64::Engine as _;
+use bytes::Bytes;
+use tg_backend_api::kit::{RawConsumer, RawProducer};
 use tg_backend_api::{
-    next_consumer_id, receive_timeout, AckHandle, Consumer, ConsumerOptions, Error, Message,
-    MessageId, OutboundMessage, Producer, Result, SendReceipt, Topic,
+    receive_timeout, AckHandle, Backoff, ConsumerOptions, Error, ErrorKind, Message, MessageId,
+    OutboundMessage, Properties, Result, SendReceipt, Topic,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::backend::Shared;
-use crate::error::retryable;
+use crate::core::Core;
+use crate::error::{clone_error, retryable};
 use crate::listener::Registration;
-use crate::producer::clone_error;
-use crate::topic::{decode_q0, encode_q0, Q0_MAX_PAYLOAD};
 
 /// Most notifications one statement sends.
 const Q0_BATCH: usize = 1000;
+
+/// Waits before the retries of a `NOTIFY` statement that lost its connection.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(400));
+
+/// Retries of one `NOTIFY` statement.
+const RETRIES: u32 = 3;
+
+/// Longest `NOTIFY` payload PostgreSQL accepts with the default block size: the payload string
+/// must be shorter than 8000 bytes.
+pub(crate) const NOTIFY_MAX: usize = 7999;
+
+/// Longest q0 message id: 8 hex digits, `-`, and a decimal `u64`.
+const ID_MAX: usize = 8 + 1 + 20;
+
+/// Largest q0 payload that always fits a notification when it has no properties and no key:
+/// base64 needs 4 bytes per 3, after the id and two newlines.
+pub(crate) const Q0_MAX_PAYLOAD: usize = (NOTIFY_MAX - ID_MAX - 2) / 4 * 3;
 
 struct Note {
     id: String,
@@ -33,40 +52,36 @@ enum Item {
     Flush(oneshot::Sender<()>),
 }
 
+/// The q0 producer: a bounded channel into a task that sends batches of notifications.
 pub(crate) struct Q0Producer {
-    shared: Arc<Shared>,
     topic: Topic,
     prefix: String,
     counter: AtomicU64,
     tx: mpsc::Sender<Item>,
-    closed: AtomicBool,
 }
 
 impl Q0Producer {
-    pub(crate) fn new(shared: Arc<Shared>, topic: Topic) -> Self {
+    pub(crate) fn new(core: Arc<Core>, topic: Topic) -> Self {
         let (tx, rx) = mpsc::channel(Q0_BATCH * 2);
-        let channel = shared.channel(&topic);
-        tokio::spawn(writer(shared.clone(), channel, rx));
+        let channel = core.channel(&topic);
+        tokio::spawn(writer(core, channel, rx));
         let prefix = format!("{:08x}", rand::random::<u32>());
         Self {
-            shared,
             topic,
             prefix,
             counter: AtomicU64::new(0),
             tx,
-            closed: AtomicBool::new(false),
         }
     }
 
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed("producer").with_context("topic", &self.topic));
-        }
-        self.shared.check_open()
+    fn gone(&self) -> Error {
+        Error::closed("producer").with_context("topic", &self.topic)
     }
 }
 
-async fn writer(shared: Arc<Shared>, channel: String, mut rx: mpsc::Receiver<Item>) {
+/// Sends what the producer queues, up to [`Q0_BATCH`] notifications per statement; ends when the
+/// producer is gone.
+async fn writer(core: Arc<Core>, channel: String, mut rx: mpsc::Receiver<Item>) {
     let mut notes: Vec<Note> = Vec::with_capacity(Q0_BATCH);
     let mut flushes = Vec::new();
     while let Some(first) = rx.recv().await {
@@ -89,22 +104,22 @@ async fn writer(shared: Arc<Shared>, channel: String, mut rx: mpsc::Receiver<Ite
             let mut attempt = 0;
             let result = loop {
                 let r = async {
-                    let client = shared.conn().await?;
+                    let client = core.conn().await?;
                     let stmt = client
                         .prepare_cached("SELECT pg_notify($1, x) FROM unnest($2::text[]) AS x")
                         .await
-                        .map_err(|e| shared.pg(e, "prepare"))?;
+                        .map_err(|e| core.pg(e, "prepare"))?;
                     client
                         .query(&stmt, &[&channel, &texts])
                         .await
-                        .map_err(|e| shared.pg(e, "NOTIFY"))?;
+                        .map_err(|e| core.pg(e, "NOTIFY"))?;
                     Ok::<_, Error>(())
                 }
                 .await;
                 match r {
-                    Err(e) if retryable(&e) && attempt < 3 && shared.check_open().is_ok() => {
+                    Err(e) if retryable(&e) && attempt < RETRIES && !core.life.is_closed() => {
                         attempt += 1;
-                        tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                        tokio::time::sleep(RETRY.ceiling(attempt)).await;
                     }
                     other => break other,
                 }
@@ -123,29 +138,11 @@ async fn writer(shared: Arc<Shared>, channel: String, mut rx: mpsc::Receiver<Ite
     }
 }
 
-#[async_trait]
-impl Producer for Q0Producer {
-    fn topic(&self) -> &Topic {
-        &self.topic
-    }
-
+impl RawProducer for Q0Producer {
     async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
-        self.check_open()?;
-        if message.payload().len() > Q0_MAX_PAYLOAD {
-            return Err(
-                Error::payload_too_large(message.payload().len(), Q0_MAX_PAYLOAD)
-                    .with_context("topic", &self.topic),
-            );
-        }
-        if message.is_retained() {
-            return Err(
-                Error::unsupported("the PostgreSQL backend keeps no retained messages")
-                    .with_context("topic", &self.topic),
-            );
-        }
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", self.prefix);
-        let text = encode_q0(
+        let text = encode(
             &id,
             message.payload(),
             message.properties(),
@@ -156,28 +153,22 @@ impl Producer for Q0Producer {
         self.tx
             .send(Item::Note(Note { id, text, reply }))
             .await
-            .map_err(|_| Error::closed("producer").with_context("topic", &self.topic))?;
+            .map_err(|_| self.gone())?;
         Ok(SendReceipt::from_channel(rx))
     }
 
     async fn flush(&self) -> Result<()> {
-        self.check_open()?;
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Item::Flush(tx))
             .await
-            .map_err(|_| Error::closed("producer"))?;
-        rx.await.map_err(|_| Error::closed("producer"))
+            .map_err(|_| self.gone())?;
+        rx.await.map_err(|_| self.gone())
     }
 
     async fn close(&self) -> Result<()> {
-        if !self.closed.load(Ordering::Acquire) && self.shared.check_open().is_ok() {
-            let (tx, rx) = oneshot::channel();
-            if self.tx.send(Item::Flush(tx)).await.is_ok() {
-                let _ = rx.await;
-            }
-        }
-        self.closed.store(true, Ordering::Release);
+        // what was sent before the close still goes out; a failure is in its receipt
+        let _ = self.flush().await;
         Ok(())
     }
 }
@@ -190,67 +181,60 @@ impl fmt::Debug for Q0Producer {
     }
 }
 
+/// The q0 consumer: the notifications of its topic's channel, fanned out in this process. One
+/// per subscription and process: `NOTIFY` reaches every listener, so consumers cannot compete.
 pub(crate) struct Q0Consumer {
     id: u64,
-    shared: Arc<Shared>,
+    core: Arc<Core>,
     topic: Topic,
     subscription: String,
     rx: tokio::sync::Mutex<broadcast::Receiver<Arc<str>>>,
     registration: parking_lot::Mutex<Option<Registration>>,
-    closed: AtomicBool,
-    closing: tokio::sync::watch::Sender<bool>,
+    /// Whether this consumer gave its subscription up (subscription state; the kit keeps the
+    /// consumer's lifecycle).
+    detached: AtomicBool,
 }
 
 impl Q0Consumer {
     pub(crate) async fn create(
-        shared: Arc<Shared>,
+        core: Arc<Core>,
         topic: Topic,
-        options: ConsumerOptions,
+        options: &ConsumerOptions,
+        id: u64,
     ) -> Result<Self> {
         let key = (topic.as_str().to_owned(), options.subscription.clone());
-        if !shared.q0_subs.lock().insert(key.clone()) {
+        if !core.q0_subs.lock().insert(key.clone()) {
             return Err(Error::unsupported(
                 "q0 subscriptions on PostgreSQL take one consumer: NOTIFY cannot make consumers compete",
             )
             .with_context("topic", &topic)
             .with_context("subscription", &options.subscription));
         }
-        let channel = shared.channel(&topic);
-        let registration = match shared.listener.register(&channel, true, true).await {
+        let channel = core.channel(&topic);
+        let mut registration = match core.listener.register(&channel, true, true).await {
             Ok(r) => r,
             Err(e) => {
-                shared.q0_subs.lock().remove(&key);
+                core.q0_subs.lock().remove(&key);
                 return Err(e.with_context("topic", &topic));
             }
         };
-        let mut registration = registration;
         let rx = registration
             .q0
             .take()
             .ok_or_else(|| Error::connection("no q0 channel"))?;
         Ok(Self {
-            id: next_consumer_id(),
-            shared,
+            id,
+            core,
             topic,
-            subscription: options.subscription,
+            subscription: options.subscription.clone(),
             rx: tokio::sync::Mutex::new(rx),
             registration: parking_lot::Mutex::new(Some(registration)),
-            closed: AtomicBool::new(false),
-            closing: tokio::sync::watch::channel(false).0,
+            detached: AtomicBool::new(false),
         })
     }
 
-    fn check_open(&self) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(Error::closed("consumer")
-                .with_context("topic", &self.topic)
-                .with_context("subscription", &self.subscription));
-        }
-        self.shared.check_open()
-    }
-
     fn decode(&self, text: &str) -> Option<Message> {
-        match decode_q0(text) {
+        match decode(text) {
             Ok(m) => Some(
                 Message::new(
                     m.payload,
@@ -272,11 +256,11 @@ impl Q0Consumer {
         tracing::warn!(topic = %self.topic, lost = n, "q0 consumer fell behind; notifications dropped");
     }
 
+    /// Stops listening and frees the subscription for another consumer; once.
     fn detach(&self) {
-        if !self.closed.swap(true, Ordering::AcqRel) {
-            self.closing.send_replace(true);
+        if !self.detached.swap(true, Ordering::AcqRel) {
             self.registration.lock().take();
-            self.shared
+            self.core
                 .q0_subs
                 .lock()
                 .remove(&(self.topic.as_str().to_owned(), self.subscription.clone()));
@@ -284,18 +268,9 @@ impl Q0Consumer {
     }
 }
 
-#[async_trait]
-impl Consumer for Q0Consumer {
-    fn topic(&self) -> &Topic {
-        &self.topic
-    }
-
-    fn subscription(&self) -> &str {
-        &self.subscription
-    }
-
+impl RawConsumer for Q0Consumer {
     async fn receive(&self, timeout: Duration) -> Result<Message> {
-        self.check_open()?;
+        let gone = || Error::closed("consumer");
         let mut rx = self.rx.lock().await;
         // what is already buffered, without arming a timer
         loop {
@@ -307,18 +282,14 @@ impl Consumer for Q0Consumer {
                 }
                 Err(broadcast::error::TryRecvError::Empty) => break,
                 Err(broadcast::error::TryRecvError::Lagged(n)) => self.lagged(n),
-                Err(broadcast::error::TryRecvError::Closed) => {
-                    return Err(Error::closed("consumer"))
-                }
+                Err(broadcast::error::TryRecvError::Closed) => return Err(gone()),
             }
         }
         let deadline = Instant::now() + timeout;
-        let mut closing = self.closing.subscribe();
         loop {
             let next = tokio::select! {
                 r = rx.recv() => r,
-                _ = tokio::time::sleep_until(deadline) => return Err(receive_timeout(timeout)),
-                _ = closing.changed() => return Err(Error::closed("consumer")),
+                () = tokio::time::sleep_until(deadline) => return Err(receive_timeout(timeout)),
             };
             match next {
                 Ok(text) => {
@@ -327,7 +298,7 @@ impl Consumer for Q0Consumer {
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => self.lagged(n),
-                Err(broadcast::error::RecvError::Closed) => return Err(Error::closed("consumer")),
+                Err(broadcast::error::RecvError::Closed) => return Err(gone()),
             }
         }
     }
@@ -341,7 +312,6 @@ impl Consumer for Q0Consumer {
     }
 
     async fn unsubscribe(&self) -> Result<()> {
-        self.check_open()?;
         self.detach();
         Ok(())
     }
@@ -350,19 +320,146 @@ impl Consumer for Q0Consumer {
         self.detach();
         Ok(())
     }
-}
 
-impl Drop for Q0Consumer {
-    fn drop(&mut self) {
+    fn close_sync(&self) -> bool {
         self.detach();
+        true
     }
 }
 
 impl fmt::Debug for Q0Consumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Q0Consumer")
+            .field("id", &self.id)
             .field("topic", &self.topic)
             .field("subscription", &self.subscription)
             .finish()
+    }
+}
+
+/// Encodes a q0 message as a notification payload: `id \n header \n base64(payload)`, where the
+/// header is empty or a JSON object `{"p": properties, "k": key}`.
+fn encode(id: &str, payload: &[u8], properties: &Properties, key: Option<&str>) -> Result<String> {
+    let header = if properties.is_empty() && key.is_none() {
+        String::new()
+    } else {
+        let mut obj = serde_json::Map::new();
+        if !properties.is_empty() {
+            obj.insert(
+                "p".to_owned(),
+                serde_json::to_value(properties)
+                    .map_err(|e| Error::new(ErrorKind::Encode, e.to_string()))?,
+            );
+        }
+        if let Some(k) = key {
+            obj.insert("k".to_owned(), serde_json::Value::String(k.to_owned()));
+        }
+        serde_json::Value::Object(obj).to_string()
+    };
+    let b64_len = payload.len().div_ceil(3) * 4;
+    let total = id.len() + 1 + header.len() + 1 + b64_len;
+    if total > NOTIFY_MAX {
+        return Err(Error::new(
+            ErrorKind::PayloadTooLarge,
+            format!(
+                "q0 message of {} payload bytes encodes to a {total}-byte notification; \
+                 PostgreSQL NOTIFY carries at most {NOTIFY_MAX} bytes (payload, properties and \
+                 key together; a payload alone may have {Q0_MAX_PAYLOAD} bytes)",
+                payload.len()
+            ),
+        ));
+    }
+    let mut out = String::with_capacity(total);
+    out.push_str(id);
+    out.push('\n');
+    out.push_str(&header);
+    out.push('\n');
+    base64::engine::general_purpose::STANDARD.encode_string(payload, &mut out);
+    Ok(out)
+}
+
+/// A decoded q0 notification.
+#[derive(Debug)]
+struct Decoded {
+    id: String,
+    payload: Bytes,
+    properties: Properties,
+    key: Option<String>,
+    received: SystemTime,
+}
+
+/// Decodes [`encode`]'s format.
+fn decode(text: &str) -> Result<Decoded> {
+    let bad = |why: &str| {
+        Error::new(
+            ErrorKind::Decode,
+            format!("malformed q0 notification: {why}"),
+        )
+    };
+    let (id, rest) = text.split_once('\n').ok_or_else(|| bad("no id line"))?;
+    let (header, body) = rest.split_once('\n').ok_or_else(|| bad("no header line"))?;
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|e| bad(&format!("payload is not base64: {e}")))?;
+    let mut properties = Properties::new();
+    let mut key = None;
+    if !header.is_empty() {
+        let v: serde_json::Value =
+            serde_json::from_str(header).map_err(|e| bad(&format!("header: {e}")))?;
+        if let Some(p) = v.get("p") {
+            properties =
+                serde_json::from_value(p.clone()).map_err(|e| bad(&format!("properties: {e}")))?;
+        }
+        key = v.get("k").and_then(|k| k.as_str()).map(str::to_owned);
+    }
+    Ok(Decoded {
+        id: id.to_owned(),
+        payload: Bytes::from(payload),
+        properties,
+        key,
+        received: SystemTime::now(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_limits() {
+        let mut props = Properties::new();
+        props.insert("id".into(), "x\ny\"z".into());
+        let text = encode("abcd0123-7", b"\0\xffhello", &props, Some("k\n")).unwrap();
+        let m = decode(&text).unwrap();
+        assert_eq!(m.id, "abcd0123-7");
+        assert_eq!(m.payload.as_ref(), b"\0\xffhello");
+        assert_eq!(m.properties, props);
+        assert_eq!(m.key.as_deref(), Some("k\n"));
+
+        let max_id = format!("ffffffff-{}", u64::MAX);
+        let at = vec![7u8; Q0_MAX_PAYLOAD];
+        let text = encode(&max_id, &at, &Properties::new(), None).unwrap();
+        assert!(text.len() <= NOTIFY_MAX);
+        let over = vec![7u8; Q0_MAX_PAYLOAD + 3];
+        let err = encode(&max_id, &over, &Properties::new(), None).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+        let err = encode("a-1", &at, &props, Some(&"k".repeat(100))).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+    }
+
+    #[test]
+    fn foreign_notifications_are_refused() {
+        for text in [
+            "",
+            "just one line",
+            "id\n\nnot base64!",
+            "id\n{not json\nAA==",
+        ] {
+            assert_eq!(
+                decode(text).unwrap_err().kind(),
+                ErrorKind::Decode,
+                "{text:?}"
+            );
+        }
     }
 }

@@ -1,12 +1,9 @@
 //! TLS through rustls (ring provider) for `sslmode=require`, `verify-ca` and `verify-full`, and
-//! one way to open a connection whatever the mode.
+//! one way to open a connection whatever the mode. The rustls configuration (which certificates
+//! are trusted, and how) is built here; `tokio-postgres-rustls` runs it on the connections.
 
 use std::fmt;
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -19,13 +16,14 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 use tg_backend_api::{Error, Result};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect, TlsStream};
-use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
+use tokio_postgres::{AsyncMessage, Client, NoTls};
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+use crate::config::SslMode;
 
 /// How the server's certificate is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Verify {
+enum Verify {
     /// Encrypt, accept any certificate (libpq's `sslmode=require` without a root certificate).
     None,
     /// Check the chain against the roots, not the host name (`verify-ca`).
@@ -40,7 +38,7 @@ pub(crate) enum Tls {
     /// Plain TCP (`sslmode=disable`, `allow`, `prefer`).
     Plain,
     /// rustls.
-    Rustls(MakeRustls),
+    Rustls(MakeRustlsConnect),
 }
 
 impl fmt::Debug for Tls {
@@ -57,8 +55,20 @@ pub(crate) type Messages =
     BoxStream<'static, std::result::Result<AsyncMessage, tokio_postgres::Error>>;
 
 impl Tls {
-    /// Builds the TLS configuration; `root_cert` is a PEM file of extra trusted roots.
-    pub(crate) fn new(verify: Option<Verify>, root_cert: Option<&str>) -> Result<Self> {
+    /// The TLS side of `sslmode`; `root_cert` is a PEM file of trusted roots (default: the
+    /// system's).
+    pub(crate) fn for_mode(mode: SslMode, root_cert: Option<&str>) -> Result<Self> {
+        let verify = match mode {
+            SslMode::Disable | SslMode::Allow | SslMode::Prefer => None,
+            SslMode::Require => Some(Verify::None),
+            SslMode::VerifyCa => Some(Verify::Chain),
+            SslMode::VerifyFull => Some(Verify::Full),
+        };
+        Self::new(verify, root_cert)
+    }
+
+    /// Builds the TLS configuration; `root_cert` is a PEM file of trusted roots.
+    fn new(verify: Option<Verify>, root_cert: Option<&str>) -> Result<Self> {
         let Some(verify) = verify else {
             return Ok(Tls::Plain);
         };
@@ -113,7 +123,7 @@ impl Tls {
                     .with_no_client_auth()
             }
         };
-        Ok(Tls::Rustls(MakeRustls(Arc::new(config))))
+        Ok(Tls::Rustls(MakeRustlsConnect::new(config)))
     }
 
     /// Opens a connection; the returned stream must be polled to drive it.
@@ -147,83 +157,6 @@ impl Tls {
         let (client, mut messages) = self.connect(pg).await?;
         let task = tokio::spawn(async move { while let Some(Ok(_)) = messages.next().await {} });
         Ok((client, task))
-    }
-}
-
-/// `MakeTlsConnect` over rustls.
-#[derive(Clone)]
-pub(crate) struct MakeRustls(Arc<ClientConfig>);
-
-impl MakeTlsConnect<Socket> for MakeRustls {
-    type Stream = RustlsStream;
-    type TlsConnect = RustlsConnect;
-    type Error = io::Error;
-
-    fn make_tls_connect(&mut self, domain: &str) -> io::Result<RustlsConnect> {
-        let name = ServerName::try_from(domain.to_owned())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        Ok(RustlsConnect {
-            config: self.0.clone(),
-            name,
-        })
-    }
-}
-
-/// One TLS handshake.
-pub(crate) struct RustlsConnect {
-    config: Arc<ClientConfig>,
-    name: ServerName<'static>,
-}
-
-impl TlsConnect<Socket> for RustlsConnect {
-    type Stream = RustlsStream;
-    type Error = io::Error;
-    type Future = Pin<Box<dyn Future<Output = io::Result<RustlsStream>> + Send>>;
-
-    fn connect(self, stream: Socket) -> Self::Future {
-        Box::pin(async move {
-            let tls = tokio_rustls::TlsConnector::from(self.config)
-                .connect(self.name, stream)
-                .await?;
-            Ok(RustlsStream(Box::new(tls)))
-        })
-    }
-}
-
-/// A TLS stream.
-pub(crate) struct RustlsStream(Box<tokio_rustls::client::TlsStream<Socket>>);
-
-impl AsyncRead for RustlsStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for RustlsStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0).poll_shutdown(cx)
-    }
-}
-
-impl TlsStream for RustlsStream {
-    fn channel_binding(&self) -> ChannelBinding {
-        ChannelBinding::none()
     }
 }
 
@@ -321,5 +254,33 @@ impl ServerCertVerifier for ChainOnly {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.supported_verify_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_choose_plain_or_rustls() {
+        for mode in [SslMode::Disable, SslMode::Allow, SslMode::Prefer] {
+            assert!(
+                matches!(Tls::for_mode(mode, None), Ok(Tls::Plain)),
+                "{mode:?}"
+            );
+        }
+        assert!(matches!(
+            Tls::for_mode(SslMode::Require, None),
+            Ok(Tls::Rustls(_))
+        ));
+    }
+
+    #[test]
+    fn an_unreadable_root_certificate_is_named() {
+        for mode in [SslMode::VerifyCa, SslMode::VerifyFull] {
+            let err = Tls::for_mode(mode, Some("/no/such/root.pem")).unwrap_err();
+            assert_eq!(err.kind(), tg_backend_api::ErrorKind::ConfigInvalid);
+            assert!(err.to_string().contains("/no/such/root.pem"), "{err}");
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! What the conformance suite does not cover: connection errors, name mapping, SQL-injection
-//! attempts, the visibility timeout, concurrent schema creation, and recovery after the
-//! server drops every connection of the backend.
+//! attempts, the visibility timeout, claims given back when the backend closes, concurrent schema
+//! creation, and recovery after the server drops every connection of the backend.
 //!
 //! Needs the server of `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`); when it
 //! is down the tests say so and pass, unless `CI=true`.
@@ -229,9 +229,10 @@ async fn visibility_timeout_redelivers_after_a_crash() {
         .unwrap();
     let got = first.receive(Duration::from_secs(10)).await.unwrap();
     assert_eq!(got.redelivery_count(), 0);
-    // the process "dies": its connections go away without giving the claim back
-    crashing.close().await.unwrap();
+    // the process "dies": nothing gives the claim back. (Closing the consumer or its backend,
+    // or dropping either, would: a closing consumer releases its claims at once.)
     std::mem::forget(first);
+    std::mem::forget(crashing);
     let second = survivor
         .create_consumer(&t, ConsumerOptions::new("w"))
         .await
@@ -246,6 +247,66 @@ async fn visibility_timeout_redelivers_after_a_crash() {
         start.elapsed()
     );
     second.acknowledge(&again).await.unwrap();
+    survivor.close().await.unwrap();
+}
+
+/// Closing a backend closes its consumers, and a closing consumer gives back what it claimed:
+/// another backend gets the message at once, not after the visibility timeout.
+#[tokio::test]
+async fn closing_the_backend_gives_claims_back_at_once() {
+    let Some(closing) = backend(|c| c).await else {
+        return;
+    };
+    let Some(survivor) = backend(|c| c).await else {
+        return;
+    };
+    let t = topic(Qos::Q1, "close");
+    let first = closing
+        .create_consumer(&t, ConsumerOptions::new("w"))
+        .await
+        .unwrap();
+    let producer = survivor
+        .create_producer(&t, Default::default())
+        .await
+        .unwrap();
+    for body in ["handed-out", "buffered"] {
+        producer
+            .send(OutboundMessage::new(body))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let got = first.receive(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(got.payload().as_ref(), b"handed-out");
+    closing.close().await.unwrap();
+    let err = first.receive(Duration::from_millis(100)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Closed, "{err}");
+    let second = survivor
+        .create_consumer(&t, ConsumerOptions::new("w"))
+        .await
+        .unwrap();
+    let start = Instant::now();
+    let mut counts = Vec::new();
+    for _ in 0..2 {
+        let m = second.receive(Duration::from_secs(5)).await.unwrap();
+        counts.push((
+            String::from_utf8_lossy(m.payload()).into_owned(),
+            m.redelivery_count(),
+        ));
+        second.acknowledge(&m).await.unwrap();
+    }
+    counts.sort();
+    assert_eq!(
+        counts,
+        [("buffered".to_owned(), 0), ("handed-out".to_owned(), 1)],
+        "the message handed to the application counts as delivered once"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        start.elapsed()
+    );
     survivor.close().await.unwrap();
 }
 
