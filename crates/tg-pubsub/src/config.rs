@@ -24,6 +24,8 @@ static DRIVERS: &[&Driver] = &[
     &tg_backend_mqtt::DRIVER,
     #[cfg(feature = "pulsar")]
     &tg_backend_pulsar::DRIVER,
+    #[cfg(feature = "rabbitmq")]
+    &tg_backend_rabbitmq::DRIVER,
 ];
 
 /// The compiled-in driver called `name` (as `PUBSUB_BACKEND` spells it, any case), or an error

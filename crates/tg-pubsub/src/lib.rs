@@ -47,6 +47,8 @@ pub use tg_backend_mqtt::{self as mqtt, MqttBackend, MqttConfig};
 pub use tg_backend_postgres::{self as postgres, PostgresBackend, PostgresConfig};
 #[cfg(feature = "pulsar")]
 pub use tg_backend_pulsar::{self as pulsar, PulsarBackend, PulsarConfig};
+#[cfg(feature = "rabbitmq")]
+pub use tg_backend_rabbitmq::{self as rabbitmq, RabbitBackend, RabbitConfig};
 #[cfg(feature = "redis")]
 pub use tg_backend_redis::{self as redis, RedisBackend, RedisConfig};
 pub use tg_runtime::{
