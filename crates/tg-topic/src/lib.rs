@@ -4,11 +4,13 @@
 
 mod error;
 mod qos;
+pub mod queue;
 mod topic;
 mod validate;
 
 pub use crate::error::{Reason, Segment, TopicError};
 pub use crate::qos::Qos;
+pub use crate::queue::{QueueClass, QueueId, QueueIdError};
 pub use crate::topic::{Topic, TopicBuilder};
 
 /// The tenant used by [`topic`] and [`Topic::builder`] unless another one is set.
