@@ -3,6 +3,7 @@
 //! The commands a developer runs are the commands CI runs (`.ci/run` calls `cargo xtask ci`).
 
 mod pulsar;
+mod schema;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
@@ -107,8 +108,10 @@ usage: cargo xtask <command>
                        (`cargo test --workspace`). Ends with `N passed, N failed, N skipped`.
   bench <backend>      memory: the CLI bench in release mode; others: the crate's compare bench
                        (tg-pubsub against the raw client crate, same run)
+  schema sync|check    write the framework's message types into tg-schema from the pinned
+                       trustgraph-base (sync), or fail if the committed ones differ (check)
   services             report the local servers and start the ones that are down
-  ci                   what CI runs: fmt --check, clippy -D warnings, doc, test all
+  ci                   what CI runs: fmt --check, clippy -D warnings, doc, schema check, test all
   help                 this text
 
 backends: the workspace's crates with `[package.metadata.tg-pubsub] backend = …`:";
@@ -119,6 +122,7 @@ fn main() -> ExitCode {
     let result = match args.as_slice() {
         ["test", backend] => test(backend),
         ["bench", backend] => bench(backend),
+        ["schema", mode] => schema::run(mode),
         ["services"] => backend_crates().map(|crates| services(&crates)),
         ["ci"] => ci(),
         [] | ["help"] | ["--help"] | ["-h"] => {
@@ -461,6 +465,7 @@ fn ci() -> Result<(), String> {
     if !doc.success() {
         return Err("cargo doc --workspace --no-deps failed".to_owned());
     }
+    schema::run("check")?;
     test("all")
 }
 

@@ -73,7 +73,7 @@ fn venv() -> PathBuf {
 }
 
 /// The venv's python.
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     venv().join("bin").join("python")
 }
 

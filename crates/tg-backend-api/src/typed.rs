@@ -153,15 +153,15 @@ impl<T: fmt::Debug> fmt::Debug for TypedMessage<T> {
 /// # #[tokio::main(flavor = "current_thread")] async fn main() -> tg_backend_api::Result<()> {
 /// use std::time::Duration;
 /// use tg_backend_api::{BackendExt, ConsumerOptions};
-/// use tg_schema::messages::Value;
+/// use tg_schema::trustgraph::Term;
 ///
 /// let backend = tg_backend_memory::MemoryBackend::new();
 /// let topic = tg_topic::topic("values")?;
-/// let consumer = backend.typed_consumer::<Value>(&topic, ConsumerOptions::new("v")).await?;
-/// let producer = backend.typed_producer::<Value>(&topic).await?;
-/// producer.send(&Value { value: "http://x".into(), is_uri: true }).await?;
+/// let consumer = backend.typed_consumer::<Term>(&topic, ConsumerOptions::new("v")).await?;
+/// let producer = backend.typed_producer::<Term>(&topic).await?;
+/// producer.send(&Term { r#type: "i".into(), iri: "http://x".into(), ..Default::default() }).await?;
 /// let msg = consumer.receive(Duration::from_secs(1)).await?;
-/// assert!(msg.value().is_uri);
+/// assert_eq!(msg.value().iri, "http://x");
 /// consumer.acknowledge(&msg).await
 /// # }
 /// ```

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use tg_pubsub::{
-    messages::TextCompletionRequest, Backend, BackendExt, ConsumerOptions, ConsumerType, ErrorKind,
+    trustgraph::TextCompletionRequest, Backend, BackendExt, ConsumerOptions, ConsumerType, ErrorKind,
     InitialPosition, OutboundMessage, Properties, PubSubConfig, Result, Topic,
 };
 
@@ -283,7 +283,7 @@ async fn both(
             system: "self-test".into(),
             prompt: format!("{run_id}:{i}"),
             streaming: i % 2 == 0,
-            metadata: None,
+            ..Default::default()
         };
         producer
             .send_with(&request, [("id".to_owned(), i.to_string())].into())

@@ -38,7 +38,7 @@ pub trait Codec: Clone + Send + Sync + fmt::Debug + 'static {
 ///
 /// ```
 /// use tg_schema::{Codec, JsonCodec};
-/// use tg_schema::messages::TextCompletionRequest;
+/// use tg_schema::trustgraph::TextCompletionRequest;
 ///
 /// let bytes = br#"{"system":"s","prompt":"p","streaming":"yes"}"#;
 /// let err = JsonCodec.decode::<TextCompletionRequest>(bytes).unwrap_err();
@@ -175,7 +175,7 @@ impl CodecError {
 
     /// The type being encoded or decoded, without its module path (e.g.
     /// `TextCompletionRequest`; generic types keep the paths of their arguments, e.g.
-    /// `Vec<tg_schema::messages::Triple>`).
+    /// `Vec<tg_schema::trustgraph::core::Triple>`).
     pub fn type_name(&self) -> &'static str {
         self.type_name
     }

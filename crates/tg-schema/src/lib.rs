@@ -8,7 +8,7 @@ extern crate self as tg_schema;
 pub mod base64_bytes;
 mod codec;
 mod message;
-pub mod messages;
+pub mod trustgraph;
 
 pub use codec::{Codec, CodecError, Direction, JsonCodec};
 pub use message::Message;

@@ -440,7 +440,7 @@ fn messages_are_send_sync_static() {
     fn assert_message<T: Message + Send + Sync + 'static>() {}
     assert_message::<Renamed>();
     assert_message::<Envelope<Nested>>();
-    assert_message::<tg_schema::messages::TextCompletionResponse>();
+    assert_message::<tg_schema::trustgraph::TextCompletionResponse>();
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

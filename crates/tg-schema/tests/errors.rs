@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 use std::error::Error as _;
 
-use tg_schema::messages::{Document, GraphQuery, TextCompletionRequest, Triples};
+mod common;
+
+use common::{Document, GraphQuery, TextCompletionRequest, Triples};
 use tg_schema::{message, Codec, CodecError, Direction, JsonCodec};
 
 fn decode_err<T: serde::de::DeserializeOwned + std::fmt::Debug>(json: &str) -> CodecError {
@@ -117,7 +119,7 @@ fn invalid_base64_names_the_field() {
 #[test]
 fn generic_type_names_are_shortened() {
     let err = decode_err::<Vec<GraphQuery>>(r#"[{"triples":1}]"#);
-    assert_eq!(err.type_name(), "Vec<tg_schema::messages::GraphQuery>");
+    assert_eq!(err.type_name(), "Vec<errors::common::GraphQuery>");
     assert_eq!(err.path(), Some("[0].triples"));
 }
 

@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use tg_schema::messages::{
+mod common;
+
+use common::{
     Document, EmbeddingsResponse, Error, GraphQuery, Metadata, TextCompletionRequest,
     TextCompletionResponse, Triple, Triples, Value,
 };

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
-use tg_schema::messages::{
+mod common;
+
+use common::{
     EmbeddingsResponse, Error, GraphQuery, TextCompletionRequest, TextCompletionResponse, Triple,
     Value,
 };
@@ -132,9 +134,9 @@ proptest! {
     /// Bytes survive base64 both ways.
     #[test]
     fn document_round_trips(data in proptest::collection::vec(any::<u8>(), 0..200)) {
-        let doc = tg_schema::messages::Document { data, ..Default::default() };
+        let doc = common::Document { data, ..Default::default() };
         let bytes = JsonCodec.encode(&doc).unwrap();
-        let back: tg_schema::messages::Document = JsonCodec.decode(&bytes).unwrap();
+        let back: common::Document = JsonCodec.decode(&bytes).unwrap();
         prop_assert_eq!(back, doc);
     }
 }

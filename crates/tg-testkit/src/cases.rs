@@ -9,7 +9,7 @@ use tg_backend_api::{
     BackendExt, Capabilities, ConsumerOptions, ConsumerType, ErrorKind, InitialPosition,
     OutboundMessage, Qos, DEDUP_ID_PROPERTY,
 };
-use tg_schema::messages::TextCompletionRequest;
+use tg_schema::trustgraph::TextCompletionRequest;
 
 use crate::check::{drain, ensure, expect_nothing, text, Ctx, Failure, TestResult};
 use crate::Case;
@@ -213,10 +213,10 @@ async fn typed_round_trip(ctx: Ctx) -> TestResult {
         system: "be brief".into(),
         prompt: "hi".into(),
         streaming: true,
-        metadata: None,
+        ..Default::default()
     };
     let with_empty = TextCompletionRequest {
-        metadata: Some(BTreeMap::new()),
+        schema: Some(BTreeMap::new()),
         ..without.clone()
     };
     producer.send(&without).await?;
@@ -225,7 +225,7 @@ async fn typed_round_trip(ctx: Ctx) -> TestResult {
         .await?;
     let a = consumer.receive(EXPECT).await?;
     let b = consumer.receive(EXPECT).await?;
-    let (a, b) = if a.value().metadata.is_none() {
+    let (a, b) = if a.value().schema.is_none() {
         (a, b)
     } else {
         (b, a)

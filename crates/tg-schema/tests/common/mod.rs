@@ -1,0 +1,143 @@
+//! Fixture types of the codec tests, declared with `#[message]`: shaped like framework messages
+//! of an earlier version (the framework's own types are generated into `tg_schema::trustgraph`),
+//! they exercise what `#[message]` does with nested types, maps, options and base64 bytes.
+#![allow(dead_code)] // each test file uses some of the fixtures Field names are the
+//! ones TrustGraph puts on the wire; `Option` fields are omitted from the JSON when `None`; every
+//! field reads leniently (absent or `null` → default).
+
+use std::collections::BTreeMap;
+
+use tg_schema::message;
+
+/// An RDF term: a URI (`is_uri`) or a literal.
+#[message]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Value {
+    /// The URI or the literal text.
+    pub value: String,
+    /// Whether `value` is a URI rather than a literal.
+    pub is_uri: bool,
+}
+
+/// An RDF triple of nested [`Value`]s.
+#[message]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Triple {
+    /// Subject.
+    pub s: Value,
+    /// Predicate.
+    pub p: Value,
+    /// Object.
+    pub o: Value,
+}
+
+/// A graph query: a list of triple patterns with optional metadata (the nested-types example of
+/// the schema design).
+#[message]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GraphQuery {
+    /// The triple patterns.
+    pub triples: Vec<Triple>,
+    /// Free-form metadata. `None` is omitted from the JSON; `Some(empty)` is written as `{}`.
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// A request to an LLM text-completion service (the optional-fields example of the schema
+/// design).
+#[message]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TextCompletionRequest {
+    /// The system prompt.
+    pub system: String,
+    /// The user prompt.
+    pub prompt: String,
+    /// Whether the response should be streamed as several [`TextCompletionResponse`]s.
+    pub streaming: bool,
+    /// Free-form metadata; omitted when `None`, written as `{}` when empty.
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// TrustGraph's error record, carried in the `error` field of responses.
+///
+/// The wire name of [`kind`](Error::kind) is `type` (a Rust keyword), which shows
+/// `#[serde(rename = ...)]` under `#[message]`.
+#[message]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Error {
+    /// The error kind (`"type"` on the wire), e.g. `"llm-error"`, `"rate-limit"`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Human-readable description.
+    pub message: String,
+}
+
+/// A response (or, when streaming, one chunk of a response) from a text-completion service.
+#[message]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TextCompletionResponse {
+    /// Set when the request failed.
+    pub error: Option<Error>,
+    /// The completion text (or this chunk of it).
+    pub response: String,
+    /// Input tokens used, when the service reports it.
+    pub in_token: Option<i64>,
+    /// Output tokens produced, when the service reports it.
+    pub out_token: Option<i64>,
+    /// The model that answered, when known.
+    pub model: Option<String>,
+    /// Whether this is the last chunk of a streamed response.
+    pub end_of_stream: bool,
+}
+
+/// Where a piece of knowledge comes from and whom it belongs to.
+#[message]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct Metadata {
+    /// Source identifier.
+    pub id: String,
+    /// Identifier of the root document this item derives from.
+    pub root: String,
+    /// Owning user.
+    pub user: String,
+    /// Collection within the user's data.
+    pub collection: String,
+}
+
+/// A batch of triples extracted from a source.
+#[message]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Triples {
+    /// Where the triples come from.
+    pub metadata: Metadata,
+    /// The triples.
+    pub triples: Vec<Triple>,
+}
+
+/// A raw document (PDF, text, ...) entering the pipeline; `data` travels as base64.
+#[message]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Document {
+    /// Where the document comes from.
+    pub metadata: Metadata,
+    /// The document's bytes, base64 on the wire (`null` reads as empty).
+    #[serde(with = "tg_schema::base64_bytes")]
+    pub data: Vec<u8>,
+}
+
+/// A request to an embeddings service.
+#[message]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct EmbeddingsRequest {
+    /// The text to embed.
+    pub text: String,
+}
+
+/// The answer of an embeddings service: one vector per chunk of the input.
+#[message]
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct EmbeddingsResponse {
+    /// Set when the request failed.
+    pub error: Option<Error>,
+    /// The embedding vectors.
+    pub vectors: Vec<Vec<f64>>,
+}
