@@ -39,6 +39,9 @@ fn latency_histogram() -> Histogram {
 /// metrics.consumer("q1/tg/flow/x", "s").received.inc();
 /// assert!(encode_text(&registry).contains("tg_pubsub_received_total{topic=\"q1/tg/flow/x\",subscription=\"s\"} 1"));
 /// ```
+///
+/// Beside Python services of the framework, [`RuntimeMetrics::register_framework`] exports the
+/// framework's names and labels instead, so one dashboard reads both (see there).
 #[derive(Debug)]
 pub struct RuntimeMetrics {
     received: Family<Labels, Counter>,
@@ -50,6 +53,25 @@ pub struct RuntimeMetrics {
     queue_depth: Family<Labels, Gauge>,
     connected: Family<Labels, Gauge>,
     reconnects: Family<Labels, Counter>,
+    framework: Option<FrameworkFamilies>,
+}
+
+/// The framework's latency buckets (`BUCKETS_STANDARD` of its metrics module), in seconds.
+const FRAMEWORK_BUCKETS: [f64; 9] = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+fn framework_histogram() -> Histogram {
+    Histogram::new(FRAMEWORK_BUCKETS)
+}
+
+/// The families the Python framework's services export, for [`RuntimeMetrics::register_framework`].
+#[derive(Debug)]
+struct FrameworkFamilies {
+    processor: String,
+    state: Family<Labels, Gauge>,
+    request: Family<Labels, Histogram, fn() -> Histogram>,
+    processing: Family<Labels, Counter>,
+    rate_limit: Family<Labels, Counter>,
+    produced: Family<Labels, Counter>,
 }
 
 impl RuntimeMetrics {
@@ -97,6 +119,72 @@ impl RuntimeMetrics {
         Arc::new(m)
     }
 
+    /// Creates the families under the Python framework's names and labels (its
+    /// `trustgraph/base/metrics.py`) and registers them in `registry`, so that Rust services
+    /// appear on the dashboards of the framework's services. `processor` is the `processor`
+    /// label (the service's id); a consumer's `consumer` label is its subscription and a
+    /// producer's `producer` label its topic.
+    ///
+    /// | framework metric | labels | what counts |
+    /// |---|---|---|
+    /// | `tg_consumer_state` | processor, consumer, `tg_consumer_state="running"` | 1 while the consumer's connection works, else 0 |
+    /// | `tg_consumer_request_duration_seconds` | processor, consumer | handler run time (the framework's buckets, 50 ms … 30 s) |
+    /// | `tg_consumer_processing_total` | processor, consumer, status (`ok`, `error`) | handled messages; a panic counts as `error` |
+    /// | `tg_consumer_rate_limit_total` | processor, consumer | handler said it is rate limited |
+    /// | `tg_producer_messages_total` | processor, producer | messages the broker accepted |
+    ///
+    /// The runtime's other events (redeliveries, dead letters, duplicates, publisher queues,
+    /// reconnects) have no framework name and are not exported in this mode; the framework's
+    /// `stopped` state series is not written either (dashboards read `running`).
+    ///
+    /// ```
+    /// use prometheus_client::registry::Registry;
+    /// use tg_runtime::metrics::{encode_text, RuntimeMetrics};
+    ///
+    /// let mut registry = Registry::default();
+    /// let metrics = RuntimeMetrics::register_framework(&mut registry, "text-completion");
+    /// metrics.consumer("q1/tg/flow/x", "input").ok.inc();
+    /// metrics.producer("q1/tg/flow/y").ok.inc();
+    /// let text = encode_text(&registry);
+    /// assert!(text.contains(r#"tg_consumer_processing_total{processor="text-completion",consumer="input",status="ok"} 1"#));
+    /// assert!(text.contains(r#"tg_producer_messages_total{processor="text-completion",producer="q1/tg/flow/y"} 1"#));
+    /// assert!(!text.contains("tg_pubsub_"));
+    /// ```
+    pub fn register_framework(registry: &mut Registry, processor: &str) -> Arc<Self> {
+        let families = FrameworkFamilies {
+            processor: processor.to_owned(),
+            state: Family::default(),
+            request: Family::new_with_constructor(framework_histogram),
+            processing: Family::default(),
+            rate_limit: Family::default(),
+            produced: Family::default(),
+        };
+        registry.register("tg_consumer_state", "Consumer state", families.state.clone());
+        registry.register(
+            "tg_consumer_request_duration_seconds",
+            "Request latency (seconds)",
+            families.request.clone(),
+        );
+        registry.register(
+            "tg_consumer_processing",
+            "Processing count",
+            families.processing.clone(),
+        );
+        registry.register(
+            "tg_consumer_rate_limit",
+            "Rate limit event count",
+            families.rate_limit.clone(),
+        );
+        registry.register(
+            "tg_producer_messages",
+            "Output items produced",
+            families.produced.clone(),
+        );
+        let mut m = Self::unregistered();
+        m.framework = Some(families);
+        Arc::new(m)
+    }
+
     /// Families registered nowhere: what components use when given no metrics.
     pub fn unregistered() -> Self {
         Self {
@@ -109,6 +197,7 @@ impl RuntimeMetrics {
             queue_depth: Family::default(),
             connected: Family::default(),
             reconnects: Family::default(),
+            framework: None,
         }
     }
 
@@ -123,6 +212,35 @@ impl RuntimeMetrics {
             l.push(("outcome", o.to_owned()));
             self.handled.get_or_create(&l).clone()
         };
+        if let Some(f) = &self.framework {
+            let labels = |extra: &[(&'static str, &str)]| -> Labels {
+                let mut l: Labels = vec![
+                    ("processor", f.processor.clone()),
+                    ("consumer", subscription.to_owned()),
+                ];
+                l.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+                l
+            };
+            let error = f.processing.get_or_create(&labels(&[("status", "error")])).clone();
+            let mut connection = self.connection("consumer", topic);
+            connection.connected = f
+                .state
+                .get_or_create(&labels(&[("tg_consumer_state", "running")]))
+                .clone();
+            return ConsumerMetrics {
+                received: self.received.get_or_create(&base).clone(),
+                ok: f.processing.get_or_create(&labels(&[("status", "ok")])).clone(),
+                panic: error.clone(),
+                error,
+                rate_limited: f.rate_limit.get_or_create(&labels(&[])).clone(),
+                dead_lettered_outcome: outcome("dead_lettered"),
+                duplicate: outcome("duplicate"),
+                latency: f.request.get_or_create(&labels(&[])).clone(),
+                redeliveries: self.redeliveries.get_or_create(&base).clone(),
+                dead_lettered: self.dead_lettered.get_or_create(&base).clone(),
+                connection,
+            };
+        }
         ConsumerMetrics {
             received: self.received.get_or_create(&base).clone(),
             ok: outcome("ok"),
@@ -146,8 +264,18 @@ impl RuntimeMetrics {
             l.push(("outcome", o.to_owned()));
             self.published.get_or_create(&l).clone()
         };
+        let ok = match &self.framework {
+            Some(f) => f
+                .produced
+                .get_or_create(&vec![
+                    ("processor", f.processor.clone()),
+                    ("producer", topic.to_owned()),
+                ])
+                .clone(),
+            None => outcome("ok"),
+        };
         ProducerMetrics {
-            ok: outcome("ok"),
+            ok,
             retried: outcome("retried"),
             failed: outcome("failed"),
             dropped: outcome("dropped"),
