@@ -274,6 +274,12 @@ impl From<tg_topic::TopicError> for Error {
     }
 }
 
+impl From<tg_topic::QueueIdError> for Error {
+    fn from(err: tg_topic::QueueIdError) -> Self {
+        Error::new(ErrorKind::InvalidTopic, err.to_string())
+    }
+}
+
 impl From<tg_schema::CodecError> for Error {
     fn from(err: tg_schema::CodecError) -> Self {
         let kind = match err.direction() {

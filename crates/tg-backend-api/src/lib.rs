@@ -23,5 +23,5 @@ pub use message::{
 };
 pub use options::{ConsumerOptions, ConsumerType, InitialPosition, ProducerOptions};
 pub use registry::HandleRegistry;
-pub use tg_topic::{topic, Qos, Topic, TopicError};
+pub use tg_topic::{topic, Qos, QueueClass, QueueId, QueueIdError, Topic, TopicError};
 pub use typed::{BackendExt, TypedConsumer, TypedMessage, TypedProducer};

@@ -152,6 +152,31 @@ impl ConsumerOptions {
         }
     }
 
+    /// Options with the consumer semantics of a framework queue class: on `flow` and `request`
+    /// queues every consumer created with the same `subscription` competes for the messages;
+    /// on `response` and `notify` queues each consumer gets a private subscription
+    /// (`{subscription}-{random}`), so each receives every message, as the framework's own
+    /// consumers of those queues do.
+    ///
+    /// ```
+    /// use tg_backend_api::ConsumerOptions;
+    /// use tg_topic::QueueClass;
+    ///
+    /// assert_eq!(ConsumerOptions::for_queue_class(QueueClass::Request, "llm").subscription, "llm");
+    /// let a = ConsumerOptions::for_queue_class(QueueClass::Notify, "config");
+    /// let b = ConsumerOptions::for_queue_class(QueueClass::Notify, "config");
+    /// assert!(a.subscription.starts_with("config-") && a.subscription != b.subscription);
+    /// assert!(a.validate().is_ok());
+    /// ```
+    pub fn for_queue_class(class: tg_topic::QueueClass, subscription: impl Into<String>) -> Self {
+        let subscription = subscription.into();
+        if class.is_competing() {
+            Self::new(subscription)
+        } else {
+            Self::new(format!("{subscription}-{}", uuid::Uuid::new_v4().simple()))
+        }
+    }
+
     /// Sets the initial position.
     #[must_use]
     pub fn initial_position(mut self, position: InitialPosition) -> Self {

@@ -9,7 +9,7 @@
 //! ```
 //! # #[tokio::main(flavor = "current_thread")] async fn main() -> tg_pubsub::Result<()> {
 //! use std::time::Duration;
-//! use tg_pubsub::{messages::TextCompletionRequest, BackendExt, ConsumerOptions, PubSubConfig};
+//! use tg_pubsub::{trustgraph::TextCompletionRequest, BackendExt, ConsumerOptions, PubSubConfig};
 //!
 //! // From the environment and defaults (no flags): PUBSUB_BACKEND unset → memory.
 //! let backend = tg_pubsub::connect(&PubSubConfig::default()).await?;
@@ -55,5 +55,5 @@ pub use tg_runtime::{
     self as runtime, ConsumerRunner, HandlerError, Publisher, RequestResponse, RunnerConfig,
     Subscriber,
 };
-pub use tg_schema::{self as schema, message, messages, Codec, JsonCodec, Message};
-pub use tg_topic::{self as topics, topic, Qos, Topic, TopicError};
+pub use tg_schema::{self as schema, message, trustgraph, Codec, JsonCodec, Message};
+pub use tg_topic::{self as topics, topic, Qos, QueueClass, QueueId, Topic, TopicError};
