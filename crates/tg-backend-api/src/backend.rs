@@ -110,6 +110,19 @@ pub trait Producer: Send + Sync + fmt::Debug {
             .await
     }
 
+    /// Hands several messages to the backend in one call, in order, and returns one receipt per
+    /// message. Every payload is checked against the backend's limit before anything is sent,
+    /// so a too-large message fails the call with nothing sent. Backends whose broker takes a
+    /// batch in one request (a Redis pipeline, a multi-row insert) send it so; the others send
+    /// one message after the other.
+    async fn send_batch(&self, messages: Vec<OutboundMessage>) -> Result<Vec<SendReceipt>> {
+        let mut receipts = Vec::with_capacity(messages.len());
+        for message in messages {
+            receipts.push(self.send(message).await?);
+        }
+        Ok(receipts)
+    }
+
     /// Waits until every message sent so far has been accepted by the broker.
     async fn flush(&self) -> Result<()>;
 
@@ -143,9 +156,49 @@ pub trait Consumer: Send + Sync + fmt::Debug {
     /// came (`Duration::ZERO` only takes what is already there).
     async fn receive(&self, timeout: Duration) -> Result<Message>;
 
+    /// Up to `max` messages: waits at most `timeout` for the first, then takes what is already
+    /// there without waiting more. An empty batch means none came within `timeout`; `max` 0 is
+    /// an [`ErrorKind::InvalidInput`] error. Messages come in the order `receive` would give them.
+    async fn receive_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
+        check_batch_max(max)?;
+        let mut batch = Vec::new();
+        match self.receive(timeout).await {
+            Ok(first) => batch.push(first),
+            Err(e) if e.kind() == ErrorKind::Timeout => return Ok(batch),
+            Err(e) => return Err(e),
+        }
+        while batch.len() < max {
+            match self.receive(Duration::ZERO).await {
+                Ok(next) => batch.push(next),
+                Err(e) if e.kind() == ErrorKind::Timeout => break,
+                // what was taken is handed out; the error shows at the next call
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
     /// Marks the message as processed: it is not delivered to this subscription again.
     /// Acknowledging twice is not an error.
     async fn acknowledge(&self, message: &Message) -> Result<()>;
+
+    /// Acknowledges several messages in one call (one broker request where the broker allows).
+    /// Every message must come from this consumer; if one does not, nothing is acknowledged.
+    async fn acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        for message in messages {
+            self.acknowledge(message).await?;
+        }
+        Ok(())
+    }
+
+    /// Negatively acknowledges several messages in one call (see
+    /// [`negative_acknowledge`](Consumer::negative_acknowledge)).
+    async fn negative_acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        for message in messages {
+            self.negative_acknowledge(message).await?;
+        }
+        Ok(())
+    }
 
     /// Marks the message as failed: it becomes deliverable again with a higher redelivery count
     /// (where [`Capabilities::nack_redelivery`] holds; see the backend's docs otherwise).
@@ -227,6 +280,17 @@ impl fmt::Debug for SendReceipt {
         };
         f.debug_tuple("SendReceipt").field(&state).finish()
     }
+}
+
+/// `Ok` for a batch size of at least 1; the [`ErrorKind::InvalidInput`] error otherwise.
+pub fn check_batch_max(max: usize) -> Result<()> {
+    if max == 0 {
+        return Err(Error::new(
+            ErrorKind::InvalidInput,
+            "a batch must allow at least one message (max 0)",
+        ));
+    }
+    Ok(())
 }
 
 /// The [`ErrorKind::Timeout`] error `receive` returns when no message came in `timeout`.

@@ -10,9 +10,10 @@ pub mod kit;
 mod message;
 mod options;
 mod registry;
+mod stream;
 mod typed;
 
-pub use backend::{receive_timeout, Backend, Consumer, Producer, SendReceipt};
+pub use backend::{check_batch_max, receive_timeout, Backend, Consumer, Producer, SendReceipt};
 pub use backoff::Backoff;
 pub use bytes::Bytes;
 pub use capabilities::Capabilities;
@@ -23,5 +24,6 @@ pub use message::{
 };
 pub use options::{ConsumerOptions, ConsumerType, InitialPosition, ProducerOptions};
 pub use registry::HandleRegistry;
+pub use stream::ConsumerStreams;
 pub use tg_topic::{topic, Qos, QueueClass, QueueId, QueueIdError, Topic, TopicError};
 pub use typed::{BackendExt, TypedConsumer, TypedMessage, TypedProducer};

@@ -55,6 +55,20 @@ impl<T: tg_schema::Message, C: Codec> TypedProducer<T, C> {
             .await
     }
 
+    /// Sends every value in one call (see [`Producer::send_batch`]) and waits until the broker
+    /// accepted them all; nothing is sent if one does not encode or is too large.
+    pub async fn send_batch(&self, values: &[T]) -> Result<Vec<MessageId>> {
+        let messages = values
+            .iter()
+            .map(|v| self.encode(v))
+            .collect::<Result<Vec<_>>>()?;
+        let mut ids = Vec::with_capacity(messages.len());
+        for receipt in self.inner.send_batch(messages).await? {
+            ids.push(receipt.await?);
+        }
+        Ok(ids)
+    }
+
     /// Sends `value` with properties; the receipt resolves when the broker accepted it.
     pub async fn send_nowait(&self, value: &T, properties: Properties) -> Result<SendReceipt> {
         self.inner
@@ -201,6 +215,50 @@ impl<T: tg_schema::Message, C: Codec> TypedConsumer<T, C> {
     /// The next decoded message, waiting at most `timeout`.
     pub async fn receive(&self, timeout: Duration) -> Result<TypedMessage<T>> {
         self.decode(self.inner.receive(timeout).await?)
+    }
+
+    /// Up to `max` messages (see [`Consumer::receive_batch`]), each decoded on its own: one that
+    /// does not decode is an `Err` in its place (carrying the raw message, as
+    /// [`receive`](Self::receive) gives it), and the others are unaffected.
+    pub async fn receive_batch(
+        &self,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Result<TypedMessage<T>>>> {
+        Ok(self
+            .inner
+            .receive_batch(max, timeout)
+            .await?
+            .into_iter()
+            .map(|raw| self.decode(raw))
+            .collect())
+    }
+
+    /// The decoded messages as a stream (see [`ConsumerStreams::messages`](crate::ConsumerStreams)):
+    /// a message that does not decode is an `Err` item carrying the raw message.
+    pub fn messages(&self) -> futures::stream::BoxStream<'_, Result<TypedMessage<T>>>
+    where
+        C: Sync,
+    {
+        use futures::StreamExt;
+        crate::ConsumerStreams::messages(&*self.inner)
+            .map(move |raw| raw.and_then(|raw| self.decode(raw)))
+            .boxed()
+    }
+
+    /// Acknowledges several messages (typed or raw) in one call.
+    pub async fn acknowledge_batch<M: AsRef<Message> + Sync>(&self, messages: &[M]) -> Result<()> {
+        let raw: Vec<Message> = messages.iter().map(|m| m.as_ref().clone()).collect();
+        self.inner.acknowledge_batch(&raw).await
+    }
+
+    /// Negatively acknowledges several messages (typed or raw) in one call.
+    pub async fn negative_acknowledge_batch<M: AsRef<Message> + Sync>(
+        &self,
+        messages: &[M],
+    ) -> Result<()> {
+        let raw: Vec<Message> = messages.iter().map(|m| m.as_ref().clone()).collect();
+        self.inner.negative_acknowledge_batch(&raw).await
     }
 
     /// Acknowledges a message (typed or raw).

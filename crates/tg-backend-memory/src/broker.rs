@@ -391,6 +391,18 @@ impl Subscription {
 
     /// Takes the next message for `consumer`, if it may receive now.
     pub(crate) fn try_take(&self, consumer: u64) -> Result<Take> {
+        let mut taken = Vec::with_capacity(1);
+        self.try_take_many(consumer, 1, &mut taken)?;
+        Ok(taken.pop().map_or(Take::Empty, Take::Message))
+    }
+
+    /// Moves up to `max` messages `consumer` may receive now into `out`, under one lock.
+    pub(crate) fn try_take_many(
+        &self,
+        consumer: u64,
+        max: usize,
+        out: &mut Vec<Message>,
+    ) -> Result<()> {
         let mut inner = self.inner.lock();
         if inner.removed {
             return Err(Error::new(
@@ -401,24 +413,27 @@ impl Subscription {
         if inner.consumer_type == Some(ConsumerType::Failover)
             && inner.consumers.first() != Some(&consumer)
         {
-            return Ok(Take::Empty);
+            return Ok(());
         }
-        let Some(delivery) = inner.pending.pop_front() else {
-            return Ok(Take::Empty);
-        };
-        let msg = &delivery.msg;
-        let message = Message::new(
-            msg.payload.clone(),
-            msg.properties.clone(),
-            MessageId::from_u64(msg.seq),
-            AckHandle::new(consumer, msg.seq),
-        )
-        .with_redelivery_count(delivery.redeliveries)
-        .with_key(msg.key.clone())
-        .with_publish_time(msg.time);
-        inner.unacked.insert(msg.seq, (delivery, consumer));
-        drop(inner);
-        Ok(Take::Message(message))
+        for _ in 0..max {
+            let Some(delivery) = inner.pending.pop_front() else {
+                break;
+            };
+            let msg = &delivery.msg;
+            out.push(
+                Message::new(
+                    msg.payload.clone(),
+                    msg.properties.clone(),
+                    MessageId::from_u64(msg.seq),
+                    AckHandle::new(consumer, msg.seq),
+                )
+                .with_redelivery_count(delivery.redeliveries)
+                .with_key(msg.key.clone())
+                .with_publish_time(msg.time),
+            );
+            inner.unacked.insert(msg.seq, (delivery, consumer));
+        }
+        Ok(())
     }
 
     /// Registers as a waiting reader and returns the guard that unregisters.
@@ -432,9 +447,19 @@ impl Subscription {
     }
 
     pub(crate) fn ack(&self, seq: u64) {
-        let removed = self.inner.lock().unacked.remove(&seq).is_some();
-        if removed {
-            self.held.fetch_sub(1, Ordering::AcqRel);
+        self.ack_many([seq]);
+    }
+
+    /// Acknowledges several messages under one lock.
+    pub(crate) fn ack_many(&self, seqs: impl IntoIterator<Item = u64>) {
+        let removed = {
+            let mut inner = self.inner.lock();
+            seqs.into_iter()
+                .filter(|seq| inner.unacked.remove(seq).is_some())
+                .count()
+        };
+        if removed > 0 {
+            self.held.fetch_sub(removed, Ordering::AcqRel);
             self.room_freed();
         }
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tg_backend_api::kit::RawConsumer;
-use tg_backend_api::{receive_timeout, Message, Result};
+use tg_backend_api::{receive_timeout, ErrorKind, Message, Result};
 use tokio::time::Instant;
 
 use crate::broker::{Subscription, Take, TopicState};
@@ -83,8 +83,26 @@ impl RawConsumer for MemoryConsumer {
         }
     }
 
+    async fn receive_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
+        let first = match self.receive(timeout).await {
+            Ok(first) => first,
+            Err(e) if e.kind() == ErrorKind::Timeout => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut batch = Vec::with_capacity(max.min(1024));
+        batch.push(first);
+        self.sub.try_take_many(self.id, max - 1, &mut batch)?;
+        Ok(batch)
+    }
+
     async fn acknowledge(&self, message: &Message) -> Result<()> {
         self.sub.ack(message.ack_handle().seq());
+        Ok(())
+    }
+
+    async fn acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        self.sub
+            .ack_many(messages.iter().map(|m| m.ack_handle().seq()));
         Ok(())
     }
 

@@ -147,7 +147,172 @@ pub(crate) fn all() -> Vec<Case> {
         ),
         case!(invalid_subscription_is_refused, Qos::Q1, any),
         case!(closed_producer_and_consumer_refuse_work, Qos::Q1, any),
+        case!(batch_respects_max_and_order, Qos::Q1, any),
+        case!(batch_is_empty_on_timeout, Qos::Q1, any),
+        case!(
+            batch_partial_ack_then_close_redelivers_the_rest,
+            Qos::Q1,
+            need!(redeliver_unacked_on_close, durable_subscriptions)
+        ),
+        case!(batch_nack_of_some, Qos::Q1, need!(nack_redelivery)),
+        case!(
+            send_batch_checks_every_payload_first,
+            Qos::Q1,
+            payload_limit
+        ),
     ]
+}
+
+/// Sends `n` messages `0`, `1`, … in one `send_batch` and waits for every receipt.
+async fn send_numbered_batch(ctx: &Ctx, topic: &tg_backend_api::Topic, n: usize) -> TestResult {
+    let producer = ctx.producer(topic).await?;
+    let batch = (0..n)
+        .map(|i| OutboundMessage::new(i.to_string()))
+        .collect();
+    let receipts = producer.send_batch(batch).await?;
+    ensure!(
+        receipts.len() == n,
+        "{} receipts for {n} messages",
+        receipts.len()
+    );
+    for receipt in receipts {
+        receipt.await?;
+    }
+    producer.close().await?;
+    Ok(())
+}
+
+/// Receives batches of at most `max` until `n` messages came (or `EXPECT` passed with none).
+async fn receive_batches(
+    consumer: &dyn tg_backend_api::Consumer,
+    n: usize,
+    max: usize,
+) -> std::result::Result<Vec<tg_backend_api::Message>, Failure> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let batch = consumer.receive_batch(max, EXPECT).await?;
+        ensure!(
+            !batch.is_empty(),
+            "no batch within {EXPECT:?} after {} of {n}",
+            got.len()
+        );
+        ensure!(
+            batch.len() <= max,
+            "a batch of {} with max {max}",
+            batch.len()
+        );
+        got.extend(batch);
+    }
+    Ok(got)
+}
+
+async fn batch_respects_max_and_order(ctx: Ctx) -> TestResult {
+    let topic = ctx.topic("batch-order");
+    let consumer = ctx.consumer(&topic, "batches").await?;
+    send_numbered_batch(&ctx, &topic, 25).await?;
+    let got = receive_batches(&*consumer, 25, 4).await?;
+    let texts: Vec<String> = got.iter().map(text).collect();
+    if ctx.caps.ordered {
+        let sent: Vec<String> = (0..25).map(|i| i.to_string()).collect();
+        ensure!(texts == sent, "batches gave {texts:?}");
+    } else {
+        let distinct: HashSet<&String> = texts.iter().collect();
+        ensure!(distinct.len() == 25, "batches gave {texts:?}");
+    }
+    consumer.acknowledge_batch(&got).await?;
+    let err = consumer.receive_batch(0, QUIET).await.unwrap_err();
+    ensure!(err.kind() == ErrorKind::InvalidInput, "max 0 gave {err}");
+    Ok(())
+}
+
+async fn batch_is_empty_on_timeout(ctx: Ctx) -> TestResult {
+    let topic = ctx.topic("batch-empty");
+    let consumer = ctx.consumer(&topic, "nothing").await?;
+    let started = Instant::now();
+    let batch = consumer.receive_batch(10, QUIET).await?;
+    ensure!(
+        batch.is_empty(),
+        "got {} messages from an empty topic",
+        batch.len()
+    );
+    ensure!(
+        started.elapsed() >= QUIET.mul_f32(0.9),
+        "returned after {:?}, before the timeout {QUIET:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+async fn batch_partial_ack_then_close_redelivers_the_rest(ctx: Ctx) -> TestResult {
+    let topic = ctx.topic("batch-partial");
+    let first = ctx.consumer(&topic, "partial").await?;
+    send_numbered_batch(&ctx, &topic, 6).await?;
+    let got = receive_batches(&*first, 6, 6).await?;
+    let (done, open) = got.split_at(3);
+    first.acknowledge_batch(done).await?;
+    first.close().await?;
+    let second = ctx.consumer(&topic, "partial").await?;
+    let again = drain(&*second, 6, QUIET.max(Duration::from_secs(3))).await?;
+    let mut expected: Vec<String> = open.iter().map(text).collect();
+    let mut texts: Vec<String> = again.iter().map(text).collect();
+    expected.sort();
+    texts.sort();
+    ensure!(
+        texts == expected,
+        "after acknowledging {:?} and closing, the subscription gave {texts:?}",
+        done.iter().map(text).collect::<Vec<_>>()
+    );
+    Ok(())
+}
+
+async fn batch_nack_of_some(ctx: Ctx) -> TestResult {
+    let topic = ctx.topic("batch-nack");
+    let consumer = ctx.consumer(&topic, "picky").await?;
+    send_numbered_batch(&ctx, &topic, 5).await?;
+    let got = receive_batches(&*consumer, 5, 5).await?;
+    let (nacked, acked): (Vec<_>, Vec<_>) = got
+        .into_iter()
+        .partition(|m| text(m) == "1" || text(m) == "3");
+    consumer.acknowledge_batch(&acked).await?;
+    consumer.negative_acknowledge_batch(&nacked).await?;
+    let again = drain(&*consumer, 2, EXPECT).await?;
+    let mut texts: Vec<String> = again.iter().map(text).collect();
+    texts.sort();
+    ensure!(texts == ["1", "3"], "after nacking 1 and 3 got {texts:?}");
+    if ctx.caps.redelivery_count {
+        ensure!(
+            again.iter().all(|m| m.redelivery_count() >= 1),
+            "redelivery counts {:?}",
+            again
+                .iter()
+                .map(|m| m.redelivery_count())
+                .collect::<Vec<_>>()
+        );
+    }
+    expect_nothing(&*consumer, QUIET, "after the nacked ones came back").await
+}
+
+async fn send_batch_checks_every_payload_first(ctx: Ctx) -> TestResult {
+    let topic = ctx.topic("batch-limit");
+    let consumer = ctx.consumer(&topic, "limits").await?;
+    let producer = ctx.producer(&topic).await?;
+    let too_big = vec![b'x'; ctx.caps.max_payload + 1];
+    let err = producer
+        .send_batch(vec![
+            OutboundMessage::new("fits"),
+            OutboundMessage::new(too_big),
+        ])
+        .await
+        .unwrap_err();
+    ensure!(err.kind() == ErrorKind::PayloadTooLarge, "got {err}");
+    expect_nothing(&*consumer, QUIET, "a batch with a too-large message").await?;
+    let receipts = producer.send_batch(Vec::new()).await?;
+    ensure!(
+        receipts.is_empty(),
+        "an empty batch gave {} receipts",
+        receipts.len()
+    );
+    Ok(())
 }
 
 async fn round_trip_with_properties(ctx: Ctx) -> TestResult {

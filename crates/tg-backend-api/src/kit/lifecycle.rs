@@ -260,6 +260,25 @@ struct CheckedProducer<P: RawProducer> {
 }
 
 impl<P: RawProducer> CheckedProducer<P> {
+    /// The payload limit and retained check; gives a q2 message its de-duplication id.
+    fn check_message(&self, message: &mut OutboundMessage) -> Result<()> {
+        let len = message.payload().len();
+        if len > self.max_payload {
+            return Err(
+                Error::payload_too_large(len, self.max_payload).with_context("topic", &self.topic)
+            );
+        }
+        if message.is_retained() {
+            if let Some(why) = &self.no_retained {
+                return Err(Error::unsupported(why.clone()).with_context("topic", &self.topic));
+            }
+        }
+        if self.topic.qos() == Qos::Q2 {
+            message.ensure_dedup_id();
+        }
+        Ok(())
+    }
+
     fn check_open(&self) -> Result<()> {
         if self.handle.is_closed() {
             return Err(closed_error(&self.handle, self.what, "producer")
@@ -286,21 +305,20 @@ impl<P: RawProducer> Producer for CheckedProducer<P> {
 
     async fn send(&self, mut message: OutboundMessage) -> Result<SendReceipt> {
         self.check_open()?;
-        let len = message.payload().len();
-        if len > self.max_payload {
-            return Err(
-                Error::payload_too_large(len, self.max_payload).with_context("topic", &self.topic)
-            );
-        }
-        if message.is_retained() {
-            if let Some(why) = &self.no_retained {
-                return Err(Error::unsupported(why.clone()).with_context("topic", &self.topic));
-            }
-        }
-        if self.topic.qos() == Qos::Q2 {
-            message.ensure_dedup_id();
-        }
+        self.check_message(&mut message)?;
         self.handle.inner.send(message).await
+    }
+
+    async fn send_batch(&self, mut messages: Vec<OutboundMessage>) -> Result<Vec<SendReceipt>> {
+        self.check_open()?;
+        for (index, message) in messages.iter_mut().enumerate() {
+            self.check_message(message)
+                .map_err(|e| e.with_context("batch_index", index))?;
+        }
+        if messages.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.handle.inner.send_batch(messages).await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -397,14 +415,52 @@ impl<C: RawConsumer> Consumer for CheckedConsumer<C> {
         }
     }
 
+    async fn receive_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
+        crate::check_batch_max(max)?;
+        self.check_open()?;
+        let handle = &self.handle.0;
+        tokio::select! {
+            biased;
+            received = handle.inner.receive_batch(max, timeout) => match received {
+                Err(e) if handle.is_closed() && e.kind() != ErrorKind::Closed => Err(self.closed()),
+                other => other,
+            },
+            () = handle.token.cancelled() => Err(self.closed()),
+        }
+    }
+
     async fn acknowledge(&self, message: &Message) -> Result<()> {
         self.check_own(message)?;
         self.handle.0.inner.acknowledge(message).await
     }
 
+    async fn acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        for message in messages {
+            self.check_own(message)?;
+        }
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.handle.0.inner.acknowledge_batch(messages).await
+    }
+
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
         self.check_own(message)?;
         self.handle.0.inner.negative_acknowledge(message).await
+    }
+
+    async fn negative_acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        for message in messages {
+            self.check_own(message)?;
+        }
+        if messages.is_empty() {
+            return Ok(());
+        }
+        self.handle
+            .0
+            .inner
+            .negative_acknowledge_batch(messages)
+            .await
     }
 
     async fn unsubscribe(&self) -> Result<()> {

@@ -101,6 +101,23 @@ pub trait RawProducer: Send + Sync + fmt::Debug + 'static {
     /// Hands a message to the broker (see [`Producer::send`](crate::Producer::send)).
     fn send(&self, message: OutboundMessage) -> impl Future<Output = Result<SendReceipt>> + Send;
 
+    /// Hands several messages to the broker in order, one receipt each (see
+    /// [`Producer::send_batch`](crate::Producer::send_batch)); the kit has checked every message
+    /// as for `send`. The default sends one after the other; override it where the broker takes a
+    /// batch in one request.
+    fn send_batch(
+        &self,
+        messages: Vec<OutboundMessage>,
+    ) -> impl Future<Output = Result<Vec<SendReceipt>>> + Send {
+        async move {
+            let mut receipts = Vec::with_capacity(messages.len());
+            for message in messages {
+                receipts.push(self.send(message).await?);
+            }
+            Ok(receipts)
+        }
+    }
+
     /// Waits until every message sent so far was accepted.
     fn flush(&self) -> impl Future<Output = Result<()>> + Send;
 
@@ -121,11 +138,61 @@ pub trait RawConsumer: Send + Sync + fmt::Debug + 'static {
     /// The next message (see [`Consumer::receive`](crate::Consumer::receive)).
     fn receive(&self, timeout: Duration) -> impl Future<Output = Result<Message>> + Send;
 
+    /// Up to `max` (at least 1) messages: the first within `timeout`, then what is already
+    /// there; an empty batch when none came (see
+    /// [`Consumer::receive_batch`](crate::Consumer::receive_batch)). The default calls
+    /// `receive`; override it where the broker hands out several messages per request.
+    fn receive_batch(
+        &self,
+        max: usize,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<Message>>> + Send {
+        async move {
+            let mut batch = Vec::new();
+            match self.receive(timeout).await {
+                Ok(first) => batch.push(first),
+                Err(e) if e.kind() == crate::ErrorKind::Timeout => return Ok(batch),
+                Err(e) => return Err(e),
+            }
+            while batch.len() < max {
+                match self.receive(Duration::ZERO).await {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
+            }
+            Ok(batch)
+        }
+    }
+
     /// Acknowledges a message this consumer delivered.
     fn acknowledge(&self, message: &Message) -> impl Future<Output = Result<()>> + Send;
 
+    /// Acknowledges messages this consumer delivered (the kit checked each). The default
+    /// acknowledges one after the other; override it where the broker takes a list.
+    fn acknowledge_batch(&self, messages: &[Message]) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for message in messages {
+                self.acknowledge(message).await?;
+            }
+            Ok(())
+        }
+    }
+
     /// Negatively acknowledges a message this consumer delivered.
     fn negative_acknowledge(&self, message: &Message) -> impl Future<Output = Result<()>> + Send;
+
+    /// Negatively acknowledges messages this consumer delivered (the kit checked each).
+    fn negative_acknowledge_batch(
+        &self,
+        messages: &[Message],
+    ) -> impl Future<Output = Result<()>> + Send {
+        async move {
+            for message in messages {
+                self.negative_acknowledge(message).await?;
+            }
+            Ok(())
+        }
+    }
 
     /// Deletes the subscription and releases the consumer; called once, instead of `close`.
     fn unsubscribe(&self) -> impl Future<Output = Result<()>> + Send;
