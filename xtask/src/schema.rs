@@ -34,7 +34,8 @@ fn introspect() -> Result<Value, String> {
     if !output.status.success() {
         return Err(format!("{} failed ({})", script.display(), output.status));
     }
-    serde_json::from_slice(&output.stdout).map_err(|e| format!("introspection printed no JSON: {e}"))
+    serde_json::from_slice(&output.stdout)
+        .map_err(|e| format!("introspection printed no JSON: {e}"))
 }
 
 pub(crate) fn run(mode: &str) -> Result<(), String> {
@@ -47,7 +48,11 @@ pub(crate) fn run(mode: &str) -> Result<(), String> {
             let keep: BTreeSet<&String> = files.keys().collect();
             for entry in std::fs::read_dir(&dir).map_err(|e| e.to_string())? {
                 let path = entry.map_err(|e| e.to_string())?.path();
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_owned();
                 if !keep.contains(&name) {
                     std::fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
                 }
@@ -108,7 +113,10 @@ fn count_types(description: &Value) -> usize {
 }
 
 fn modules(description: &Value) -> Vec<Value> {
-    description["modules"].as_array().cloned().unwrap_or_default()
+    description["modules"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
 }
 
 /// The Rust module a Python module of `trustgraph.schema` goes to: `trustgraph.schema.llm` →
@@ -148,7 +156,9 @@ fn generate(description: &Value) -> Result<BTreeMap<String, String>, String> {
         for c in m["classes"].as_array().into_iter().flatten() {
             let name = c["name"].as_str().unwrap_or_default().to_owned();
             if RESERVED_TYPES.contains(&name.as_str()) {
-                return Err(format!("framework class {name} clashes with a Rust type the generated code uses"));
+                return Err(format!(
+                    "framework class {name} clashes with a Rust type the generated code uses"
+                ));
             }
             classes.push(Class {
                 module: rust_module(&python_module),
@@ -202,11 +212,18 @@ fn generate(description: &Value) -> Result<BTreeMap<String, String>, String> {
         out.push_str(&body);
         files.insert(format!("{module}.rs"), rustfmt(&out)?);
     }
-    files.insert("mod.rs".to_owned(), rustfmt(&mod_rs(&version, &classes, &by_module))?);
+    files.insert(
+        "mod.rs".to_owned(),
+        rustfmt(&mod_rs(&version, &classes, &by_module))?,
+    );
     Ok(files)
 }
 
-fn mod_rs(version: &str, classes: &[Class<'_>], by_module: &BTreeMap<String, Vec<&Class<'_>>>) -> String {
+fn mod_rs(
+    version: &str,
+    classes: &[Class<'_>],
+    by_module: &BTreeMap<String, Vec<&Class<'_>>>,
+) -> String {
     let mut out = format!(
         "//! The Python framework's message types: every dataclass of `trustgraph.schema` in\n\
 //! trustgraph-base {version}, one module per Python module, and all of them here (as\n\
@@ -333,7 +350,10 @@ fn rust_type(
         "list" => format!("Vec<{}>", rust_type(&t["of"], module_of, false, uses)?),
         "dict" => {
             uses.insert("std::collections::BTreeMap".to_owned());
-            format!("BTreeMap<String, {}>", rust_type(&t["of"], module_of, false, uses)?)
+            format!(
+                "BTreeMap<String, {}>",
+                rust_type(&t["of"], module_of, false, uses)?
+            )
         }
         "class" => {
             let name = t["name"].as_str().unwrap_or_default();
@@ -375,7 +395,10 @@ fn default_expr(t: &Value, default: &Value) -> Result<Option<String>, String> {
         // `X | None = <value>`: Some of that value
         ("optional", _) => {
             let inner = default_expr(&t["of"], default)?;
-            Some(format!("Some({})", inner.as_deref().unwrap_or("Default::default()")))
+            Some(format!(
+                "Some({})",
+                inner.as_deref().unwrap_or("Default::default()")
+            ))
         }
         ("str" | "bytes", Value::String(s)) if s.is_empty() => None,
         ("str" | "bytes", Value::String(s)) => Some(format!("{s:?}.to_owned()")),

@@ -46,9 +46,30 @@ struct BenchMessage {
     body: String,
 }
 
+/// The subscription every bench consumer uses.
+const SUBSCRIPTION: &str = "bench";
+
+/// Runs the bench on topics of its own; on Ctrl-C, deletes the subscriptions it made before it
+/// returns, so an interrupted run leaves no consumer group or queue behind.
 pub(crate) async fn run(backend: &dyn Backend, args: &BenchArgs) -> Result<()> {
     let run_id = uuid::Uuid::new_v4().simple().to_string();
     let topic = Topic::new(args.qos, "tg", "bench", &format!("bench-{}", &run_id[..12]))?;
+    tokio::select! {
+        result = bench(backend, args, &topic) => result,
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted; removing the bench subscriptions");
+            for queue in ["raw", "typed", "latency"] {
+                let t = topic.with_queue(queue)?;
+                if let Ok(c) = backend.create_consumer(&t, ConsumerOptions::new(SUBSCRIPTION)).await {
+                    let _ = c.unsubscribe().await;
+                }
+            }
+            Err(Error::new(ErrorKind::Closed, "the bench was interrupted"))
+        }
+    }
+}
+
+async fn bench(backend: &dyn Backend, args: &BenchArgs, topic: &Topic) -> Result<()> {
     println!(
         "bench on backend {} topic {topic}: {} raw + {} typed messages of ~{} bytes",
         backend.name(),
@@ -152,6 +173,20 @@ impl InFlight {
     }
 }
 
+/// Most messages the bench consumer takes and acknowledges at once: the batch path a service
+/// that keeps up uses (one read and one acknowledgement per batch on brokers that batch).
+const BATCH: usize = 512;
+
+/// How long the bench consumer waits for the next message before it gives up.
+const STALL: Duration = Duration::from_secs(30);
+
+fn stalled(got: u64, n: u64) -> Error {
+    Error::new(
+        ErrorKind::Timeout,
+        format!("bench consumer got {got} of {n} messages, then nothing for {STALL:?}"),
+    )
+}
+
 async fn receive_n(
     consumer: &dyn Consumer,
     n: u64,
@@ -160,28 +195,24 @@ async fn receive_n(
     every: u64,
 ) -> Result<LatencyRecorder> {
     let mut latency = LatencyRecorder::new();
-    for i in 0..n {
-        let msg = consumer
-            .receive(Duration::from_secs(30))
-            .await
-            .map_err(|e| {
-                if e.kind() == ErrorKind::Timeout {
-                    Error::new(
-                        ErrorKind::Timeout,
-                        format!("bench consumer got {i} of {n} messages, then nothing for 30 s"),
-                    )
-                } else {
-                    e
-                }
-            })?;
-        if i % every == 0 {
-            if let Some(l) = read_stamp(msg.payload(), t0) {
-                latency.record(l);
-            }
+    let mut got = 0u64;
+    while got < n {
+        let want = usize::try_from(n - got).unwrap_or(BATCH).min(BATCH);
+        let batch = consumer.receive_batch(want, STALL).await?;
+        if batch.is_empty() {
+            return Err(stalled(got, n));
         }
-        consumer.acknowledge(&msg).await?;
-        if i % PROGRESS_STEP == 0 {
-            bar.set_position(i);
+        for msg in &batch {
+            if got % every == 0 {
+                if let Some(l) = read_stamp(msg.payload(), t0) {
+                    latency.record(l);
+                }
+            }
+            got += 1;
+        }
+        consumer.acknowledge_batch(&batch).await?;
+        if got % PROGRESS_STEP < batch.len() as u64 {
+            bar.set_position(got);
         }
     }
     bar.finish_and_clear();
@@ -199,7 +230,7 @@ async fn raw_run(
     rate: Option<u64>,
 ) -> Result<(Duration, LatencyRecorder)> {
     let consumer: Arc<dyn Consumer> = backend
-        .create_consumer(topic, ConsumerOptions::new("bench"))
+        .create_consumer(topic, ConsumerOptions::new(SUBSCRIPTION))
         .await?
         .into();
     let producer = backend.create_producer(topic, Default::default()).await?;
@@ -245,7 +276,7 @@ async fn raw_run(
 async fn typed_run(backend: &dyn Backend, topic: &Topic, args: &BenchArgs) -> Result<Duration> {
     let n = args.typed_messages;
     let consumer = backend
-        .typed_consumer::<BenchMessage>(topic, ConsumerOptions::new("bench"))
+        .typed_consumer::<BenchMessage>(topic, ConsumerOptions::new(SUBSCRIPTION))
         .await?;
     let producer = backend.typed_producer::<BenchMessage>(topic).await?;
     let body = "x".repeat(args.size.saturating_sub(48));
@@ -254,17 +285,26 @@ async fn typed_run(backend: &dyn Backend, topic: &Topic, args: &BenchArgs) -> Re
     let reader = {
         let bar = bar.clone();
         tokio::spawn(async move {
-            for i in 0..n {
-                let msg = consumer.receive(Duration::from_secs(30)).await?;
-                if msg.value().seq >= n {
-                    return Err(Error::new(
-                        ErrorKind::Decode,
-                        format!("bench message decoded with seq {} of {n}", msg.value().seq),
-                    ));
+            let mut got = 0u64;
+            while got < n {
+                let want = usize::try_from(n - got).unwrap_or(BATCH).min(BATCH);
+                let batch = consumer.receive_batch(want, STALL).await?;
+                if batch.is_empty() {
+                    return Err(stalled(got, n));
                 }
-                consumer.acknowledge(&msg).await?;
-                if i % PROGRESS_STEP == 0 {
-                    bar.set_position(i);
+                let batch = batch.into_iter().collect::<Result<Vec<_>>>()?;
+                for msg in &batch {
+                    if msg.value().seq >= n {
+                        return Err(Error::new(
+                            ErrorKind::Decode,
+                            format!("bench message decoded with seq {} of {n}", msg.value().seq),
+                        ));
+                    }
+                }
+                got += batch.len() as u64;
+                consumer.acknowledge_batch(&batch).await?;
+                if got % PROGRESS_STEP < batch.len() as u64 {
+                    bar.set_position(got);
                 }
             }
             bar.finish_and_clear();

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use tg_pubsub::{
-    trustgraph::TextCompletionRequest, Backend, BackendExt, ConsumerOptions, ConsumerType, ErrorKind,
-    InitialPosition, OutboundMessage, Properties, PubSubConfig, Result, Topic,
+    trustgraph::TextCompletionRequest, Backend, BackendExt, ConsumerOptions, ConsumerType,
+    ErrorKind, InitialPosition, OutboundMessage, Properties, PubSubConfig, Result, Topic,
 };
 
 /// Publish, listen, self-test and benchmark tg-pubsub on any backend.
@@ -92,6 +92,8 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
+        // colour codes only for a terminal: logs redirected to a file or pipe stay plain text
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

@@ -1,4 +1,4 @@
-use std::time::Duration;
+//! A Rust service answering the Python framework's text-completion requests.
 use tg_pubsub::trustgraph::{TextCompletionRequest as Request, TextCompletionResponse as Response};
 use tg_pubsub::{runtime::reply_properties, BackendExt, ConsumerOptions, PubSubConfig};
 #[tokio::main]
@@ -14,7 +14,7 @@ async fn main() -> tg_pubsub::Result<()> {
         .typed_producer::<Response>(&responses.to_topic())
         .await?;
     // Serves until no request came for 5 s (or the broker fails).
-    while let Ok(request) = consumer.receive(Duration::from_secs(5)).await {
+    while let Ok(request) = consumer.receive(std::time::Duration::from_secs(5)).await {
         let answer = Response {
             response: request.value().prompt.to_uppercase(),
             end_of_stream: true,

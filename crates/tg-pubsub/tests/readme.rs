@@ -8,5 +8,8 @@ fn readme_shows_the_framework_service_example_verbatim() {
         readme.contains(&format!("```rust\n{example}```")),
         "README.md does not show crates/tg-pubsub/examples/framework_service.rs as it is"
     );
-    assert!(example.lines().count() < 30, "the example promises a service in under 30 lines");
+    assert!(
+        example.lines().count() < 30,
+        "the example promises a service in under 30 lines"
+    );
 }

@@ -20,7 +20,7 @@ pub use dedup::Deduplicator;
 pub use envelope::{rfc3339, Envelope};
 #[cfg(feature = "http-exporter")]
 pub use exporter::{serve_metrics, OPENMETRICS_CONTENT_TYPE};
-pub use handler::{Handler, HandlerError, HandlerErrorKind};
+pub use handler::{batch_handler, BatchHandler, Batched, Handler, HandlerError, HandlerErrorKind};
 pub use health::{HealthStatus, Heartbeat};
 pub use metrics::RuntimeMetrics;
 pub use producer::{ProducerConfig, RetryingProducer};

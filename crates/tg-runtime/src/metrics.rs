@@ -159,7 +159,11 @@ impl RuntimeMetrics {
             rate_limit: Family::default(),
             produced: Family::default(),
         };
-        registry.register("tg_consumer_state", "Consumer state", families.state.clone());
+        registry.register(
+            "tg_consumer_state",
+            "Consumer state",
+            families.state.clone(),
+        );
         registry.register(
             "tg_consumer_request_duration_seconds",
             "Request latency (seconds)",
@@ -221,7 +225,10 @@ impl RuntimeMetrics {
                 l.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
                 l
             };
-            let error = f.processing.get_or_create(&labels(&[("status", "error")])).clone();
+            let error = f
+                .processing
+                .get_or_create(&labels(&[("status", "error")]))
+                .clone();
             let mut connection = self.connection("consumer", topic);
             connection.connected = f
                 .state
@@ -229,7 +236,10 @@ impl RuntimeMetrics {
                 .clone();
             return ConsumerMetrics {
                 received: self.received.get_or_create(&base).clone(),
-                ok: f.processing.get_or_create(&labels(&[("status", "ok")])).clone(),
+                ok: f
+                    .processing
+                    .get_or_create(&labels(&[("status", "ok")]))
+                    .clone(),
                 panic: error.clone(),
                 error,
                 rate_limited: f.rate_limit.get_or_create(&labels(&[])).clone(),

@@ -128,6 +128,15 @@ pub struct RunnerConfig {
     pub attempt_cache: usize,
     /// Retry policy of the dead-letter producer.
     pub dead_letter_producer: ProducerConfig,
+    /// Batch mode when above 1: each worker receives up to this many messages at once, hands
+    /// them to the handler's [`handle_batch`](crate::Handler::handle_batch) (a
+    /// [`BatchHandler`](crate::BatchHandler) gets them all in one call) and acknowledges the
+    /// successes in one request; failures follow the single-message rules one by one.
+    /// Not with key ordering. Default: 1 (one message at a time).
+    pub max_batch: usize,
+    /// In batch mode, how long a worker waits for more messages after the first before it
+    /// hands over a batch smaller than `max_batch`. Default: 0 (what is there).
+    pub max_wait: Duration,
 }
 
 impl Default for RunnerConfig {
@@ -144,6 +153,8 @@ impl Default for RunnerConfig {
             reconnect_backoff: Backoff::reconnect(),
             attempt_cache: 10_000,
             dead_letter_producer: ProducerConfig::default(),
+            max_batch: 1,
+            max_wait: Duration::ZERO,
         }
     }
 }
@@ -178,6 +189,10 @@ impl RunnerConfig {
         attempt_cache: usize,
         /// Sets `dead_letter_producer`.
         dead_letter_producer: ProducerConfig,
+        /// Sets `max_batch` (0 is taken as 1).
+        max_batch: usize,
+        /// Sets `max_wait`.
+        max_wait: Duration,
     }
 }
 
@@ -355,7 +370,13 @@ where
         let mut config = self.config;
         config.concurrency = config.concurrency.max(1);
         config.max_attempts = config.max_attempts.max(1);
+        config.max_batch = config.max_batch.max(1);
         let dispatcher_mode = config.ordering != KeyOrdering::None;
+        if dispatcher_mode && config.max_batch > 1 {
+            return Err(Error::config(
+                "a runner handles batches or keeps per-key order, not both: set max_batch to 1 or ordering to None",
+            ));
+        }
         let retry_in_place = dispatcher_mode || !caps.nack_redelivery;
         let workers = if dispatcher_mode {
             0
@@ -725,16 +746,6 @@ enum Outcome {
     Aborted,
 }
 
-fn panic_text(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "non-string panic payload".to_owned()
-    }
-}
-
 fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
@@ -1011,11 +1022,16 @@ where
 
     #[cold]
     fn panicked(&self, panic: &(dyn std::any::Any + Send)) -> HandlerError {
+        self.count_panic();
+        HandlerError::from_panic(panic)
+    }
+
+    #[cold]
+    fn count_panic(&self) {
         inc(&self.stats.panicked);
         if let Some(m) = &self.metrics {
             m.panic.inc();
         }
-        HandlerError::failed(format!("handler panicked: {}", panic_text(panic)))
     }
 
     /// Runs the handler once (retries; the first attempt runs in [`drive`]).
@@ -1490,6 +1506,166 @@ async fn drive<T, H, C>(
     }
 }
 
+/// Receives up to `max_batch` messages (waiting up to `max_wait` for more after the first).
+/// `Ok(None)`: nothing came (or a recoverable error, after its back-off); `Err(())`: stop.
+async fn receive_batch<T, H, C>(
+    shared: &Shared<T, H, C>,
+    gen: &Arc<Gen<T, C>>,
+    errors: &mut u32,
+) -> std::result::Result<Option<Vec<Message>>, ()>
+where
+    T: tg_schema::Message,
+    H: Handler<T>,
+    C: Codec,
+{
+    let consumer = TypedConsumer::inner(&gen.consumer);
+    let max = shared.config.max_batch;
+    let mut batch = match consumer
+        .receive_batch(max, shared.config.poll_interval)
+        .await
+    {
+        Ok(batch) if batch.is_empty() => return Ok(None),
+        Ok(batch) => batch,
+        Err(e) if e.kind() == ErrorKind::Closed => {
+            shared.stopped_by(&e);
+            return Err(());
+        }
+        Err(e) => {
+            return Box::pin(shared.after_receive_error(gen, e, errors))
+                .await
+                .map(|()| None)
+        }
+    };
+    *errors = 0;
+    if batch.len() < max && !shared.config.max_wait.is_zero() {
+        let deadline = Instant::now() + shared.config.max_wait;
+        while batch.len() < max && !shared.stopping.load(Ordering::Relaxed) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match consumer.receive_batch(max - batch.len(), left).await {
+                Ok(more) if more.is_empty() => break,
+                Ok(more) => batch.extend(more),
+                // what came is handed over; the error shows at the next receive
+                Err(_) => break,
+            }
+        }
+    }
+    Ok(Some(batch))
+}
+
+/// A worker of the batch mode: receive a batch, decode each message (poison ones go to the
+/// dead-letter topic on their own), drop duplicates, run the handler on the rest at once,
+/// acknowledge the successes in one request, and treat each failure as a single message's.
+async fn drive_batches<T, H, C>(shared: Arc<Shared<T, H, C>>, worker: usize)
+where
+    T: tg_schema::Message,
+    H: Handler<T>,
+    C: Codec,
+{
+    let tally = shared.tally(Some(worker));
+    let mut errors = 0u32;
+    while !shared.stopping.load(Ordering::Relaxed) {
+        let Some(gen) = shared.current_or_stop().await else {
+            break;
+        };
+        let batch = match receive_batch(&shared, &gen, &mut errors).await {
+            Ok(Some(batch)) => batch,
+            Ok(None) => continue,
+            Err(()) => break,
+        };
+        let consumer = TypedConsumer::inner(&gen.consumer);
+        let mut done: Vec<Message> = Vec::with_capacity(batch.len());
+        let mut typed = Vec::with_capacity(batch.len());
+        // per message handed to the handler: its raw form, attempts counted, de-dup key
+        let mut handed: Vec<(Message, u32, Option<String>)> = Vec::with_capacity(batch.len());
+        for raw in batch {
+            shared.received(tally);
+            if raw.redelivery_count() > 0 {
+                if let Some(m) = &shared.metrics {
+                    m.redeliveries.inc();
+                }
+            }
+            let counted = shared.counted_failures(&raw);
+            match gen.consumer.decode(raw.clone()) {
+                Ok(t) => match shared.dedup_check(&t) {
+                    Ok(key) => {
+                        typed.push(t);
+                        handed.push((raw, counted, key));
+                    }
+                    Err(()) => done.push(raw),
+                },
+                Err(e) => {
+                    let attempt = shared.attempt(&raw, counted);
+                    Box::pin(shared.undecodable(&gen, &raw, e, attempt)).await;
+                }
+            }
+        }
+        let outcomes = if typed.is_empty() {
+            Vec::new()
+        } else {
+            let started = shared.handler_starts(tally);
+            let result = AssertUnwindSafe(shared.handler.handle_batch(typed))
+                .catch_unwind()
+                .await;
+            tally.running(false);
+            if let (Some(m), Some(started)) = (&shared.metrics, started) {
+                m.latency.observe(started.elapsed().as_secs_f64());
+            }
+            match result {
+                Ok(outcomes) => outcomes,
+                Err(panic) => {
+                    let e = shared.panicked(&*panic);
+                    handed
+                        .iter()
+                        .map(|_| Err(HandlerError::failed(e.message())))
+                        .collect()
+                }
+            }
+        };
+        let returned = outcomes.len();
+        let mut outcomes = outcomes.into_iter();
+        let mut failed = Vec::new();
+        for (raw, counted, key) in handed {
+            match outcomes.next().unwrap_or_else(|| {
+                Err(HandlerError::failed(format!(
+                    "the batch handler returned {returned} outcomes for a larger batch"
+                )))
+            }) {
+                Ok(()) => {
+                    tally.succeeded();
+                    if let Some(m) = &shared.metrics {
+                        m.ok.inc();
+                    }
+                    done.push(raw);
+                }
+                Err(e) => {
+                    if e.panicked {
+                        shared.count_panic();
+                    }
+                    failed.push((raw, counted, key, e));
+                }
+            }
+        }
+        if !done.is_empty() {
+            let result = consumer.acknowledge_batch(&done).await;
+            let failed_ack = result.as_ref().err().map(|e| e.to_string());
+            for raw in &done {
+                let each = match &failed_ack {
+                    None => Ok(()),
+                    Some(e) => Err(Error::new(ErrorKind::Connection, e.clone())),
+                };
+                shared.acked(raw, each);
+            }
+        }
+        for (raw, counted, key, e) in failed {
+            let attempt = shared.attempt(&raw, counted);
+            Box::pin(shared.after_failure(gen.clone(), raw, None, attempt, key, e)).await;
+        }
+    }
+}
+
 /// Receives and hands messages to per-key lanes (ordering mode).
 async fn dispatcher<T, H, C>(shared: Arc<Shared<T, H, C>>)
 where
@@ -1532,6 +1708,12 @@ where
     let mut loops = Vec::new();
     if shared.dispatcher_mode {
         dispatcher(shared.clone()).await;
+    } else if shared.config.max_batch > 1 {
+        for i in 0..shared.config.concurrency {
+            let worker = drive_batches(shared.clone(), i);
+            loops.push(shared.tracker.spawn(worker));
+        }
+        shared.stop.cancelled().await;
     } else {
         for i in 0..shared.config.concurrency {
             let worker = drive(shared.clone(), Source::Receive, None, Some(i));

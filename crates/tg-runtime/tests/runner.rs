@@ -949,3 +949,159 @@ async fn handlers_run_in_a_span_with_the_correlation_id() {
         }
     }
 }
+
+/// Batch mode: the batch handler gets several messages at once (never more than `max_batch`),
+/// a poison message in a batch goes to the dead-letter topic alone, a failed message is retried
+/// and the others are acknowledged.
+#[tokio::test(start_paused = true)]
+async fn batch_mode_handles_batches_and_fails_messages_one_by_one() {
+    let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let topic = fresh_topic("batches");
+    let dlq = fresh_topic("batches-dlq");
+    let sizes = Arc::new(Mutex::new(Vec::new()));
+    let seven_failed = Arc::new(AtomicU32::new(0));
+    let (s, f) = (sizes.clone(), seven_failed.clone());
+    let handler = tg_runtime::batch_handler(move |batch: Vec<TypedMessage<Num>>| {
+        let (s, f) = (s.clone(), f.clone());
+        async move {
+            s.lock().push(batch.len());
+            batch
+                .iter()
+                .map(|m| match m.value().0 {
+                    // fails twice, then succeeds on a retry
+                    7 if f.fetch_add(1, Ordering::SeqCst) < 2 => {
+                        Err(HandlerError::failed("not yet"))
+                    }
+                    13 => Err(HandlerError::permanent("unlucky")),
+                    _ => Ok(()),
+                })
+                .collect::<Vec<_>>()
+        }
+    });
+    let p = backend
+        .create_producer(&topic, Default::default())
+        .await
+        .unwrap();
+    // Everything is waiting before the runner starts, so its batches are full.
+    let mut items: Vec<OutboundMessage> = (0..30)
+        .map(|i| OutboundMessage::new(i.to_string()))
+        .collect();
+    items.insert(20, OutboundMessage::new("{poison"));
+    let consumer = backend
+        .create_consumer(&topic, ConsumerOptions::new("svc"))
+        .await
+        .unwrap();
+    consumer.close().await.unwrap();
+    send_all(&*p, items).await;
+    let runner = ConsumerRunner::new(
+        backend.clone(),
+        topic.clone(),
+        ConsumerOptions::new("svc"),
+        handler,
+    )
+    .config(
+        quick()
+            .concurrency(1)
+            .max_batch(8)
+            .dead_letter(DeadLetter::Topic(dlq.clone())),
+    )
+    .start()
+    .await
+    .unwrap();
+    wait_until("30 handled", || {
+        let s = runner.stats();
+        s.succeeded == 29 && s.dead_lettered == 2
+    })
+    .await;
+    let report = runner.shutdown().await.unwrap();
+    let sizes = sizes.lock().clone();
+    assert!(sizes.iter().all(|&n| n <= 8), "batch sizes {sizes:?}");
+    assert!(sizes.contains(&8), "no full batch in {sizes:?}");
+    assert_eq!(report.stats.failed, 3, "7 twice, 13 once");
+    let dead = drain(&*backend, &dlq, "x", Duration::from_millis(50)).await;
+    let reasons: HashSet<(String, String)> = dead
+        .iter()
+        .map(|m| {
+            (
+                String::from_utf8_lossy(m.payload()).into_owned(),
+                m.property(DLQ_REASON_PROPERTY).unwrap_or("").to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        HashSet::from([
+            ("{poison".to_owned(), "decode".to_owned()),
+            ("13".to_owned(), "permanent".to_owned())
+        ])
+    );
+    assert!(drain(&*backend, &topic, "svc", Duration::from_millis(50))
+        .await
+        .is_empty());
+}
+
+/// A plain handler in batch mode sees every message once; a panic fails only its own message,
+/// which is retried, and the runner goes on.
+#[tokio::test]
+async fn batch_mode_with_a_plain_handler_and_a_panic() {
+    let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let topic = fresh_topic("plain-batches");
+    let seen = Arc::new(Mutex::new(HashMap::<u32, u32>::new()));
+    let panicked = Arc::new(AtomicU32::new(0));
+    let (s, pn) = (seen.clone(), panicked.clone());
+    let runner = ConsumerRunner::new(
+        backend.clone(),
+        topic.clone(),
+        ConsumerOptions::new("w"),
+        move |m: TypedMessage<Num>| {
+            let (s, pn) = (s.clone(), pn.clone());
+            async move {
+                if m.value().0 == 5 && pn.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("first time 5");
+                }
+                *s.lock().entry(m.value().0).or_default() += 1;
+                Ok::<_, HandlerError>(())
+            }
+        },
+    )
+    .config(
+        quick()
+            .concurrency(2)
+            .max_batch(16)
+            .max_wait(Duration::from_millis(20)),
+    )
+    .start()
+    .await
+    .unwrap();
+    let p = backend
+        .create_producer(&topic, Default::default())
+        .await
+        .unwrap();
+    send_all(&*p, (0..100).map(|i| OutboundMessage::new(i.to_string()))).await;
+    wait_until("100 handled", || runner.stats().succeeded >= 100).await;
+    let report = runner.shutdown().await.unwrap();
+    assert_eq!(report.stats.panicked, 1);
+    let seen = seen.lock();
+    assert_eq!(seen.len(), 100);
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "handled more than once: {:?}",
+        seen.iter().filter(|(_, n)| **n > 1).collect::<Vec<_>>()
+    );
+}
+
+#[tokio::test]
+async fn batch_mode_and_key_ordering_are_refused_together() {
+    let backend: Arc<dyn Backend> = Arc::new(MemoryBackend::new());
+    let err = ConsumerRunner::new(
+        backend,
+        fresh_topic("both"),
+        ConsumerOptions::new("w"),
+        |_m: TypedMessage<Num>| async { Ok::<_, HandlerError>(()) },
+    )
+    .config(quick().max_batch(4).ordering(KeyOrdering::MessageKey))
+    .start()
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("max_batch"), "{err}");
+}

@@ -57,8 +57,16 @@ fn every_generated_type_matches_the_framework_both_ways() {
         }
     };
     let script = workspace().join("xtask/schema/golden.py");
-    let out = Command::new(&python).arg(&script).arg("emit").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&python)
+        .arg(&script)
+        .arg("emit")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let vectors: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -120,5 +128,8 @@ fn every_generated_type_matches_the_framework_both_ways() {
         "the framework reads what we wrote differently:\n{report}{}",
         String::from_utf8_lossy(&verify.stderr)
     );
-    assert!(report.contains(&format!("verified {} vectors", 2 * PYTHON_NAMES.len())), "{report}");
+    assert!(
+        report.contains(&format!("verified {} vectors", 2 * PYTHON_NAMES.len())),
+        "{report}"
+    );
 }

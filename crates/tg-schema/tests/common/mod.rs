@@ -12,49 +12,49 @@ use tg_schema::message;
 /// An RDF term: a URI (`is_uri`) or a literal.
 #[message]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub struct Value {
+pub(crate) struct Value {
     /// The URI or the literal text.
-    pub value: String,
+    pub(crate) value: String,
     /// Whether `value` is a URI rather than a literal.
-    pub is_uri: bool,
+    pub(crate) is_uri: bool,
 }
 
 /// An RDF triple of nested [`Value`]s.
 #[message]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub struct Triple {
+pub(crate) struct Triple {
     /// Subject.
-    pub s: Value,
+    pub(crate) s: Value,
     /// Predicate.
-    pub p: Value,
+    pub(crate) p: Value,
     /// Object.
-    pub o: Value,
+    pub(crate) o: Value,
 }
 
 /// A graph query: a list of triple patterns with optional metadata (the nested-types example of
 /// the schema design).
 #[message]
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct GraphQuery {
+pub(crate) struct GraphQuery {
     /// The triple patterns.
-    pub triples: Vec<Triple>,
+    pub(crate) triples: Vec<Triple>,
     /// Free-form metadata. `None` is omitted from the JSON; `Some(empty)` is written as `{}`.
-    pub metadata: Option<BTreeMap<String, String>>,
+    pub(crate) metadata: Option<BTreeMap<String, String>>,
 }
 
 /// A request to an LLM text-completion service (the optional-fields example of the schema
 /// design).
 #[message]
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TextCompletionRequest {
+pub(crate) struct TextCompletionRequest {
     /// The system prompt.
-    pub system: String,
+    pub(crate) system: String,
     /// The user prompt.
-    pub prompt: String,
+    pub(crate) prompt: String,
     /// Whether the response should be streamed as several [`TextCompletionResponse`]s.
-    pub streaming: bool,
+    pub(crate) streaming: bool,
     /// Free-form metadata; omitted when `None`, written as `{}` when empty.
-    pub metadata: Option<BTreeMap<String, String>>,
+    pub(crate) metadata: Option<BTreeMap<String, String>>,
 }
 
 /// TrustGraph's error record, carried in the `error` field of responses.
@@ -63,81 +63,81 @@ pub struct TextCompletionRequest {
 /// `#[serde(rename = ...)]` under `#[message]`.
 #[message]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub struct Error {
+pub(crate) struct Error {
     /// The error kind (`"type"` on the wire), e.g. `"llm-error"`, `"rate-limit"`.
     #[serde(rename = "type")]
-    pub kind: String,
+    pub(crate) kind: String,
     /// Human-readable description.
-    pub message: String,
+    pub(crate) message: String,
 }
 
 /// A response (or, when streaming, one chunk of a response) from a text-completion service.
 #[message]
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct TextCompletionResponse {
+pub(crate) struct TextCompletionResponse {
     /// Set when the request failed.
-    pub error: Option<Error>,
+    pub(crate) error: Option<Error>,
     /// The completion text (or this chunk of it).
-    pub response: String,
+    pub(crate) response: String,
     /// Input tokens used, when the service reports it.
-    pub in_token: Option<i64>,
+    pub(crate) in_token: Option<i64>,
     /// Output tokens produced, when the service reports it.
-    pub out_token: Option<i64>,
+    pub(crate) out_token: Option<i64>,
     /// The model that answered, when known.
-    pub model: Option<String>,
+    pub(crate) model: Option<String>,
     /// Whether this is the last chunk of a streamed response.
-    pub end_of_stream: bool,
+    pub(crate) end_of_stream: bool,
 }
 
 /// Where a piece of knowledge comes from and whom it belongs to.
 #[message]
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
-pub struct Metadata {
+pub(crate) struct Metadata {
     /// Source identifier.
-    pub id: String,
+    pub(crate) id: String,
     /// Identifier of the root document this item derives from.
-    pub root: String,
+    pub(crate) root: String,
     /// Owning user.
-    pub user: String,
+    pub(crate) user: String,
     /// Collection within the user's data.
-    pub collection: String,
+    pub(crate) collection: String,
 }
 
 /// A batch of triples extracted from a source.
 #[message]
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Triples {
+pub(crate) struct Triples {
     /// Where the triples come from.
-    pub metadata: Metadata,
+    pub(crate) metadata: Metadata,
     /// The triples.
-    pub triples: Vec<Triple>,
+    pub(crate) triples: Vec<Triple>,
 }
 
 /// A raw document (PDF, text, ...) entering the pipeline; `data` travels as base64.
 #[message]
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Document {
+pub(crate) struct Document {
     /// Where the document comes from.
-    pub metadata: Metadata,
+    pub(crate) metadata: Metadata,
     /// The document's bytes, base64 on the wire (`null` reads as empty).
     #[serde(with = "tg_schema::base64_bytes")]
-    pub data: Vec<u8>,
+    pub(crate) data: Vec<u8>,
 }
 
 /// A request to an embeddings service.
 #[message]
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct EmbeddingsRequest {
+pub(crate) struct EmbeddingsRequest {
     /// The text to embed.
-    pub text: String,
+    pub(crate) text: String,
 }
 
 /// The answer of an embeddings service: one vector per chunk of the input.
 #[message]
 #[derive(Debug, Clone, PartialEq, Default)]
-pub struct EmbeddingsResponse {
+pub(crate) struct EmbeddingsResponse {
     /// Set when the request failed.
-    pub error: Option<Error>,
+    pub(crate) error: Option<Error>,
     /// The embedding vectors.
-    pub vectors: Vec<Vec<f64>>,
+    pub(crate) vectors: Vec<Vec<f64>>,
 }
