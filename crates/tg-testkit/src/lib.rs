@@ -24,6 +24,7 @@ pub mod bench;
 mod cases;
 mod check;
 pub mod doc;
+pub mod proxy;
 #[cfg(feature = "pulsar-relay")]
 pub mod pulsar_relay;
 pub mod servers;
