@@ -58,7 +58,10 @@ impl Lifecycle {
         }
     }
 
-    /// Resolves when the backend is closed (for background tasks to end with it).
+    /// Resolves when the backend is closed (for background tasks to end with it). It resolves
+    /// *before* the live producers and consumers are closed: a task that their `close` still
+    /// needs (a connection that must carry an unsubscribe or the last acknowledgements) must not
+    /// end here but in [`RawBackend::shutdown`], which runs after they are closed.
     pub fn closed(&self) -> WaitForCancellationFuture<'_> {
         self.token.cancelled()
     }
@@ -78,18 +81,14 @@ impl Lifecycle {
         self.handles.register(&handle);
     }
 
-    /// Marks the backend closed and closes every live handle; the first error is returned, after
-    /// every handle was tried.
+    /// Marks the backend closed and closes every live handle, all at once (a consumer's close
+    /// may wait on its broker, and a backend with many should not wait for each in turn); the
+    /// first error is returned, after every handle was tried.
     async fn close_handles(&self) -> Result<()> {
         self.mark_closed();
-        let mut first = Ok(());
-        for handle in self.handles.drain_live() {
-            let result = handle.close_boxed().await;
-            if first.is_ok() {
-                first = result;
-            }
-        }
-        first
+        let handles = self.handles.drain_live();
+        let results = futures::future::join_all(handles.iter().map(|h| h.close_boxed())).await;
+        results.into_iter().find(Result::is_err).unwrap_or(Ok(()))
     }
 }
 
