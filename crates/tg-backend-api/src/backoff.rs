@@ -49,7 +49,7 @@ impl Backoff {
 
     /// Turns full jitter on or off.
     #[must_use]
-    pub fn jitter(mut self, on: bool) -> Self {
+    pub const fn jitter(mut self, on: bool) -> Self {
         self.jitter = on;
         self
     }

@@ -13,8 +13,9 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use super::raw::{Feature, RawBackend, RawConsumer, RawProducer};
 use crate::{
-    Backend, Capabilities, Consumer, ConsumerOptions, Error, ErrorKind, HandleRegistry,
-    InitialPosition, Message, OutboundMessage, Producer, ProducerOptions, Result, SendReceipt,
+    Backend, Capabilities, Consumer, ConsumerOptions, ConsumerType, Error, ErrorKind,
+    HandleRegistry, InitialPosition, Message, OutboundMessage, Producer, ProducerOptions, Result,
+    SendReceipt,
 };
 
 /// The closed state of one backend and the producers and consumers still alive, which
@@ -204,7 +205,10 @@ impl<B: RawBackend> Backend for B {
         options.validate()?;
         let qos = topic.qos();
         let caps = self.caps(qos);
-        if !caps.supports(options.consumer_type) {
+        // Shared is the default type: where `shared` is false a subscription takes one consumer
+        // (of the default type), so only the other types are refused here; the backend refuses a
+        // second consumer itself.
+        if options.consumer_type != ConsumerType::Shared && !caps.supports(options.consumer_type) {
             return Err(Error::unsupported(
                 self.why_not(qos, Feature::Consumer(options.consumer_type)),
             )
@@ -404,13 +408,21 @@ impl<C: RawConsumer> Consumer for CheckedConsumer<C> {
     async fn receive(&self, timeout: Duration) -> Result<Message> {
         self.check_open()?;
         let handle = &self.handle.0;
-        tokio::select! {
-            biased;
-            received = handle.inner.receive(timeout) => match received {
-                Err(e) if handle.is_closed() && e.kind() != ErrorKind::Closed => Err(self.closed()),
-                other => other,
+        let received = handle.inner.receive(timeout);
+        tokio::pin!(received);
+        // A message that is already there is taken without setting up the wait for a close
+        // (the common case under load, where that set-up would cost more than the take).
+        let outcome = match futures::poll!(received.as_mut()) {
+            std::task::Poll::Ready(outcome) => outcome,
+            std::task::Poll::Pending => tokio::select! {
+                biased;
+                outcome = received => outcome,
+                () = handle.token.cancelled() => return Err(self.closed()),
             },
-            () = handle.token.cancelled() => Err(self.closed()),
+        };
+        match outcome {
+            Err(e) if handle.is_closed() && e.kind() != ErrorKind::Closed => Err(self.closed()),
+            other => other,
         }
     }
 
