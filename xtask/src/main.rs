@@ -2,6 +2,7 @@
 //!
 //! The commands a developer runs are the commands CI runs (`.ci/run` calls `cargo xtask ci`).
 
+mod fuzz;
 mod pulsar;
 mod schema;
 
@@ -110,6 +111,8 @@ usage: cargo xtask <command>
                        (tg-pubsub against the raw client crate, same run)
   schema sync|check    write the framework's message types into tg-schema from the pinned
                        trustgraph-base (sync), or fail if the committed ones differ (check)
+  fuzz [seconds]       run every fuzz target of fuzz/ for `seconds` each (default 30; cargo-fuzz
+                       on the nightly toolchain, installed once under target/tools)
   services             report the local servers and start the ones that are down
   ci                   what CI runs: fmt --check, clippy -D warnings, doc, schema check, test all
   help                 this text
@@ -123,6 +126,11 @@ fn main() -> ExitCode {
         ["test", backend] => test(backend),
         ["bench", backend] => bench(backend),
         ["schema", mode] => schema::run(mode),
+        ["fuzz"] => fuzz::run(30),
+        ["fuzz", seconds] => seconds
+            .parse()
+            .map_err(|_| format!("fuzz: {seconds:?} is not a number of seconds"))
+            .and_then(fuzz::run),
         ["services"] => backend_crates().map(|crates| services(&crates)),
         ["ci"] => ci(),
         [] | ["help"] | ["--help"] | ["-h"] => {

@@ -1,0 +1,91 @@
+//! `cargo xtask fuzz [seconds]`: every fuzz target of `fuzz/` for `seconds` each (default 30,
+//! what CI runs), with cargo-fuzz (libFuzzer) on the nightly toolchain.
+//!
+//! cargo-fuzz is installed once under `target/tools`; each target's corpus is `fuzz/corpus/<target>`
+//! (committed, so every run starts from what earlier runs found) and a crash leaves its input in
+//! `fuzz/artifacts/<target>`, which fails the command.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn tools() -> PathBuf {
+    crate::root().join("target/tools")
+}
+
+fn cargo_fuzz() -> PathBuf {
+    tools().join("bin/cargo-fuzz")
+}
+
+/// Installs cargo-fuzz under `target/tools` unless it is there.
+fn ensure_cargo_fuzz() -> Result<(), String> {
+    if cargo_fuzz().is_file() {
+        return Ok(());
+    }
+    println!("xtask: installing cargo-fuzz into {} (once)", tools().display());
+    crate::run(
+        env!("CARGO"),
+        &[
+            "install",
+            "--locked",
+            "--root",
+            tools().to_str().ok_or("target path is not UTF-8")?,
+            "cargo-fuzz",
+        ],
+    )
+}
+
+/// The targets: the `[[bin]]` names of `fuzz/Cargo.toml`.
+fn targets() -> Result<Vec<String>, String> {
+    let manifest = std::fs::read_to_string(crate::root().join("fuzz/Cargo.toml"))
+        .map_err(|e| format!("fuzz/Cargo.toml: {e}"))?;
+    Ok(manifest
+        .split("[[bin]]")
+        .skip(1)
+        .filter_map(|section| {
+            let line = section.lines().find(|l| l.trim_start().starts_with("name"))?;
+            Some(line.split('"').nth(1)?.to_owned())
+        })
+        .collect())
+}
+
+pub(crate) fn run(seconds: u64) -> Result<(), String> {
+    ensure_cargo_fuzz()?;
+    let fuzz_dir = crate::root().join("fuzz");
+    let mut report = Vec::new();
+    for target in targets()? {
+        let corpus = fuzz_dir.join("corpus").join(&target);
+        std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
+        println!("xtask: fuzzing {target} for {seconds} s");
+        // libFuzzer's instrumentation needs the nightly toolchain (installed beside stable);
+        // cargo-fuzz runs the `cargo` rustup puts on PATH, which reads RUSTUP_TOOLCHAIN.
+        let output = Command::new(cargo_fuzz())
+            .env("RUSTUP_TOOLCHAIN", "nightly")
+            .args(["run", &target])
+            .arg(&corpus)
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"))
+            .arg("-print_final_stats=1")
+            .current_dir(&fuzz_dir)
+            .output()
+            .map_err(|e| format!("cannot run cargo-fuzz: {e}"))?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let runs = stderr
+            .lines()
+            .find_map(|l| l.strip_prefix("stat::number_of_executed_units:"))
+            .map_or("?".to_owned(), |n| n.trim().to_owned());
+        if !output.status.success() {
+            let tail: Vec<&str> = stderr.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            return Err(format!(
+                "fuzz target {target} failed after {runs} runs (input in fuzz/artifacts/{target}):\n{}",
+                tail.join("\n")
+            ));
+        }
+        report.push(format!("{target:<16} {seconds:>6} s {runs:>12} runs  0 crashes"));
+    }
+    println!("\nfuzz targets:");
+    for line in report {
+        println!("  {line}");
+    }
+    Ok(())
+}
