@@ -5,15 +5,12 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use tg_backend_api::kit::{BackendConfig, Feature, Lifecycle, RawBackend};
-use tg_backend_api::{
-    Backend, Capabilities, Consumer, ConsumerOptions, Producer, ProducerOptions, Qos, Result, Topic,
-};
+use tg_backend_api::{Capabilities, ConsumerOptions, ProducerOptions, Qos, Result, Topic};
 use tokio::sync::OnceCell;
 
 use crate::config::RedisConfig;
-use crate::consumer::{RedisConsumer, StreamConsumer};
+use crate::consumer::{Kind, RedisConsumer, StreamConsumer};
 use crate::core::Core;
 use crate::producer::RedisProducer;
 use crate::q0::{PubSubHub, Q0Consumer};
@@ -40,7 +37,9 @@ use crate::q0::{PubSubHub, Q0Consumer};
 /// ```
 #[derive(Clone)]
 pub struct RedisBackend {
-    raw: Raw,
+    core: Arc<Core>,
+    /// The q0 pub/sub connection, opened with the first q0 consumer.
+    hub: Arc<OnceCell<Arc<PubSubHub>>>,
 }
 
 impl RedisBackend {
@@ -53,16 +52,21 @@ impl RedisBackend {
     /// names the server, never the password.
     pub async fn connect(config: RedisConfig) -> Result<Self> {
         Ok(Self {
-            raw: Raw {
-                core: Arc::new(Core::connect(config).await?),
-                hub: Arc::new(OnceCell::new()),
-            },
+            core: Arc::new(Core::connect(config).await?),
+            hub: Arc::new(OnceCell::new()),
         })
     }
 
     /// The configuration.
     pub fn config(&self) -> &RedisConfig {
-        &self.raw.core.config
+        &self.core.config
+    }
+
+    async fn hub(&self) -> Result<Arc<PubSubHub>> {
+        self.hub
+            .get_or_try_init(|| PubSubHub::connect(self.core.clone()))
+            .await
+            .cloned()
     }
 }
 
@@ -77,8 +81,8 @@ impl BackendConfig for RedisConfig {
 impl fmt::Debug for RedisBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisBackend")
-            .field("server", &self.raw.core.server)
-            .field("closed", &self.raw.core.life.is_closed())
+            .field("server", &self.core.server)
+            .field("closed", &self.core.life.is_closed())
             .finish_non_exhaustive()
     }
 }
@@ -108,72 +112,7 @@ fn capabilities(config: &RedisConfig, qos: Qos) -> Capabilities {
     caps
 }
 
-// `RedisBackend` is the kit's backend with one difference: its q0 capabilities say
-// `shared: false` (a q0 subscription takes one consumer of the default type; a second one is
-// refused as `Unsupported`), while the kit refuses every consumer of a type whose flag is false,
-// so it would refuse all q0 consumers. `Raw` therefore tells the kit `shared: true` on q0 (the
-// hub refuses the second consumer) and `RedisBackend` reports the real capabilities.
-#[async_trait]
-impl Backend for RedisBackend {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn capabilities(&self, qos: Qos) -> Capabilities {
-        capabilities(&self.raw.core.config, qos)
-    }
-
-    async fn create_producer(
-        &self,
-        topic: &Topic,
-        options: ProducerOptions,
-    ) -> Result<Box<dyn Producer>> {
-        Backend::create_producer(&self.raw, topic, options).await
-    }
-
-    async fn create_consumer(
-        &self,
-        topic: &Topic,
-        options: ConsumerOptions,
-    ) -> Result<Box<dyn Consumer>> {
-        Backend::create_consumer(&self.raw, topic, options).await
-    }
-
-    async fn ping(&self) -> Result<()> {
-        Backend::ping(&self.raw).await
-    }
-
-    async fn close(&self) -> Result<()> {
-        Backend::close(&self.raw).await
-    }
-}
-
-/// The backend as the kit sees it.
-#[derive(Clone)]
-struct Raw {
-    core: Arc<Core>,
-    /// The q0 pub/sub connection, opened with the first q0 consumer.
-    hub: Arc<OnceCell<Arc<PubSubHub>>>,
-}
-
-impl Raw {
-    async fn hub(&self) -> Result<Arc<PubSubHub>> {
-        self.hub
-            .get_or_try_init(|| PubSubHub::connect(self.core.clone()))
-            .await
-            .cloned()
-    }
-}
-
-impl fmt::Debug for Raw {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Raw")
-            .field("server", &self.core.server)
-            .finish_non_exhaustive()
-    }
-}
-
-impl RawBackend for Raw {
+impl RawBackend for RedisBackend {
     type Producer = RedisProducer;
     type Consumer = RedisConsumer;
 
@@ -184,11 +123,7 @@ impl RawBackend for Raw {
     }
 
     fn caps(&self, qos: Qos) -> Capabilities {
-        let mut caps = capabilities(&self.core.config, qos);
-        if qos == Qos::Q0 {
-            caps.shared = true; // see `impl Backend for RedisBackend`
-        }
-        caps
+        capabilities(&self.core.config, qos)
     }
 
     fn why_not(&self, qos: Qos, feature: Feature) -> Cow<'static, str> {
@@ -226,13 +161,13 @@ impl RawBackend for Raw {
     ) -> Result<RedisConsumer> {
         if topic.qos() == Qos::Q0 {
             let hub = self.hub().await?;
-            return Ok(RedisConsumer::Q0(
+            return Ok(RedisConsumer(Kind::Q0(
                 Q0Consumer::subscribe(hub, topic, options, id).await?,
-            ));
+            )));
         }
-        Ok(RedisConsumer::Stream(
+        Ok(RedisConsumer(Kind::Stream(
             StreamConsumer::create(self.core.clone(), topic, options, id).await?,
-        ))
+        )))
     }
 
     async fn probe(&self) -> Result<()> {

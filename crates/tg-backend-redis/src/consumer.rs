@@ -48,16 +48,20 @@ const RECLAIM_CONSUMER: &str = "tg-reclaim";
 /// The Redis consumer (as the kit sees it; applications get it as a `Box<dyn Consumer>`): a
 /// consumer group member on q1/q2 topics, a pub/sub subscriber on q0 topics.
 #[derive(Debug)]
-pub(crate) enum RedisConsumer {
+pub struct RedisConsumer(pub(crate) Kind);
+
+/// The two kinds of Redis consumer.
+#[derive(Debug)]
+pub(crate) enum Kind {
     Stream(StreamConsumer),
     Q0(Q0Consumer),
 }
 
 impl RedisConsumer {
     fn inbox(&self) -> &Inbox {
-        match self {
-            Self::Stream(c) => &c.inbox,
-            Self::Q0(c) => c.inbox(),
+        match &self.0 {
+            Kind::Stream(c) => &c.inbox,
+            Kind::Q0(c) => c.inbox(),
         }
     }
 }
@@ -70,37 +74,37 @@ impl RawConsumer for RedisConsumer {
     }
 
     async fn acknowledge(&self, message: &Message) -> Result<()> {
-        match self {
-            Self::Stream(c) => c.acknowledge(message).await,
-            Self::Q0(c) => c.acknowledge(message).await,
+        match &self.0 {
+            Kind::Stream(c) => c.acknowledge(message).await,
+            Kind::Q0(c) => c.acknowledge(message).await,
         }
     }
 
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
-        match self {
-            Self::Stream(c) => c.negative_acknowledge(message).await,
-            Self::Q0(c) => c.negative_acknowledge(message).await,
+        match &self.0 {
+            Kind::Stream(c) => c.negative_acknowledge(message).await,
+            Kind::Q0(c) => c.negative_acknowledge(message).await,
         }
     }
 
     async fn unsubscribe(&self) -> Result<()> {
-        match self {
-            Self::Stream(c) => c.unsubscribe().await,
-            Self::Q0(c) => c.unsubscribe().await,
+        match &self.0 {
+            Kind::Stream(c) => c.unsubscribe().await,
+            Kind::Q0(c) => c.unsubscribe().await,
         }
     }
 
     async fn close(&self) -> Result<()> {
-        match self {
-            Self::Stream(c) => c.close().await,
-            Self::Q0(c) => c.close().await,
+        match &self.0 {
+            Kind::Stream(c) => c.close().await,
+            Kind::Q0(c) => c.close().await,
         }
     }
 
     fn close_sync(&self) -> bool {
-        match self {
-            Self::Stream(c) => c.close_sync(),
-            Self::Q0(c) => c.close_sync(),
+        match &self.0 {
+            Kind::Stream(c) => c.close_sync(),
+            Kind::Q0(c) => c.close_sync(),
         }
     }
 }

@@ -21,6 +21,8 @@ mod topic;
 
 pub use backend::RedisBackend;
 pub use config::RedisConfig;
+pub use consumer::RedisConsumer;
+pub use producer::RedisProducer;
 
 use tg_backend_api::kit::{self, Driver, Setting};
 

@@ -221,7 +221,7 @@ impl Queue {
 }
 
 /// The Redis producer (as the kit sees it; applications get it as a `Box<dyn Producer>`).
-pub(crate) struct RedisProducer {
+pub struct RedisProducer {
     core: Arc<Core>,
     topic: Topic,
     queue: Arc<Queue>,
