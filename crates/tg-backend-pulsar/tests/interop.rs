@@ -17,8 +17,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use tg_backend_api::{Backend, BackendExt, ConsumerOptions, Properties, Topic};
+use tg_backend_api::{QueueId, TypedMessage};
 use tg_backend_pulsar::{PulsarBackend, PulsarConfig};
-use tg_schema::messages::{TextCompletionRequest, TextCompletionResponse};
+use tg_schema::trustgraph::{
+    EmbeddingsRequest, Metadata, Term, TextCompletionRequest, TextCompletionResponse, Triple,
+    Triples,
+};
+use tg_schema::{Codec, JsonCodec};
 use tg_testkit::support::skip;
 
 struct Env {
@@ -128,7 +133,7 @@ async fn python_producer_to_rust_consumer() {
             system: "be brief".into(),
             prompt: "what is a graph?".into(),
             streaming: true,
-            metadata: None,
+            ..Default::default()
         }
     );
     assert_eq!(got.property("id"), Some(id.as_str()));
@@ -211,7 +216,9 @@ async fn rust_producer_to_python_consumer() {
         system: "sys".into(),
         prompt: "from rust ✓".into(),
         streaming: false,
-        metadata: Some([("k".to_owned(), "v".to_owned())].into()),
+        operation: "completion".into(),
+        schema: Some([("k".to_owned(), serde_json::json!({"type": "string"}))].into()),
+        ..Default::default()
     };
     producer
         .send_with(&sent, [("id".to_owned(), "rust-1".to_owned())].into())
@@ -232,9 +239,166 @@ async fn rust_producer_to_python_consumer() {
     assert_eq!(got["value"]["system"], "sys", "{got}");
     assert_eq!(got["value"]["prompt"], "from rust ✓", "{got}");
     assert_eq!(got["value"]["streaming"], false, "{got}");
-    // a field the framework's TextCompletionRequest does not have is dropped by its decoder;
-    // its own defaults fill the rest
     assert_eq!(got["value"]["operation"], "completion", "{got}");
+    assert_eq!(got["value"]["schema"]["k"]["type"], "string", "{got}");
     assert_eq!(got["properties"]["id"], "rust-1", "{got}");
+    backend.close().await.unwrap();
+}
+
+/// `null` (the framework's `None`) removed everywhere, since we leave such keys out.
+fn without_nulls(value: serde_json::Value) -> serde_json::Value {
+    match value {
+        serde_json::Value::Object(map) => serde_json::Value::Object(
+            map.into_iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, v)| (k, without_nulls(v)))
+                .collect(),
+        ),
+        serde_json::Value::Array(items) => {
+            serde_json::Value::Array(items.into_iter().map(without_nulls).collect())
+        }
+        other => other,
+    }
+}
+
+/// One generated type both ways, each way on a queue of its own addressed by the framework's
+/// queue id: the framework builds `value` from our JSON and sends it, and a tg-pubsub consumer of
+/// that id's topic must decode the same value; then tg-pubsub sends it and the framework's
+/// consumer must decode a dataclass whose JSON is ours.
+async fn both_ways<T>(env: &Env, backend: &PulsarBackend, class: &str, value: T)
+where
+    T: tg_schema::Message + PartialEq + std::fmt::Debug,
+{
+    let json = String::from_utf8(JsonCodec.encode(&value).unwrap()).unwrap();
+
+    let to_rust: QueueId = format!("flow:tg:{}", unique(&format!("{class}-in")))
+        .parse()
+        .unwrap();
+    let consumer = backend
+        .typed_consumer::<T>(
+            &to_rust.to_topic(),
+            ConsumerOptions::for_queue_class(to_rust.class(), unique("rust")),
+        )
+        .await
+        .unwrap();
+    let id = unique("py");
+    let lines = python(
+        &env.python,
+        "send_typed.py",
+        vec![
+            env.lite_url.clone(),
+            to_rust.to_string(),
+            class.to_owned(),
+            json.clone(),
+            id.clone(),
+        ],
+    )
+    .await;
+    assert_eq!(lines, ["sent"], "{class}");
+    let got: TypedMessage<T> = consumer.receive(Duration::from_secs(15)).await.unwrap();
+    assert_eq!(got.value(), &value, "{class}: framework → tg-pubsub");
+    assert_eq!(got.property("id"), Some(id.as_str()));
+    consumer.acknowledge(&got).await.unwrap();
+
+    let to_python: QueueId = format!("flow:tg:{}", unique(&format!("{class}-out")))
+        .parse()
+        .unwrap();
+    let producer = backend
+        .typed_producer::<T>(&to_python.to_topic())
+        .await
+        .unwrap();
+    producer
+        .send_with(&value, [("id".to_owned(), "rust-1".to_owned())].into())
+        .await
+        .unwrap();
+    let lines = python(
+        &env.python,
+        "receive_typed.py",
+        vec![
+            env.lite_url.clone(),
+            to_python.to_string(),
+            class.to_owned(),
+            unique("py"),
+            "1".into(),
+        ],
+    )
+    .await;
+    let got: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    let ours: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        without_nulls(got["value"].clone()),
+        ours,
+        "{class}: tg-pubsub → framework"
+    );
+    assert_eq!(got["properties"]["id"], "rust-1", "{got}");
+}
+
+/// (4) Three generated types of different shapes travel both ways between the framework and
+/// tg-pubsub, addressed by the framework's queue ids: defaults and options
+/// (TextCompletionRequest), a list (EmbeddingsRequest), nested and recursive types (Triples).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_types_travel_both_ways_by_queue_id() {
+    let Some(env) = env() else { return };
+    let backend = backend(&env).await;
+    both_ways(
+        &env,
+        &backend,
+        "TextCompletionRequest",
+        TextCompletionRequest {
+            system: "be brief".into(),
+            prompt: "Wer ist ein Graph? ✓".into(),
+            streaming: true,
+            response_format: Some("json".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    both_ways(
+        &env,
+        &backend,
+        "EmbeddingsRequest",
+        EmbeddingsRequest {
+            texts: vec!["one".into(), "two".into(), String::new()],
+        },
+    )
+    .await;
+    let iri = |s: &str| Term {
+        r#type: "i".into(),
+        iri: s.into(),
+        ..Default::default()
+    };
+    both_ways(
+        &env,
+        &backend,
+        "Triples",
+        Triples {
+            metadata: Some(Metadata {
+                id: "doc-1".into(),
+                root: "doc".into(),
+                collection: "default".into(),
+            }),
+            triples: vec![Triple {
+                s: Some(iri("http://example.org/a")),
+                p: Some(iri("http://example.org/knows")),
+                o: Some(Term {
+                    r#type: "t".into(),
+                    triple: Some(Box::new(Triple {
+                        s: Some(iri("http://example.org/b")),
+                        p: Some(iri("http://example.org/says")),
+                        o: Some(Term {
+                            r#type: "l".into(),
+                            value: "hello".into(),
+                            language: "en".into(),
+                            ..Default::default()
+                        }),
+                        g: None,
+                    })),
+                    ..Default::default()
+                }),
+                g: Some("http://example.org/graph".into()),
+            }],
+        },
+    )
+    .await;
     backend.close().await.unwrap();
 }
