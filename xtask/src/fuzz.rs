@@ -21,7 +21,10 @@ fn ensure_cargo_fuzz() -> Result<(), String> {
     if cargo_fuzz().is_file() {
         return Ok(());
     }
-    println!("xtask: installing cargo-fuzz into {} (once)", tools().display());
+    println!(
+        "xtask: installing cargo-fuzz into {} (once)",
+        tools().display()
+    );
     crate::run(
         env!("CARGO"),
         &[
@@ -42,7 +45,9 @@ fn targets() -> Result<Vec<String>, String> {
         .split("[[bin]]")
         .skip(1)
         .filter_map(|section| {
-            let line = section.lines().find(|l| l.trim_start().starts_with("name"))?;
+            let line = section
+                .lines()
+                .find(|l| l.trim_start().starts_with("name"))?;
             Some(line.split('"').nth(1)?.to_owned())
         })
         .collect())
@@ -81,7 +86,21 @@ pub(crate) fn run(seconds: u64) -> Result<(), String> {
                 tail.join("\n")
             ));
         }
-        report.push(format!("{target:<16} {seconds:>6} s {runs:>12} runs  0 crashes"));
+        // Keep the committed corpus to the inputs that add coverage.
+        let minimized = Command::new(cargo_fuzz())
+            .env("RUSTUP_TOOLCHAIN", "nightly")
+            .args(["cmin", &target])
+            .arg(&corpus)
+            .current_dir(&fuzz_dir)
+            .output()
+            .map_err(|e| format!("cannot run cargo-fuzz cmin: {e}"))?;
+        if !minimized.status.success() {
+            println!("xtask: could not minimise the {target} corpus; it is left as it is");
+        }
+        let kept = std::fs::read_dir(&corpus).map_or(0, |d| d.count());
+        report.push(format!(
+            "{target:<16} {seconds:>6} s {runs:>12} runs  0 crashes  corpus {kept}"
+        ));
     }
     println!("\nfuzz targets:");
     for line in report {

@@ -6,7 +6,7 @@
 //! application has acknowledged every message of it (as the Java client does), and when a nack
 //! brings an entry back, it drops the messages of it that were acknowledged already.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use pulsar::proto::MessageIdData;
 
@@ -31,10 +31,19 @@ struct BatchState {
     remaining: usize,
 }
 
-/// The batches of one consumer with some, but not all, messages acknowledged.
+/// How many fully acknowledged batches a consumer remembers. Each nack of a message of a batch
+/// makes the broker redeliver the whole entry; a redelivery that arrives after the batch was
+/// completed (two nacks of one batch, say) is dropped as already acknowledged, not delivered a
+/// second time.
+const COMPLETED: usize = 10_000;
+
+/// The batches of one consumer with some, but not all, messages acknowledged, and the batches
+/// it completed lately.
 #[derive(Default)]
 pub(crate) struct BatchAcks {
     batches: HashMap<EntryKey, BatchState>,
+    completed: HashSet<EntryKey>,
+    completed_order: VecDeque<EntryKey>,
 }
 
 impl BatchAcks {
@@ -57,6 +66,14 @@ impl BatchAcks {
                     return Vec::new();
                 }
                 self.batches.remove(&key);
+                if self.completed.insert(key) {
+                    self.completed_order.push_back(key);
+                    if self.completed_order.len() > COMPLETED {
+                        if let Some(old) = self.completed_order.pop_front() {
+                            self.completed.remove(&old);
+                        }
+                    }
+                }
                 (0..d.batch_size)
                     .map(|i| MessageIdData {
                         batch_index: Some(i),
@@ -72,6 +89,9 @@ impl BatchAcks {
     pub(crate) fn already_acked(&self, id: &MessageIdData, batch_size: i32) -> bool {
         if batch_size <= 1 {
             return false;
+        }
+        if self.completed.contains(&entry_key(id)) {
+            return true;
         }
         match (self.batches.get(&entry_key(id)), id.batch_index) {
             (Some(state), Some(index)) if index >= 0 => {
@@ -114,6 +134,8 @@ mod tests {
             [Some(0), Some(1), Some(2)]
         );
         assert!(s.batches.is_empty());
+        // a late redelivery of the completed batch is not delivered again
+        assert!(s.already_acked(&id(7, Some(1)), 3));
         // a message outside a batch is acknowledged at once
         let single = Delivery {
             id: id(8, None),
