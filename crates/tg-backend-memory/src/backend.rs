@@ -3,7 +3,7 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
-use tg_backend_api::kit::{Feature, Lifecycle, RawBackend};
+use tg_backend_api::kit::{BackendConfig, Feature, Lifecycle, RawBackend};
 use tg_backend_api::{Capabilities, ConsumerOptions, ProducerOptions, Qos, Result, Topic};
 
 use crate::config::MemoryConfig;
@@ -125,5 +125,13 @@ impl RawBackend for MemoryBackend {
     async fn shutdown(&self) -> Result<()> {
         self.core.wake_all();
         Ok(())
+    }
+}
+
+impl BackendConfig for MemoryConfig {
+    type Backend = MemoryBackend;
+
+    async fn connect(self) -> Result<MemoryBackend> {
+        Ok(MemoryBackend::with_config(self))
     }
 }

@@ -4,10 +4,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tg_backend_api::kit::config::{self, require};
-use tg_backend_api::kit::BackendConfig;
 use tg_backend_api::Result;
-
-use crate::MemoryBackend;
 
 /// What a producer does when a subscription holds [`MemoryConfig::subscription_capacity`] messages.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,14 +127,6 @@ impl MemoryConfig {
     pub fn dedup_capacity(mut self, capacity: usize) -> Self {
         self.dedup_capacity = capacity;
         self
-    }
-}
-
-impl BackendConfig for MemoryConfig {
-    type Backend = MemoryBackend;
-
-    async fn connect(self) -> Result<MemoryBackend> {
-        Ok(MemoryBackend::with_config(self))
     }
 }
 

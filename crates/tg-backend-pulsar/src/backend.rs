@@ -6,7 +6,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use pulsar::{Pulsar, TokioExecutor};
-use tg_backend_api::kit::{Feature, Lifecycle, RawBackend};
+use tg_backend_api::kit::{BackendConfig, Feature, Lifecycle, RawBackend};
 use tg_backend_api::{Capabilities, ConsumerOptions, ProducerOptions, Qos, Result, Topic};
 
 use crate::config::PulsarConfig;
@@ -148,5 +148,13 @@ impl RawBackend for PulsarBackend {
             )
             .await
             .map(drop)
+    }
+}
+
+impl BackendConfig for PulsarConfig {
+    type Backend = PulsarBackend;
+
+    async fn connect(self) -> Result<PulsarBackend> {
+        PulsarBackend::connect(self).await
     }
 }

@@ -5,10 +5,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tg_backend_api::kit::config::{self, require, Secret};
-use tg_backend_api::kit::{BackendConfig, Settings};
+use tg_backend_api::kit::Settings;
 use tg_backend_api::{Error, Result};
-
-use crate::PulsarBackend;
 
 /// Configuration of [`PulsarBackend`](crate::PulsarBackend).
 ///
@@ -391,14 +389,6 @@ impl PulsarConfig {
             return Err(Error::config("PULSAR_API_KEY is set but empty"));
         }
         Ok(())
-    }
-}
-
-impl BackendConfig for PulsarConfig {
-    type Backend = PulsarBackend;
-
-    async fn connect(self) -> Result<PulsarBackend> {
-        PulsarBackend::connect(self).await
     }
 }
 
