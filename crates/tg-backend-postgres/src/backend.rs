@@ -5,12 +5,8 @@ use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use tg_backend_api::kit::{BackendConfig, Feature, Lifecycle, RawBackend};
-use tg_backend_api::{
-    Backend, Capabilities, Consumer, ConsumerOptions, Error, Producer, ProducerOptions, Qos,
-    Result, Topic,
-};
+use tg_backend_api::{Capabilities, ConsumerOptions, Error, ProducerOptions, Qos, Result, Topic};
 
 use crate::config::PostgresConfig;
 use crate::consumer::PostgresConsumer;
@@ -39,12 +35,6 @@ use crate::q0::Q0_MAX_PAYLOAD;
 /// ```
 #[derive(Clone)]
 pub struct PostgresBackend {
-    raw: RawPostgres,
-}
-
-/// What the kit wraps: the backend with the kit's checks around it.
-#[derive(Clone)]
-struct RawPostgres {
     core: Arc<Core>,
 }
 
@@ -65,24 +55,22 @@ impl PostgresBackend {
             .await
             .map_err(with_context)?;
         spawn_cleanup(&core);
-        Ok(Self {
-            raw: RawPostgres { core },
-        })
+        Ok(Self { core })
     }
 
     /// The configuration.
     pub fn config(&self) -> &PostgresConfig {
-        &self.raw.core.config
+        &self.core.config
     }
 
     /// The `LISTEN`/`NOTIFY` channel a topic maps to (see [`channel_name`](crate::channel_name)).
     pub fn channel_for(&self, topic: &Topic) -> String {
-        self.raw.core.channel(topic)
+        self.core.channel(topic)
     }
 
     /// Runs retention cleanup now (normally every `cleanup_interval`).
     pub async fn cleanup(&self) -> Result<()> {
-        self.raw.core.cleanup_once().await
+        self.core.cleanup_once().await
     }
 }
 
@@ -128,7 +116,7 @@ fn capabilities(core: &Core, qos: Qos) -> Capabilities {
     caps
 }
 
-impl RawBackend for RawPostgres {
+impl RawBackend for PostgresBackend {
     type Producer = PostgresProducer;
     type Consumer = PostgresConsumer;
 
@@ -139,13 +127,7 @@ impl RawBackend for RawPostgres {
     }
 
     fn caps(&self, qos: Qos) -> Capabilities {
-        let mut caps = capabilities(&self.core, qos);
-        // `shared: false` on q0 says a subscription takes one consumer (a second one is refused
-        // in `q0.rs`), not that consumers of the default, shared type are refused, which is
-        // what the kit reads it as. The kit sees q0 as shared; applications see
-        // `capabilities()`, where it is not.
-        caps.shared = true;
-        caps
+        capabilities(&self.core, qos)
     }
 
     fn why_not(&self, qos: Qos, feature: Feature) -> Cow<'static, str> {
@@ -197,43 +179,6 @@ impl RawBackend for RawPostgres {
     }
 }
 
-// Everything goes through the kit (`RawPostgres`); only `capabilities` reads the backend's own,
-// since the kit's copy has q0 shared (see `RawBackend::caps` above).
-#[async_trait]
-impl Backend for PostgresBackend {
-    fn name(&self) -> &'static str {
-        Self::NAME
-    }
-
-    fn capabilities(&self, qos: Qos) -> Capabilities {
-        capabilities(&self.raw.core, qos)
-    }
-
-    async fn create_producer(
-        &self,
-        topic: &Topic,
-        options: ProducerOptions,
-    ) -> Result<Box<dyn Producer>> {
-        Backend::create_producer(&self.raw, topic, options).await
-    }
-
-    async fn create_consumer(
-        &self,
-        topic: &Topic,
-        options: ConsumerOptions,
-    ) -> Result<Box<dyn Consumer>> {
-        Backend::create_consumer(&self.raw, topic, options).await
-    }
-
-    async fn ping(&self) -> Result<()> {
-        Backend::ping(&self.raw).await
-    }
-
-    async fn close(&self) -> Result<()> {
-        Backend::close(&self.raw).await
-    }
-}
-
 impl BackendConfig for PostgresConfig {
     type Backend = PostgresBackend;
 
@@ -242,7 +187,7 @@ impl BackendConfig for PostgresConfig {
     }
 }
 
-impl fmt::Debug for RawPostgres {
+impl fmt::Debug for PostgresBackend {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let core = &self.core;
         f.debug_struct("PostgresBackend")
@@ -252,11 +197,5 @@ impl fmt::Debug for RawPostgres {
             .field("listening", &core.listener.is_connected())
             .field("life", &core.life)
             .finish()
-    }
-}
-
-impl fmt::Debug for PostgresBackend {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.raw.fmt(f)
     }
 }

@@ -38,7 +38,10 @@ const ACK_RETRIES: u32 = 5;
 const CLAIM_RETRY: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
 
 /// The PostgreSQL consumer (as the kit sees it; applications get it as a `Box<dyn Consumer>`).
-pub(crate) enum PostgresConsumer {
+pub struct PostgresConsumer(Kind);
+
+/// The two kinds, one per path.
+enum Kind {
     /// q1/q2: claims rows of the deliveries table.
     Table(Box<TableConsumer>),
     /// q0: `NOTIFY`.
@@ -53,65 +56,67 @@ impl PostgresConsumer {
         id: u64,
     ) -> Result<Self> {
         Ok(if topic.qos() == Qos::Q0 {
-            Self::Notify(Q0Consumer::create(core.clone(), topic.clone(), options, id).await?)
-        } else {
-            Self::Table(Box::new(
-                TableConsumer::create(core.clone(), id, topic.clone(), options).await?,
+            Self(Kind::Notify(
+                Q0Consumer::create(core.clone(), topic.clone(), options, id).await?,
             ))
+        } else {
+            Self(Kind::Table(Box::new(
+                TableConsumer::create(core.clone(), id, topic.clone(), options).await?,
+            )))
         })
     }
 }
 
 impl RawConsumer for PostgresConsumer {
     async fn receive(&self, timeout: Duration) -> Result<Message> {
-        match self {
-            Self::Table(c) => c.receive(timeout).await,
-            Self::Notify(c) => c.receive(timeout).await,
+        match &self.0 {
+            Kind::Table(c) => c.receive(timeout).await,
+            Kind::Notify(c) => c.receive(timeout).await,
         }
     }
 
     async fn acknowledge(&self, message: &Message) -> Result<()> {
-        match self {
-            Self::Table(c) => c.acknowledge(message).await,
-            Self::Notify(c) => c.acknowledge(message).await,
+        match &self.0 {
+            Kind::Table(c) => c.acknowledge(message).await,
+            Kind::Notify(c) => c.acknowledge(message).await,
         }
     }
 
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
-        match self {
-            Self::Table(c) => c.negative_acknowledge(message).await,
-            Self::Notify(c) => c.negative_acknowledge(message).await,
+        match &self.0 {
+            Kind::Table(c) => c.negative_acknowledge(message).await,
+            Kind::Notify(c) => c.negative_acknowledge(message).await,
         }
     }
 
     async fn unsubscribe(&self) -> Result<()> {
-        match self {
-            Self::Table(c) => c.unsubscribe().await,
-            Self::Notify(c) => c.unsubscribe().await,
+        match &self.0 {
+            Kind::Table(c) => c.unsubscribe().await,
+            Kind::Notify(c) => c.unsubscribe().await,
         }
     }
 
     async fn close(&self) -> Result<()> {
-        match self {
-            Self::Table(c) => c.release().await,
-            Self::Notify(c) => c.close().await,
+        match &self.0 {
+            Kind::Table(c) => c.release().await,
+            Kind::Notify(c) => c.close().await,
         }
     }
 
     fn close_sync(&self) -> bool {
-        match self {
+        match &self.0 {
             // giving the claims back takes a statement: the kit runs `close` in the background
-            Self::Table(_) => false,
-            Self::Notify(c) => c.close_sync(),
+            Kind::Table(_) => false,
+            Kind::Notify(c) => c.close_sync(),
         }
     }
 }
 
 impl fmt::Debug for PostgresConsumer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Table(c) => c.fmt(f),
-            Self::Notify(c) => c.fmt(f),
+        match &self.0 {
+            Kind::Table(c) => c.fmt(f),
+            Kind::Notify(c) => c.fmt(f),
         }
     }
 }

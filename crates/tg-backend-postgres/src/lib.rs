@@ -16,6 +16,8 @@ mod topic;
 
 pub use backend::PostgresBackend;
 pub use config::{PostgresConfig, SslMode};
+pub use consumer::PostgresConsumer;
+pub use producer::PostgresProducer;
 pub use topic::channel_name;
 
 use tg_backend_api::kit::{self, Driver, Setting};

@@ -24,7 +24,10 @@ use crate::q0::Q0Producer;
 const RETRY: Backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(1));
 
 /// The PostgreSQL producer (as the kit sees it; applications get it as a `Box<dyn Producer>`).
-pub(crate) enum PostgresProducer {
+pub struct PostgresProducer(Kind);
+
+/// The two kinds, one per path.
+enum Kind {
     /// q1/q2: rows in the messages table.
     Table(TableProducer),
     /// q0: `NOTIFY`.
@@ -38,30 +41,33 @@ impl PostgresProducer {
         options: &ProducerOptions,
     ) -> Result<Self> {
         if topic.qos() == Qos::Q0 {
-            return Ok(Self::Notify(Q0Producer::new(core.clone(), topic.clone())));
+            return Ok(Self(Kind::Notify(Q0Producer::new(
+                core.clone(),
+                topic.clone(),
+            ))));
         }
         let topic_id = core.topic_id(topic).await?;
-        Ok(Self::Table(TableProducer::new(
+        Ok(Self(Kind::Table(TableProducer::new(
             core.clone(),
             topic.clone(),
             topic_id,
             options,
-        )))
+        ))))
     }
 }
 
 impl RawProducer for PostgresProducer {
     async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
-        match self {
-            Self::Table(p) => p.send(message).await,
-            Self::Notify(p) => p.send(message).await,
+        match &self.0 {
+            Kind::Table(p) => p.send(message).await,
+            Kind::Notify(p) => p.send(message).await,
         }
     }
 
     async fn flush(&self) -> Result<()> {
-        match self {
-            Self::Table(p) => p.flush().await,
-            Self::Notify(p) => p.flush().await,
+        match &self.0 {
+            Kind::Table(p) => p.flush().await,
+            Kind::Notify(p) => p.flush().await,
         }
     }
 
@@ -74,9 +80,9 @@ impl RawProducer for PostgresProducer {
 
 impl fmt::Debug for PostgresProducer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Table(p) => p.fmt(f),
-            Self::Notify(p) => p.fmt(f),
+        match &self.0 {
+            Kind::Table(p) => p.fmt(f),
+            Kind::Notify(p) => p.fmt(f),
         }
     }
 }
