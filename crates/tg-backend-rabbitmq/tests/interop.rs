@@ -21,7 +21,7 @@ mod support;
 
 use tg_backend_api::{Backend, BackendExt, ConsumerOptions, Properties, Topic};
 use tg_backend_rabbitmq::{RabbitBackend, RabbitConfig};
-use tg_schema::messages::{TextCompletionRequest, TextCompletionResponse};
+use tg_schema::trustgraph::{TextCompletionRequest, TextCompletionResponse};
 use tg_testkit::support::skip;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -169,7 +169,7 @@ async fn python_producer_to_rust_consumer() {
             system: "be brief".into(),
             prompt: "what is a graph?".into(),
             streaming: true,
-            metadata: None,
+            ..Default::default()
         }
     );
     assert_eq!(got.property("id"), Some(id.as_str()));
@@ -269,7 +269,8 @@ async fn rust_producer_to_python_consumer() {
         system: "sys".into(),
         prompt: "from rust ✓".into(),
         streaming: false,
-        metadata: Some([("k".to_owned(), "v".to_owned())].into()),
+        schema: Some([("k".to_owned(), serde_json::json!({"type": "string"}))].into()),
+        ..Default::default()
     };
     producer
         .send_with(&sent, [("id".to_owned(), "rust-1".to_owned())].into())
@@ -280,9 +281,8 @@ async fn rust_producer_to_python_consumer() {
     assert_eq!(got["value"]["system"], "sys", "{got}");
     assert_eq!(got["value"]["prompt"], "from rust ✓", "{got}");
     assert_eq!(got["value"]["streaming"], false, "{got}");
-    // a field the framework's TextCompletionRequest does not have is dropped by its decoder;
-    // its own defaults fill the rest
     assert_eq!(got["value"]["operation"], "completion", "{got}");
+    assert_eq!(got["value"]["schema"]["k"]["type"], "string", "{got}");
     assert_eq!(got["properties"]["id"], "rust-1", "{got}");
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
