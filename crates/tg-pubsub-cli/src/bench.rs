@@ -203,7 +203,7 @@ async fn receive_n(
             return Err(stalled(got, n));
         }
         for msg in &batch {
-            if got % every == 0 {
+            if got.is_multiple_of(every) {
                 if let Some(l) = read_stamp(msg.payload(), t0) {
                     latency.record(l);
                 }

@@ -903,7 +903,7 @@ async fn handlers_run_in_a_span_with_the_correlation_id() {
                         first
                     };
                     tokio::task::yield_now().await;
-                    if m.value().0 % 3 == 0 && first {
+                    if m.value().0.is_multiple_of(3) && first {
                         return Err(HandlerError::failed("once"));
                     }
                     Ok::<_, HandlerError>(())
