@@ -161,21 +161,7 @@ pub trait Consumer: Send + Sync + fmt::Debug {
     /// an [`ErrorKind::InvalidInput`] error. Messages come in the order `receive` would give them.
     async fn receive_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
         check_batch_max(max)?;
-        let mut batch = Vec::new();
-        match self.receive(timeout).await {
-            Ok(first) => batch.push(first),
-            Err(e) if e.kind() == ErrorKind::Timeout => return Ok(batch),
-            Err(e) => return Err(e),
-        }
-        while batch.len() < max {
-            match self.receive(Duration::ZERO).await {
-                Ok(next) => batch.push(next),
-                Err(e) if e.kind() == ErrorKind::Timeout => break,
-                // what was taken is handed out; the error shows at the next call
-                Err(_) => break,
-            }
-        }
-        Ok(batch)
+        collect_batch(max, timeout, |wait| self.receive(wait)).await
     }
 
     /// Marks the message as processed: it is not delivered to this subscription again.
@@ -280,6 +266,34 @@ impl fmt::Debug for SendReceipt {
         };
         f.debug_tuple("SendReceipt").field(&state).finish()
     }
+}
+
+/// A batch out of single receives, the way every backend without a batch request of its own
+/// makes one: the first message within `timeout` (none: an empty batch), then what `receive`
+/// hands out without waiting, up to `max`. An error after the first message ends the batch; what
+/// was taken is handed out and the error shows at the next call.
+pub(crate) async fn collect_batch<F, Fut>(
+    max: usize,
+    timeout: Duration,
+    mut receive: F,
+) -> Result<Vec<Message>>
+where
+    F: FnMut(Duration) -> Fut,
+    Fut: Future<Output = Result<Message>>,
+{
+    let mut batch = Vec::new();
+    match receive(timeout).await {
+        Ok(first) => batch.push(first),
+        Err(e) if e.kind() == ErrorKind::Timeout => return Ok(batch),
+        Err(e) => return Err(e),
+    }
+    while batch.len() < max {
+        match receive(Duration::ZERO).await {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
+    }
+    Ok(batch)
 }
 
 /// `Ok` for a batch size of at least 1; the [`ErrorKind::InvalidInput`] error otherwise.

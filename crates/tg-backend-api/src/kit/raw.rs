@@ -147,21 +147,7 @@ pub trait RawConsumer: Send + Sync + fmt::Debug + 'static {
         max: usize,
         timeout: Duration,
     ) -> impl Future<Output = Result<Vec<Message>>> + Send {
-        async move {
-            let mut batch = Vec::new();
-            match self.receive(timeout).await {
-                Ok(first) => batch.push(first),
-                Err(e) if e.kind() == crate::ErrorKind::Timeout => return Ok(batch),
-                Err(e) => return Err(e),
-            }
-            while batch.len() < max {
-                match self.receive(Duration::ZERO).await {
-                    Ok(next) => batch.push(next),
-                    Err(_) => break,
-                }
-            }
-            Ok(batch)
-        }
+        crate::backend::collect_batch(max, timeout, move |wait| self.receive(wait))
     }
 
     /// Acknowledges a message this consumer delivered.
