@@ -15,8 +15,10 @@
 pub mod config;
 mod driver;
 mod lifecycle;
+mod properties;
 mod raw;
 
 pub use driver::{configured, BackendConfig, Configured, Driver, Setting, Settings};
 pub use lifecycle::Lifecycle;
+pub use properties::{properties_from_pairs, properties_from_pairs_logged, warn_repeated};
 pub use raw::{Feature, RawBackend, RawConsumer, RawProducer};
