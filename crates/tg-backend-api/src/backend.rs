@@ -71,6 +71,21 @@ pub trait Backend: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Removes `topic` from the broker with everything the broker keeps for it: its messages and
+    /// every subscription's state (streams and consumer groups, rows, queues, topics), for tools
+    /// and tests that made a topic of their own and must leave nothing behind (the CLI bench).
+    /// Close the topic's producers and consumers first: what becomes of live ones is the
+    /// broker's (each backend's page says). Deleting a topic that does not exist succeeds.
+    ///
+    /// Fails with [`ErrorKind::Unsupported`] (and the reason) where the broker's client protocol
+    /// cannot delete topics.
+    async fn delete_topic(&self, topic: &Topic) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!("the {} backend cannot delete topic {topic}", self.name()),
+        ))
+    }
+
     /// Closes the backend; producers and consumers created from it fail with
     /// [`ErrorKind::Closed`] afterwards.
     async fn close(&self) -> Result<()>;

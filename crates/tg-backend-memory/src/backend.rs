@@ -122,6 +122,11 @@ impl RawBackend for MemoryBackend {
         Ok(MemoryConsumer::new(id, state, sub))
     }
 
+    async fn remove_topic(&self, topic: &Topic) -> Result<()> {
+        self.core.remove_topic(topic);
+        Ok(())
+    }
+
     async fn shutdown(&self) -> Result<()> {
         self.core.wake_all();
         Ok(())

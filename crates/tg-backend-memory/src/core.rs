@@ -38,6 +38,15 @@ impl Core {
             .clone()
     }
 
+    /// Forgets the topic's state: its messages and subscriptions. Producers and consumers still
+    /// holding it keep what they hold; new ones start from an empty topic.
+    pub(crate) fn remove_topic(&self, topic: &Topic) {
+        if let Some(state) = self.topics.lock().remove(topic) {
+            // producers waiting for room on the forgotten state must not wait forever
+            state.wake_all();
+        }
+    }
+
     /// Wakes producers waiting for room, so they see the backend closed.
     pub(crate) fn wake_all(&self) {
         let topics: Vec<_> = self.topics.lock().values().cloned().collect();

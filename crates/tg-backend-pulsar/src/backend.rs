@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use pulsar::{Pulsar, TokioExecutor};
 use tg_backend_api::kit::{BackendConfig, Feature, Lifecycle, RawBackend};
-use tg_backend_api::{Capabilities, ConsumerOptions, ProducerOptions, Qos, Result, Topic};
+use tg_backend_api::{
+    Capabilities, ConsumerOptions, Error, ErrorKind, ProducerOptions, Qos, Result, Topic,
+};
 
 use crate::config::PulsarConfig;
 use crate::consumer::PulsarConsumer;
@@ -119,6 +121,16 @@ impl RawBackend for PulsarBackend {
                 format!("the Pulsar backend has no {t} consumers on {qos} topics").into()
             }
         }
+    }
+
+    async fn remove_topic(&self, topic: &Topic) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the Pulsar backend cannot delete topic {topic}: the binary protocol has no topic \
+                 deletion (the admin REST API does); `unsubscribe` deletes a subscription"
+            ),
+        ))
     }
 
     async fn open_producer(

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use tg_backend_api::kit::{Feature, Lifecycle, RawBackend};
 use tg_backend_api::{
-    Capabilities, ConsumerOptions, ConsumerType, ProducerOptions, Qos, Result, Topic,
+    Capabilities, ConsumerOptions, ConsumerType, Error, ErrorKind, ProducerOptions, Qos, Result,
+    Topic,
 };
 use tokio::time::Instant;
 
@@ -104,6 +105,16 @@ impl RawBackend for RabbitBackend {
                 format!("the RabbitMQ backend has no {t} consumers on {qos} topics").into()
             }
         }
+    }
+
+    async fn remove_topic(&self, topic: &Topic) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the RabbitMQ backend cannot delete topic {topic}: AMQP 0-9-1 cannot list the \
+                 queues bound to its exchange; `unsubscribe` deletes a subscription's queue"
+            ),
+        ))
     }
 
     async fn open_producer(

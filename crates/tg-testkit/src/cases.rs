@@ -117,6 +117,11 @@ pub(crate) fn all() -> Vec<Case> {
             Qos::Q1,
             need!(durable_subscriptions)
         ),
+        case!(
+            delete_topic_removes_messages_and_subscriptions,
+            Qos::Q1,
+            need!(durable_subscriptions)
+        ),
         case!(receive_times_out, Qos::Q1, any),
         case!(per_producer_order, Qos::Q1, need!(ordered)),
         case!(
@@ -828,6 +833,48 @@ async fn unsubscribe_deletes_subscription(ctx: Ctx) -> TestResult {
         "a new subscription of the same name after unsubscribe",
     )
     .await?;
+    producer.send(OutboundMessage::new("after")).await?.await?;
+    let got = fresh.receive(EXPECT).await?;
+    ensure!(text(&got) == "after", "got {:?}", text(&got));
+    fresh.acknowledge(&got).await?;
+    Ok(())
+}
+
+/// `delete_topic` leaves nothing behind: neither messages (an Earliest consumer finds none) nor
+/// a subscription's backlog; the topic works again afterwards, and deleting what does not exist
+/// succeeds. A backend that cannot delete topics says so with `Unsupported` and its reason.
+async fn delete_topic_removes_messages_and_subscriptions(ctx: Ctx) -> TestResult {
+    let topic = ctx.topic("deleted");
+    let consumer = ctx.consumer(&topic, "kept").await?;
+    let producer = ctx.producer(&topic).await?;
+    for text in ["before-1", "before-2"] {
+        producer.send(OutboundMessage::new(text)).await?.await?;
+    }
+    producer.close().await?;
+    consumer.close().await?;
+    match ctx.backend.delete_topic(&topic).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            ensure!(!e.message().is_empty(), "Unsupported without a reason: {e}");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    }
+    ctx.backend.delete_topic(&topic).await?;
+    let fresh = ctx.consumer(&topic, "kept").await?;
+    expect_nothing(&*fresh, QUIET, "the subscription of a deleted topic").await?;
+    if ctx.caps.earliest {
+        let replay = ctx
+            .backend
+            .create_consumer(
+                &topic,
+                ConsumerOptions::new("replay").initial_position(InitialPosition::Earliest),
+            )
+            .await?;
+        expect_nothing(&*replay, QUIET, "an Earliest consumer of a deleted topic").await?;
+        replay.close().await?;
+    }
+    let producer = ctx.producer(&topic).await?;
     producer.send(OutboundMessage::new("after")).await?.await?;
     let got = fresh.receive(EXPECT).await?;
     ensure!(text(&got) == "after", "got {:?}", text(&got));

@@ -241,6 +241,11 @@ impl<B: RawBackend> Backend for B {
         self.probe().await
     }
 
+    async fn delete_topic(&self, topic: &Topic) -> Result<()> {
+        self.lifecycle().check_open()?;
+        self.remove_topic(topic).await
+    }
+
     async fn close(&self) -> Result<()> {
         let life = self.lifecycle();
         if life.is_closed() {

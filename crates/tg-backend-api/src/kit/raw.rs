@@ -87,6 +87,17 @@ pub trait RawBackend: Send + Sync + fmt::Debug + 'static {
         async { Ok(()) }
     }
 
+    /// Removes `topic` and everything the broker keeps for it (see
+    /// [`Backend::delete_topic`](crate::Backend::delete_topic)). The kit has checked that the
+    /// backend is open. By default: [`ErrorKind::Unsupported`](crate::ErrorKind::Unsupported).
+    fn remove_topic(&self, topic: &Topic) -> impl Future<Output = Result<()>> + Send {
+        let err = crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            format!("the {} backend cannot delete topic {topic}", Self::NAME),
+        );
+        async move { Err(err) }
+    }
+
     /// Releases the backend's connections; called once, after every live producer and consumer
     /// was closed.
     fn shutdown(&self) -> impl Future<Output = Result<()>> + Send {
