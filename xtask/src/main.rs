@@ -2,7 +2,9 @@
 //!
 //! The commands a developer runs are the commands CI runs (`.ci/run` calls `cargo xtask ci`).
 
+mod broker;
 mod fuzz;
+mod kafka;
 mod pulsar;
 mod schema;
 
@@ -219,6 +221,9 @@ fn services(crates: &[BackendCrate]) {
         if c.test_broker.as_deref() == Some(pulsar::TEST_BROKER) {
             pulsar::services();
         }
+        if c.test_broker.as_deref() == Some(kafka::TEST_BROKER) {
+            kafka::services();
+        }
     }
 }
 
@@ -304,6 +309,7 @@ const MOSQUITTO_TEST_BROKER: &str = "mosquitto";
 enum TestBroker {
     Mosquitto(OwnMosquitto),
     Pulsar(pulsar::TestBroker),
+    Kafka(kafka::TestBroker),
 }
 
 /// Starts the test brokers of `crates` (unless the environment already names a broker), adding
@@ -321,6 +327,11 @@ fn test_brokers(crates: &[BackendCrate], env: &mut Vec<(&'static str, String)>) 
             Some(pulsar::TEST_BROKER) => {
                 if let Some(broker) = pulsar::test_env(env) {
                     running.push(TestBroker::Pulsar(broker));
+                }
+            }
+            Some(kafka::TEST_BROKER) => {
+                if let Some(broker) = kafka::test_env(env) {
+                    running.push(TestBroker::Kafka(broker));
                 }
             }
             _ => {}

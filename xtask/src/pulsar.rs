@@ -10,9 +10,10 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::{reachable, root};
+use crate::broker::{free_port, serve_for_a_while, BrokerProcess};
+use crate::root;
 
 /// The test broker the Pulsar crate's metadata names.
 pub(crate) const TEST_BROKER: &str = "pulsar-lite";
@@ -165,84 +166,40 @@ pub(crate) fn ensure_venv() -> Result<PathBuf, String> {
 
 /// A pulsar-lite process owned by xtask on a free port with its own database, stopped on drop.
 pub(crate) struct PulsarLite {
-    child: Child,
-    addr: SocketAddr,
-    dir: PathBuf,
+    process: BrokerProcess,
 }
 
 impl PulsarLite {
     /// Starts one and waits until it listens.
     pub(crate) fn start(binary: &Path) -> Result<Self, String> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("no free port: {e}"))?
-            .port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let runs = root().join("target").join("pulsar-lite");
-        // databases of runs whose xtask is gone (killed before it could clean up)
-        for entry in std::fs::read_dir(&runs).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let pid = name
-                .strip_prefix("run-")
-                .and_then(|p| p.parse::<u32>().ok());
-            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-        let dir = runs.join(format!("run-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let conf = dir.join("pulsar-lite.toml");
-        std::fs::write(&conf, PULSAR_LITE_CONF)
-            .map_err(|e| format!("cannot write {}: {e}", conf.display()))?;
-        let log = std::fs::File::create(dir.join("pulsar-lite.log"))
-            .map_err(|e| format!("cannot create the log file: {e}"))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| format!("cannot create the log file: {e}"))?;
-        let child = Command::new(binary)
-            .arg("--addr")
-            .arg(addr.to_string())
-            .arg("--db-path")
-            .arg(dir.join("db"))
-            .arg("--config")
-            .arg(&conf)
-            .arg("--log-level")
-            .arg("warn")
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-        let mut own = Self { child, addr, dir };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if reachable(port) {
-                return Ok(own);
-            }
-            if let Ok(Some(status)) = own.child.try_wait() {
-                return Err(format!(
-                    "pulsar-lite exited at start ({status}); see {}",
-                    own.dir.join("pulsar-lite.log").display()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Err(format!("pulsar-lite did not listen on {addr} within 20 s"))
+        let port = free_port()?;
+        let process = BrokerProcess::start(
+            "pulsar-lite",
+            binary,
+            port,
+            |dir| {
+                let conf = dir.join("pulsar-lite.toml");
+                // an unwritable run directory fails the start with the broker's own message
+                let _ = std::fs::write(&conf, PULSAR_LITE_CONF);
+                [
+                    "--addr".to_owned(),
+                    format!("127.0.0.1:{port}"),
+                    "--db-path".to_owned(),
+                    dir.join("db").display().to_string(),
+                    "--config".to_owned(),
+                    conf.display().to_string(),
+                    "--log-level".to_owned(),
+                    "warn".to_owned(),
+                ]
+                .to_vec()
+            },
+            Duration::from_secs(20),
+        )?;
+        Ok(Self { process })
     }
 
     pub(crate) fn addr(&self) -> SocketAddr {
-        self.addr
-    }
-}
-
-impl Drop for PulsarLite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(self.dir.join("db"));
+        SocketAddr::from(([127, 0, 0, 1], self.process.port()))
     }
 }
 
@@ -327,7 +284,7 @@ impl TestBroker {
             "xtask: Pulsar tests use pulsar-lite on {} through the checksum relay {} (log: {})",
             lite.addr(),
             relay.url(),
-            lite.dir.join("pulsar-lite.log").display()
+            lite.process.log().display()
         );
         Ok(Self {
             relay,
@@ -361,15 +318,7 @@ pub(crate) fn test_env(env: &mut Vec<(&'static str, String)>) -> Option<TestBrok
     match TestBroker::start() {
         Ok(broker) => {
             env.extend(broker.env());
-            if let Some(secs) = std::env::var("XTASK_PULSAR_SERVE_SECS")
-                .ok()
-                .and_then(|s| s.parse::<u64>().ok())
-            {
-                for (k, v) in broker.env() {
-                    println!("export {k}={v}");
-                }
-                std::thread::sleep(Duration::from_secs(secs));
-            }
+            serve_for_a_while("XTASK_PULSAR_SERVE_SECS", &broker.env());
             Some(broker)
         }
         Err(e) => {

@@ -26,6 +26,8 @@ static DRIVERS: &[&Driver] = &[
     &tg_backend_pulsar::DRIVER,
     #[cfg(feature = "rabbitmq")]
     &tg_backend_rabbitmq::DRIVER,
+    #[cfg(feature = "kafka")]
+    &tg_backend_kafka::DRIVER,
 ];
 
 /// The compiled-in driver called `name` (as `PUBSUB_BACKEND` spells it, any case), or an error

@@ -40,6 +40,8 @@ pub use tg_backend_api::{
     OutboundMessage, Producer, ProducerOptions, Properties, Result, SendReceipt, TypedConsumer,
     TypedMessage, TypedProducer, CORRELATION_ID_PROPERTY, DEDUP_ID_PROPERTY,
 };
+#[cfg(feature = "kafka")]
+pub use tg_backend_kafka::{self as kafka, KafkaBackend, KafkaConfig};
 pub use tg_backend_memory::{self as memory, MemoryBackend, MemoryConfig};
 #[cfg(feature = "mqtt")]
 pub use tg_backend_mqtt::{self as mqtt, MqttBackend, MqttConfig};

@@ -1,4 +1,4 @@
-//! Servers a test owns: a Redis, Mosquitto or PostgreSQL started from the machine's own binaries
+//! Servers a test owns: a Redis, Mosquitto, PostgreSQL, pulsar-lite or tansu started from the machine's own binaries
 //! on a free 127.0.0.1 port with its data in a fresh directory, which the test can stop and start
 //! again (a broker restart) without touching the shared local servers other tests use.
 //!
@@ -297,6 +297,47 @@ impl OwnServer {
             user: None,
             ready: None,
             url: format!("pulsar://127.0.0.1:{port}"),
+            dir,
+            port,
+            child: None,
+        })
+    }
+
+    /// A tansu (the Apache-Kafka-compatible broker the Kafka tests run, `docs/kafka.md`) from
+    /// `binary` with its SQLite storage in the server's directory. `None` after [`skip`] when
+    /// `binary` is missing.
+    pub fn tansu(binary: &Path) -> Option<Self> {
+        if !binary.is_file() {
+            skip(&format!(
+                "the tansu binary {} is missing (`cargo xtask test kafka` installs it)",
+                binary.display()
+            ));
+            return None;
+        }
+        let port = free_port();
+        let dir = fresh_dir("tansu", port);
+        let listener = format!("tcp://127.0.0.1:{port}");
+        // tansu doubles an absolute path after `sqlite://`: the file is named relative to the
+        // working directory, which `start` sets to `dir`
+        let args = [
+            "broker",
+            "--listener-url",
+            &listener,
+            "--advertised-listener-url",
+            &listener,
+            "--storage-engine",
+            "sqlite://tansu.db",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        Some(Self {
+            name: "tansu",
+            program: binary.to_owned(),
+            args,
+            stop_signal: "TERM",
+            user: None,
+            ready: None,
+            url: format!("kafka://127.0.0.1:{port}"),
             dir,
             port,
             child: None,
