@@ -5,6 +5,7 @@
 mod broker;
 mod fuzz;
 mod kafka;
+mod publish;
 mod pulsar;
 mod schema;
 
@@ -116,6 +117,8 @@ usage: cargo xtask <command>
   fuzz [seconds]       run every fuzz target of fuzz/ for `seconds` each (default 30; cargo-fuzz
                        on the nightly toolchain, installed once under target/tools)
   services             report the local servers and start the ones that are down
+  examples             build and run the facade's examples (switch_backend on each local broker too)
+  publish-check        package and verify every publishable crate in publishing order (no upload)
   ci                   what CI runs: fmt --check, clippy -D warnings, doc, schema check, test all
   help                 this text
 
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
             .map_err(|_| format!("fuzz: {seconds:?} is not a number of seconds"))
             .and_then(fuzz::run),
         ["services"] => backend_crates().map(|crates| services(&crates)),
+        [command @ ("examples" | "publish-check")] => publish::run(command),
         ["ci"] => ci(),
         [] | ["help"] | ["--help"] | ["-h"] => {
             print_usage();

@@ -1,32 +1,4 @@
-//! tg-pubsub: one typed publish/subscribe API over several brokers.
-//!
-//! Services are written once against [`Backend`] and moved between brokers by one setting,
-//! `PUBSUB_BACKEND` (or `--pubsub-backend`). The in-memory backend is always compiled in and is the
-//! default; each broker backend is a Cargo feature (`redis`, `postgres`, `mqtt`, …), and
-//! [`drivers`] lists the compiled-in ones. The `cli` feature makes [`PubSubConfig`] a
-//! `clap::Args` with every compiled-in backend's flags.
-//!
-//! ```
-//! # #[tokio::main(flavor = "current_thread")] async fn main() -> tg_pubsub::Result<()> {
-//! use std::time::Duration;
-//! use tg_pubsub::{trustgraph::TextCompletionRequest, BackendExt, ConsumerOptions, PubSubConfig};
-//!
-//! // From the environment and defaults (no flags): PUBSUB_BACKEND unset → memory.
-//! let backend = tg_pubsub::connect(&PubSubConfig::default()).await?;
-//! let topic = tg_pubsub::topic("text-completion-request")?;
-//! let consumer = backend
-//!     .typed_consumer::<TextCompletionRequest>(&topic, ConsumerOptions::new("llm"))
-//!     .await?;
-//! let producer = backend.typed_producer::<TextCompletionRequest>(&topic).await?;
-//! producer
-//!     .send(&TextCompletionRequest { prompt: "hello".into(), ..Default::default() })
-//!     .await?;
-//! let request = consumer.receive(Duration::from_secs(1)).await?;
-//! assert_eq!(request.value().prompt, "hello");
-//! consumer.acknowledge(&request).await?;
-//! # Ok(()) }
-//! ```
-
+#![doc = include_str!("../README.md")]
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
