@@ -1,15 +1,17 @@
 //! `cargo xtask fuzz [seconds]`: every fuzz target of `fuzz/` for `seconds` each (default 30,
 //! what CI runs), with cargo-fuzz (libFuzzer) on the nightly toolchain.
 //!
-//! cargo-fuzz is installed once under `target/tools`; each target's corpus is `fuzz/corpus/<target>`
+//! cargo-fuzz is installed once into the tools cache (`~/.cache/tg-pubsub/tools`); each target's corpus is `fuzz/corpus/<target>`
 //! (committed, so every run starts from what earlier runs found) and a crash leaves its input in
 //! `fuzz/artifacts/<target>`, which fails the command.
 
 use std::path::PathBuf;
 use std::process::Command;
 
+/// cargo-fuzz, installed once into the cache outside the checkout ([`crate::cache_dir`]), so
+/// that fresh clones (CI) do not build it again.
 fn tools() -> PathBuf {
-    crate::root().join("target/tools")
+    crate::cache_dir().join("tools")
 }
 
 fn cargo_fuzz() -> PathBuf {

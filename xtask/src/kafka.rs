@@ -10,7 +10,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::broker::{free_port, serve_for_a_while, BrokerProcess};
-use crate::root;
 
 /// The test broker the Kafka crate's metadata names.
 pub(crate) const TEST_BROKER: &str = "tansu";
@@ -19,19 +18,11 @@ pub(crate) const TEST_BROKER: &str = "tansu";
 const TANSU_CRATE: &str = "tansu@0.6.0";
 const TANSU_FEATURES: &str = "libsql";
 
-/// Where `cargo install --root` puts it: a cache outside the checkout, keyed by what is built.
-/// CI runs on a fresh clone each time, and building tansu takes 10–20 minutes on two cores, so
-/// unlike the Pulsar venv (a minute of pip) it does not live under `target/`.
-/// `TG_PUBSUB_CACHE` moves the cache; otherwise `$XDG_CACHE_HOME/tg-pubsub` or `~/.cache/tg-pubsub`.
+/// Where `cargo install --root` puts it: in the cache outside the checkout
+/// ([`crate::cache_dir`]), keyed by what is built. CI runs on a fresh clone each time, and
+/// building tansu takes 10–20 minutes on two cores.
 fn install_root() -> PathBuf {
-    let cache = std::env::var_os("TG_PUBSUB_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("tg-pubsub")))
-        .or_else(|| {
-            std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache").join("tg-pubsub"))
-        })
-        .unwrap_or_else(|| root().join("target"));
-    cache.join(format!(
+    crate::cache_dir().join(format!(
         "{}-{TANSU_FEATURES}",
         TANSU_CRATE.replace('@', "-")
     ))

@@ -115,7 +115,7 @@ usage: cargo xtask <command>
   schema sync|check    write the framework's message types into tg-schema from the pinned
                        trustgraph-base (sync), or fail if the committed ones differ (check)
   fuzz [seconds]       run every fuzz target of fuzz/ for `seconds` each (default 30; cargo-fuzz
-                       on the nightly toolchain, installed once under target/tools)
+                       on the nightly toolchain, installed once into ~/.cache/tg-pubsub/tools)
   services             report the local servers and start the ones that are down
   examples             build and run the facade's examples (switch_backend on each local broker too)
   publish-check        package and verify every publishable crate in publishing order (no upload)
@@ -175,6 +175,19 @@ fn root() -> PathBuf {
         .parent()
         .map(PathBuf::from)
         .unwrap_or_default()
+}
+
+/// The cache of what xtask installs once and fresh clones reuse (the Kafka test broker,
+/// cargo-fuzz): `TG_PUBSUB_CACHE`, else `$XDG_CACHE_HOME/tg-pubsub`, else `~/.cache/tg-pubsub`,
+/// else `target/` of the checkout.
+fn cache_dir() -> PathBuf {
+    std::env::var_os("TG_PUBSUB_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("tg-pubsub")))
+        .or_else(|| {
+            std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache").join("tg-pubsub"))
+        })
+        .unwrap_or_else(|| root().join("target"))
 }
 
 fn reachable(port: u16) -> bool {
