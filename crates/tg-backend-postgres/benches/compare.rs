@@ -1,7 +1,9 @@
 //! tg-pubsub's PostgreSQL backend against plain `tokio-postgres` running the same statements,
-//! in the same run. `cargo bench -p tg-backend-postgres --bench compare`
-//! (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`; `BENCH_MESSAGES`, default
-//! 50,000).
+//! in the same run: the single-message API, the batch API (`send_batch` / `receive_batch` /
+//! `acknowledge_batch`), and the raw crate's loops. `cargo bench -p tg-backend-postgres --bench
+//! compare` (`DATABASE_URL`, default `postgres://postgres@127.0.0.1:5432/test`; `BENCH_MESSAGES`,
+//! default 50,000; `BENCH_ROUNDS`, default 5: throughput figures are medians of that many rounds,
+//! the paths alternating within each round).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,8 +19,12 @@ const RATE: u64 = 1000;
 const LATENCY_SECS: u64 = 2;
 const RAW_BATCH: usize = 1000;
 const RAW_CLAIM: i64 = 64;
+/// Messages per `receive_batch` (and per claim of the raw batched loop).
+const BATCH_CLAIM: usize = 256;
 /// Acknowledgements the tg-pubsub consumer keeps in flight (like a handler pool of this size).
 const ACKS_IN_FLIGHT: usize = 128;
+/// Acknowledged batches the batch consumers keep in flight while they receive the next.
+const BATCH_ACKS_IN_FLIGHT: usize = 2;
 const SCHEMA: &str = "tgps";
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -28,7 +34,17 @@ struct Row {
     messages: usize,
     secs: f64,
     raw_rate: Option<f64>,
+    /// The rate of tg-pubsub's single-message path, for the batch rows.
+    single_rate: Option<f64>,
+    /// Medians of the per-round ratios (to raw, to tg-pubsub single), where rounds alternated:
+    /// steadier than ratios of medians when the machine's load drifts.
+    round_ratios: Option<(f64, Option<f64>)>,
     latency: Option<(f64, f64)>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 fn payload(base: Instant) -> Vec<u8> {
@@ -94,6 +110,68 @@ async fn tg_throughput(
     let mut receipts = FuturesUnordered::new();
     for _ in 0..n {
         receipts.push(producer.send(OutboundMessage::new(body.clone())).await?);
+        while receipts.len() >= 4096 {
+            if let Some(r) = receipts.next().await {
+                r?;
+            }
+        }
+    }
+    while let Some(r) = receipts.next().await {
+        r?;
+    }
+    let got = reader.await??;
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(got, n);
+    producer.close().await?;
+    consumer.close().await?;
+    Ok(secs)
+}
+
+/// The batch API end to end: `send_batch` of 1,000, `receive_batch` of [`BATCH_CLAIM`],
+/// `acknowledge_batch` of each received batch (up to [`BATCH_ACKS_IN_FLIGHT`] in flight).
+async fn tg_batch_throughput(backend: &Arc<PostgresBackend>, n: usize) -> Result<f64, BoxError> {
+    let topic = topic(Qos::Q1, "batch");
+    let consumer: Arc<dyn Consumer> = backend
+        .create_consumer(&topic, ConsumerOptions::new("bench"))
+        .await?
+        .into();
+    let producer = backend.create_producer(&topic, Default::default()).await?;
+    let start = Instant::now();
+    let reader = {
+        let consumer = consumer.clone();
+        tokio::spawn(async move {
+            let mut got = 0usize;
+            let mut acks = FuturesUnordered::new();
+            while got < n {
+                let batch = consumer
+                    .receive_batch(BATCH_CLAIM, Duration::from_secs(10))
+                    .await?;
+                if batch.is_empty() {
+                    return Err::<usize, BoxError>(format!("nothing after {got}").into());
+                }
+                got += batch.len();
+                let c = consumer.clone();
+                acks.push(async move { c.acknowledge_batch(&batch).await });
+                while acks.len() >= BATCH_ACKS_IN_FLIGHT {
+                    if let Some(r) = acks.next().await {
+                        r?;
+                    }
+                }
+            }
+            while let Some(r) = acks.next().await {
+                r?;
+            }
+            Ok(got)
+        })
+    };
+    let body = bytes::Bytes::from(vec![b'x'; PAYLOAD]);
+    let mut receipts = FuturesUnordered::new();
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(RAW_BATCH);
+        let batch = (0..k).map(|_| OutboundMessage::new(body.clone())).collect();
+        receipts.extend(producer.send_batch(batch).await?);
+        left -= k;
         while receipts.len() >= 4096 {
             if let Some(r) = receipts.next().await {
                 r?;
@@ -293,23 +371,72 @@ async fn raw_consumer(
     Ok(hist)
 }
 
+/// The raw batched loop: claims of [`BATCH_CLAIM`] on one connection, each claimed batch's
+/// `DELETE` sent on a second connection while the next claim runs (up to
+/// [`BATCH_ACKS_IN_FLIGHT`] in flight), as the tg-pubsub batch consumer does.
+async fn raw_batch_consumer(
+    config: PostgresConfig,
+    sub_id: i64,
+    channel: String,
+    n: usize,
+) -> Result<(), BoxError> {
+    let client = raw_connect(&config).await?;
+    let acker = Arc::new(raw_connect(&config).await?);
+    let (_listen, mut notes) = raw_listen(&config, &channel).await?;
+    let claim = client.prepare(&claim_sql()).await?;
+    let ack = acker.prepare(&ack_sql()).await?;
+    let limit = BATCH_CLAIM as i64;
+    let token: i64 = 43;
+    let mut got = 0;
+    let mut acks = FuturesUnordered::new();
+    while got < n {
+        let rows = client
+            .query(&claim, &[&sub_id, &limit, &30_000.0f64, &token, &"off"])
+            .await?;
+        if rows.is_empty() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), notes.recv()).await;
+            continue;
+        }
+        got += rows.len();
+        let seqs: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        let (acker, ack) = (acker.clone(), ack.clone());
+        acks.push(async move { acker.execute(&ack, &[&sub_id, &seqs, &"off"]).await });
+        while acks.len() >= BATCH_ACKS_IN_FLIGHT {
+            if let Some(r) = acks.next().await {
+                r?;
+            }
+        }
+    }
+    while let Some(r) = acks.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+/// The raw crate: 1,000-row publishes on one connection; the consumer of `batched` (claims of
+/// [`BATCH_CLAIM`], deletes in flight) or else the sequential one (claim 64, delete, claim …).
 async fn raw_q1_throughput(
     backend: &Arc<PostgresBackend>,
     config: &PostgresConfig,
     n: usize,
+    batched: bool,
 ) -> Result<f64, BoxError> {
     let topic = topic(Qos::Q1, "raw");
     let producer = raw_connect(config).await?;
     let (topic_id, sub_id) = raw_ids(backend, &producer, &topic).await?;
     let channel = channel_name(SCHEMA, topic.as_str());
     let start = Instant::now();
-    let reader = tokio::spawn(raw_consumer(
-        config.clone(),
-        sub_id,
-        channel.clone(),
-        n,
-        None,
-    ));
+    let reader = if batched {
+        tokio::spawn(raw_batch_consumer(
+            config.clone(),
+            sub_id,
+            channel.clone(),
+            n,
+        ))
+    } else {
+        let consumer = raw_consumer(config.clone(), sub_id, channel.clone(), n, None);
+        tokio::spawn(async move { consumer.await.map(drop) })
+    };
     let publish = producer.prepare(&publish_sql()).await?;
     let body = vec![b'x'; PAYLOAD];
     let mut left = n;
@@ -455,20 +582,28 @@ async fn raw_q0(config: &PostgresConfig, n: usize) -> Result<f64, BoxError> {
 
 fn print_table(rows: &[Row]) {
     println!();
-    println!("| path | messages | msg/s | ratio to raw | latency p50 / p99 (ms) @ {RATE} msg/s |");
-    println!("|---|---:|---:|---:|---|");
-    // throughput rows other than the naive loop and the reference are the best of two runs
+    println!(
+        "| path | messages | msg/s | ratio to raw | ratio to tg-pubsub single | latency p50 / p99 (ms) @ {RATE} msg/s |"
+    );
+    println!("|---|---:|---:|---:|---:|---|");
+    // throughput rows other than the naive loop and the reference are medians of the rounds; their
+    // ratios are medians of the ratios within each round
     for r in rows {
         let rate = r.messages as f64 / r.secs;
-        let ratio = r
-            .raw_rate
-            .map_or("—".to_owned(), |raw| format!("{:.2}", rate / raw));
+        let ratio = |of: Option<f64>| of.map_or("—".to_owned(), |o| format!("{:.2}", rate / o));
+        let (to_raw, to_single) = match r.round_ratios {
+            Some((raw, single)) => (
+                format!("{raw:.2}"),
+                single.map_or("—".to_owned(), |s| format!("{s:.2}")),
+            ),
+            None => (ratio(r.raw_rate), ratio(r.single_rate)),
+        };
         let lat = r.latency.map_or("—".to_owned(), |(p50, p99)| {
             format!("{p50:.2} / {p99:.2}")
         });
         println!(
-            "| {} | {} | {:.0} | {} | {} |",
-            r.path, r.messages, rate, ratio, lat
+            "| {} | {} | {:.0} | {} | {} | {} |",
+            r.path, r.messages, rate, to_raw, to_single, lat
         );
     }
 }
@@ -480,29 +615,62 @@ async fn run() -> Result<(), BoxError> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(50_000);
+    let rounds: usize = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
+        .max(1);
     let config = PostgresConfig::from_url(&url)?.application_name("tg-pubsub-bench");
     let sc: String = tokio_postgres_show(&config).await?;
     println!(
-        "PostgreSQL {} — synchronous_commit={sc}, {n} messages of {PAYLOAD} bytes",
+        "PostgreSQL {} — synchronous_commit={sc}, {n} messages of {PAYLOAD} bytes, medians of \
+         {rounds} rounds",
         config.server()
     );
     let backend = Arc::new(PostgresBackend::connect(config.clone()).await?);
 
     let mut rows = Vec::new();
-    // throughput: best of two interleaved runs each (the machine is shared and noisy)
-    let (mut tg_q1, mut raw_q1) = (f64::MAX, f64::MAX);
-    for _ in 0..2 {
-        tg_q1 = tg_q1.min(tg_throughput(&backend, Qos::Q1, n).await?);
-        raw_q1 = raw_q1.min(raw_q1_throughput(&backend, &config, n).await?);
+    // throughput: the paths alternate within each round (the machine is shared and noisy)
+    let (mut tg_q1, mut raw_q1, mut tg_batch, mut raw_batch) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds {
+        tg_q1.push(tg_throughput(&backend, Qos::Q1, n).await?);
+        raw_q1.push(raw_q1_throughput(&backend, &config, n, false).await?);
+        tg_batch.push(tg_batch_throughput(&backend, n).await?);
+        raw_batch.push(raw_q1_throughput(&backend, &config, n, true).await?);
+        eprintln!(
+            "round {}: msg/s tg single {:.0}, raw {:.0}, tg batch {:.0}, raw batched {:.0}",
+            round + 1,
+            n as f64 / tg_q1[round],
+            n as f64 / raw_q1[round],
+            n as f64 / tg_batch[round],
+            n as f64 / raw_batch[round]
+        );
     }
+    // a rate ratio a/b within each round is b's time over a's
+    let per_round = |a: &[f64], b: &[f64]| median(a.iter().zip(b).map(|(a, b)| b / a).collect());
+    let single_to_raw = per_round(&tg_q1, &raw_q1);
+    let batch_to_raw = per_round(&tg_batch, &raw_batch);
+    let batch_to_single = per_round(&tg_batch, &tg_q1);
+    let raw_batch_to_single = per_round(&raw_batch, &tg_q1);
+    let (tg_q1, raw_q1, tg_batch, raw_batch) = (
+        median(tg_q1),
+        median(raw_q1),
+        median(tg_batch),
+        median(raw_batch),
+    );
     let raw_q1_lat = raw_q1_latency(&backend, &config).await?;
     let tg_q1_lat = tg_latency(&backend, Qos::Q1).await?;
     let raw_rate = n as f64 / raw_q1;
+    let single_rate = n as f64 / tg_q1;
+    let raw_batch_rate = n as f64 / raw_batch;
     rows.push(Row {
         path: "tg-pubsub q1 (durable table, batched)".into(),
         messages: n,
         secs: tg_q1,
         raw_rate: Some(raw_rate),
+        single_rate: None,
+        round_ratios: Some((single_to_raw, None)),
         latency: Some(tg_q1_lat),
     });
     rows.push(Row {
@@ -512,7 +680,33 @@ async fn run() -> Result<(), BoxError> {
         messages: n,
         secs: raw_q1,
         raw_rate: Some(raw_rate),
+        single_rate: None,
+        round_ratios: None,
         latency: Some(raw_q1_lat),
+    });
+    rows.push(Row {
+        path: format!(
+            "tg-pubsub q1 batch API (send_batch {RAW_BATCH}, receive_batch {BATCH_CLAIM}, \
+             acknowledge_batch; ratio to the raw batched loop)"
+        ),
+        messages: n,
+        secs: tg_batch,
+        raw_rate: Some(raw_batch_rate),
+        single_rate: Some(single_rate),
+        round_ratios: Some((batch_to_raw, Some(batch_to_single))),
+        latency: None,
+    });
+    rows.push(Row {
+        path: format!(
+            "tokio-postgres q1 batched (same statements: claim {BATCH_CLAIM}, DELETE of each \
+             claim on a 2nd connection while the next claim runs)"
+        ),
+        messages: n,
+        secs: raw_batch,
+        raw_rate: Some(raw_batch_rate),
+        single_rate: Some(single_rate),
+        round_ratios: Some((1.0, Some(raw_batch_to_single))),
+        latency: None,
     });
     let naive_n = (n / 25).max(100);
     let naive = naive_q1_throughput(&backend, &config, naive_n).await?;
@@ -521,13 +715,16 @@ async fn run() -> Result<(), BoxError> {
         messages: naive_n,
         secs: naive,
         raw_rate: Some(raw_rate),
+        single_rate: None,
+        round_ratios: None,
         latency: None,
     });
-    let (mut tg0, mut raw0) = (f64::MAX, f64::MAX);
-    for _ in 0..2 {
-        tg0 = tg0.min(tg_throughput(&backend, Qos::Q0, n).await?);
-        raw0 = raw0.min(raw_q0(&config, n).await?);
+    let (mut tg0, mut raw0) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        tg0.push(tg_throughput(&backend, Qos::Q0, n).await?);
+        raw0.push(raw_q0(&config, n).await?);
     }
+    let (tg0, raw0) = (median(tg0), median(raw0));
     let tg0_lat = tg_latency(&backend, Qos::Q0).await?;
     let raw0_rate = n as f64 / raw0;
     rows.push(Row {
@@ -535,6 +732,8 @@ async fn run() -> Result<(), BoxError> {
         messages: n,
         secs: tg0,
         raw_rate: Some(raw0_rate),
+        single_rate: None,
+        round_ratios: None,
         latency: Some(tg0_lat),
     });
     rows.push(Row {
@@ -542,6 +741,8 @@ async fn run() -> Result<(), BoxError> {
         messages: n,
         secs: raw0,
         raw_rate: Some(raw0_rate),
+        single_rate: None,
+        round_ratios: None,
         latency: None,
     });
     backend.close().await?;
@@ -557,6 +758,8 @@ async fn run() -> Result<(), BoxError> {
         messages: n,
         secs,
         raw_rate: Some(raw_rate),
+        single_rate: None,
+        round_ratios: None,
         latency: Some(lat),
     });
     async_backend.close().await?;

@@ -106,7 +106,8 @@ pub struct PostgresConfig {
     /// Most messages a consumer claims in one statement and keeps buffered. Default: 64.
     pub prefetch: usize,
     /// A waiting consumer checks the table at least this often even without a notification
-    /// (a safety net; delivery is by `NOTIFY`). Default: 15 s.
+    /// (a safety net for a lost notification; delivery is by `NOTIFY`, and between
+    /// notifications and these checks a waiting consumer sends no statement). Default: 15 s.
     #[serde(with = "config::duration")]
     pub safety_interval: Duration,
     /// How often a failover standby or a refused exclusive consumer retries the subscription's
@@ -561,6 +562,45 @@ mod tests {
             let err = PostgresConfig::from_url(url).unwrap_err();
             assert_eq!(err.kind(), ErrorKind::ConfigInvalid, "{url}");
             assert!(err.to_string().contains(needle), "{url}: {err}");
+        }
+    }
+
+    /// An unknown URL parameter is refused by its name, also one libpq (and `tokio-postgres`)
+    /// knows but tg-pubsub does not read, and also through the driver (`DATABASE_URL`), which is
+    /// how the facade and the CLI read the URL.
+    #[test]
+    fn unknown_parameter_is_named() {
+        for (url, name) in [
+            ("postgres://u:pw@h/d?sslmode=disable&colour=blue", "colour"),
+            (
+                "postgres://u@h/d?target_session_attrs=read-write",
+                "target_session_attrs",
+            ),
+            ("postgresql://h/d?application_name=a&Schema=x", "Schema"),
+        ] {
+            let err = PostgresConfig::from_url(url).unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::ConfigInvalid, "{url}");
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("unknown PostgreSQL URL option \"{name}\"")),
+                "{url}: {text}"
+            );
+            assert!(text.contains("known: sslmode"), "{url}: {text}");
+            assert!(!text.contains("invalid connection string"), "{url}: {text}");
+
+            let lookup = |env: &str| (env == PostgresConfig::ENV_VAR).then(|| url.to_owned());
+            let settings = tg_backend_api::kit::Settings::new(&crate::DRIVER, &lookup);
+            let err = match (crate::DRIVER.configure)(&settings) {
+                Ok(_) => panic!("{url} accepted"),
+                Err(e) => e,
+            };
+            let text = err.to_string();
+            assert!(
+                text.starts_with("DATABASE_URL / --postgres-url: unknown PostgreSQL URL option")
+                    && text.contains(&format!("\"{name}\"")),
+                "{url}: {text}"
+            );
+            assert!(!text.contains("pw@"), "{text}");
         }
     }
 

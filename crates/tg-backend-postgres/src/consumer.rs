@@ -1,5 +1,11 @@
 //! The consumer: for q1/q2 claims batches with `FOR UPDATE SKIP LOCKED`, waits on `NOTIFY`,
 //! coalesces acknowledgements; for q0 the notifications themselves ([`crate::q0`]).
+//!
+//! A q1/q2 consumer claims only when a claim may find something: at its start, after a
+//! notification of its channel (a publish, a nack, claims given back, the `LISTEN` connection
+//! re-established), after a claim that filled its limit (more may be waiting), when a claimed
+//! message of the subscription becomes visible again, and on the safety timer. Between those an
+//! idle consumer sends no statement, however often the application calls `receive`.
 
 use std::collections::{HashSet, VecDeque};
 use std::fmt;
@@ -20,6 +26,7 @@ use tokio::time::Instant;
 use crate::core::Core;
 use crate::error::{clone_error, retryable};
 use crate::listener::Registration;
+use crate::properties;
 use crate::q0::Q0Consumer;
 
 /// Most acknowledgements one statement carries.
@@ -75,6 +82,14 @@ impl RawConsumer for PostgresConsumer {
         }
     }
 
+    async fn receive_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
+        match &self.0 {
+            Kind::Table(c) => c.receive_batch(max, timeout).await,
+            // notifications are already in this process: the kit's loop over `receive`
+            Kind::Notify(c) => c.receive_batch(max, timeout).await,
+        }
+    }
+
     async fn acknowledge(&self, message: &Message) -> Result<()> {
         match &self.0 {
             Kind::Table(c) => c.acknowledge(message).await,
@@ -82,10 +97,25 @@ impl RawConsumer for PostgresConsumer {
         }
     }
 
+    async fn acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        match &self.0 {
+            Kind::Table(c) => c.acknowledge_batch(messages).await,
+            // nothing to acknowledge on q0
+            Kind::Notify(_) => Ok(()),
+        }
+    }
+
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
         match &self.0 {
             Kind::Table(c) => c.negative_acknowledge(message).await,
             Kind::Notify(c) => c.negative_acknowledge(message).await,
+        }
+    }
+
+    async fn negative_acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        match &self.0 {
+            Kind::Table(c) => c.negative_acknowledge_batch(messages).await,
+            Kind::Notify(_) => Ok(()),
         }
     }
 
@@ -121,9 +151,33 @@ impl fmt::Debug for PostgresConsumer {
     }
 }
 
+/// Acknowledgements for the ack task: one message (`more` empty, no allocation) or a batch.
 struct AckReq {
     seq: i64,
+    more: Vec<i64>,
     reply: oneshot::Sender<Result<()>>,
+}
+
+impl AckReq {
+    fn len(&self) -> usize {
+        1 + self.more.len()
+    }
+
+    fn seqs(&self) -> impl Iterator<Item = i64> + '_ {
+        std::iter::once(self.seq).chain(self.more.iter().copied())
+    }
+}
+
+/// When a q1/q2 consumer must claim next; kept across `receive` calls.
+struct Poll {
+    /// The wake-up count the last claim statement started after (`None`: no claim yet). A
+    /// different count now means a notification came since.
+    seen: Option<u64>,
+    /// The last claim filled its limit: more may be waiting.
+    more: bool,
+    /// Claim at this time even without a notification: the safety timer, or a claimed message
+    /// of the subscription becoming visible again.
+    recheck_at: Instant,
 }
 
 /// The advisory lock of an exclusive or failover consumer, on its own connection.
@@ -168,6 +222,7 @@ pub(crate) struct TableConsumer {
     /// Seqs handed to the application and not yet acknowledged.
     outstanding: Arc<Mutex<HashSet<i64>>>,
     fetch: tokio::sync::Mutex<()>,
+    poll: Mutex<Poll>,
     /// When [`TableConsumer::next_visible_at`] last asked, and what it learnt.
     visible_check: Mutex<Option<(Instant, Option<Instant>)>>,
     lease: tokio::sync::Mutex<Option<Lease>>,
@@ -258,6 +313,11 @@ impl TableConsumer {
             buffer: Mutex::new(VecDeque::new()),
             outstanding,
             fetch: tokio::sync::Mutex::new(()),
+            poll: Mutex::new(Poll {
+                seen: None,
+                more: false,
+                recheck_at: Instant::now(),
+            }),
             visible_check: Mutex::new(None),
             lease: tokio::sync::Mutex::new(lease),
             acks,
@@ -276,6 +336,27 @@ impl TableConsumer {
             }
         }
         None
+    }
+
+    /// Moves buffered messages into `out` until it holds `max`.
+    fn pop_into(&self, out: &mut Vec<Message>, max: usize) {
+        while out.len() < max {
+            match self.pop() {
+                Some(m) => out.push(m),
+                None => return,
+            }
+        }
+    }
+
+    /// `None` when a claim is due now, given the current wake-up count `version`; otherwise
+    /// when it will be without a notification.
+    fn not_due(&self, version: u64) -> Option<Instant> {
+        let poll = self.poll.lock();
+        if poll.seen != Some(version) || poll.more || Instant::now() >= poll.recheck_at {
+            None
+        } else {
+            Some(poll.recheck_at)
+        }
     }
 
     /// Whether this consumer may take messages now (always, unless failover standby).
@@ -310,25 +391,28 @@ impl TableConsumer {
         }
     }
 
-    /// Claims a batch into the buffer; returns how many.
-    async fn claim(&self) -> Result<usize> {
-        let _fetch = self.fetch.lock().await;
-        if !self.buffer.lock().is_empty() {
-            return Ok(1);
+    /// Claims up to `limit` messages into the buffer with one statement, started after wake-up
+    /// count `version`; then works out when the next claim is due without a notification.
+    /// Runs nothing when another `receive` of this consumer claimed meanwhile (concurrent
+    /// receives share one claim per notification).
+    async fn claim(&self, limit: usize, version: u64) -> Result<()> {
+        let fetch = self.fetch.lock().await;
+        if !self.buffer.lock().is_empty() || self.not_due(version).is_some() {
+            return Ok(());
         }
         let client = self.core.conn().await?;
         let stmt = client
             .prepare_cached(&self.core.sql.claim)
             .await
             .map_err(|e| self.core.pg(e, "prepare"))?;
-        let limit = self.core.config.prefetch as i64;
+        let limit_param = limit as i64;
         let vt_ms = self.core.config.visibility_timeout.as_secs_f64() * 1000.0;
         let rows = client
             .query(
                 &stmt,
                 &[
                     &self.sub_id,
-                    &limit,
+                    &limit_param,
                     &vt_ms,
                     &self.token,
                     &self.core.synchronous(),
@@ -336,28 +420,53 @@ impl TableConsumer {
             )
             .await
             .map_err(|e| self.core.pg(e, "claim"))?;
+        drop(client);
         let now = Instant::now();
         let n = rows.len();
-        let mut buf = self.buffer.lock();
-        for row in rows {
-            let seq: i64 = row.get(0);
-            let count: i32 = row.get(1);
-            let payload: Vec<u8> = row.get(2);
-            let props: Option<&str> = row.get(3);
-            let key: Option<String> = row.get(4);
-            let micros: i64 = row.get(5);
-            let msg = Message::new(
-                Bytes::from(payload),
-                properties_from_json(props),
-                MessageId::from_u64(seq as u64),
-                AckHandle::new(self.id, seq as u64),
-            )
-            .with_redelivery_count(count.max(0) as u32)
-            .with_key(key)
-            .with_publish_time(UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64));
-            buf.push_back((msg, now));
+        let safety = now + self.core.config.safety_interval;
+        {
+            let mut poll = self.poll.lock();
+            poll.seen = Some(version);
+            poll.more = n >= limit;
+            // made sooner below when a claimed message becomes visible again before
+            poll.recheck_at = safety;
         }
-        Ok(n)
+        {
+            let mut buf = self.buffer.lock();
+            for row in rows {
+                let seq: i64 = row.get(0);
+                let count: i32 = row.get(1);
+                let payload: Vec<u8> = row.get(2);
+                let props: Option<&str> = row.get(3);
+                let key: Option<String> = row.get(4);
+                let micros: i64 = row.get(5);
+                let msg = Message::new(
+                    Bytes::from(payload),
+                    props.map_or_else(Properties::new, |text| {
+                        properties::from_json_logged(self.topic.as_str(), text)
+                    }),
+                    MessageId::from_u64(seq as u64),
+                    AckHandle::new(self.id, seq as u64),
+                )
+                .with_redelivery_count(count.max(0) as u32)
+                .with_key(key)
+                .with_publish_time(UNIX_EPOCH + Duration::from_micros(micros.max(0) as u64));
+                buf.push_back((msg, now));
+            }
+        }
+        drop(fetch);
+        if n < limit {
+            // the subscription is drained for now: without a notification, claim again on the
+            // safety timer, or when a claimed message becomes visible again if that is sooner
+            match self.next_visible_at().await {
+                Ok(at) => self.poll.lock().recheck_at = at.min(safety),
+                Err(e) => {
+                    self.poll.lock().recheck_at = now;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// When a claimed message of the subscription may become visible again (an upper bound on
@@ -465,24 +574,32 @@ async fn ack_task(
             () = core.life.closed() => None,
         };
         let Some(first) = first else { return };
+        // acknowledgements in the batch (a request may carry many)
+        let mut count = first.len();
         batch.push(first);
         let linger_until = Instant::now() + ACK_LINGER;
         loop {
-            while batch.len() < ACK_BATCH {
+            while count < ACK_BATCH {
                 match rx.try_recv() {
-                    Ok(r) => batch.push(r),
+                    Ok(r) => {
+                        count += r.len();
+                        batch.push(r);
+                    }
                     Err(_) => break,
                 }
             }
-            if batch.len() >= ACK_BATCH || batch.len() >= outstanding.lock().len() {
+            if count >= ACK_BATCH || count >= outstanding.lock().len() {
                 break;
             }
             match tokio::time::timeout_at(linger_until, rx.recv()).await {
-                Ok(Some(r)) => batch.push(r),
+                Ok(Some(r)) => {
+                    count += r.len();
+                    batch.push(r);
+                }
                 _ => break,
             }
         }
-        let seqs: Vec<i64> = batch.iter().map(|r| r.seq).collect();
+        let seqs: Vec<i64> = batch.iter().flat_map(AckReq::seqs).collect();
         let mut attempt = 0;
         let result = loop {
             let r = async {
@@ -506,6 +623,12 @@ async fn ack_task(
                 other => break other,
             }
         };
+        if result.is_ok() {
+            let mut outstanding = outstanding.lock();
+            for seq in &seqs {
+                outstanding.remove(seq);
+            }
+        }
         for req in batch.drain(..) {
             let _ = req.reply.send(match &result {
                 Ok(()) => Ok(()),
@@ -517,49 +640,81 @@ async fn ack_task(
 
 impl TableConsumer {
     async fn receive(&self, timeout: Duration) -> Result<Message> {
+        // the common case under load, without the batch's allocation
         if let Some(m) = self.pop() {
             return Ok(m);
+        }
+        self.take(1, timeout)
+            .await?
+            .pop()
+            .ok_or_else(|| receive_timeout(timeout))
+    }
+
+    /// Up to `max` messages: the buffered ones and, when a claim is due, those of one claim
+    /// statement of up to `max(max - buffered, prefetch)` rows; when there are none, waits up to
+    /// `timeout` for the first (for a notification or the next due claim, without statements).
+    /// An empty batch means none came.
+    async fn receive_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
+        self.take(max, timeout).await
+    }
+
+    async fn take(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
+        let mut out = Vec::new();
+        self.pop_into(&mut out, max);
+        if out.len() >= max {
+            return Ok(out);
         }
         let deadline = Instant::now() + timeout;
         let mut wake = self.wake.clone();
         // failed claims in a row
         let mut retry = 0;
         loop {
-            wake.borrow_and_update();
-            if let Some(m) = self.pop() {
-                return Ok(m);
-            }
-            let mut wait_until = deadline.min(Instant::now() + self.core.config.safety_interval);
-            let step: Result<()> = async {
-                match self.active().await? {
-                    Some(retry) => {
-                        wait_until = wait_until.min(Instant::now() + retry);
-                        Ok(())
-                    }
-                    None => {
-                        if self.claim().await? > 0 {
-                            return Ok(());
+            // read before the claim: a notification from now on makes the next claim due
+            let version = *wake.borrow_and_update();
+            let mut wait_until = deadline;
+            let mut claimed = false;
+            if self.not_due(version).is_none() {
+                let step: Result<Option<Duration>> = async {
+                    match self.active().await? {
+                        // a failover standby: try the lock again then
+                        Some(standby) => Ok(Some(standby)),
+                        None => {
+                            let limit = (max - out.len()).max(self.core.config.prefetch);
+                            self.claim(limit, version).await?;
+                            Ok(None)
                         }
-                        wait_until = wait_until.min(self.next_visible_at().await?);
-                        Ok(())
                     }
                 }
-            }
-            .await;
-            match step {
-                Ok(()) => retry = 0,
-                Err(e) if retryable(&e) && Instant::now() < deadline => {
-                    tracing::debug!(subscription = %self.subscription, error = %e, "claim failed; retrying");
-                    retry += 1;
-                    wait_until = wait_until.min(Instant::now() + CLAIM_RETRY.ceiling(retry));
+                .await;
+                match step {
+                    Ok(Some(standby)) => {
+                        retry = 0;
+                        wait_until = wait_until.min(Instant::now() + standby);
+                    }
+                    Ok(None) => {
+                        retry = 0;
+                        claimed = true;
+                    }
+                    Err(e) if retryable(&e) && Instant::now() < deadline => {
+                        tracing::debug!(subscription = %self.subscription, error = %e, "claim failed; retrying");
+                        retry += 1;
+                        wait_until = wait_until.min(Instant::now() + CLAIM_RETRY.ceiling(retry));
+                    }
+                    // what was taken is handed out; a lasting failure shows at the next call
+                    Err(_) if !out.is_empty() => return Ok(out),
+                    Err(e) => return Err(e.with_context("subscription", &self.subscription)),
                 }
-                Err(e) => return Err(e.with_context("subscription", &self.subscription)),
             }
-            if let Some(m) = self.pop() {
-                return Ok(m);
+            self.pop_into(&mut out, max);
+            if !out.is_empty() || Instant::now() >= deadline {
+                return Ok(out);
             }
-            if Instant::now() >= deadline {
-                return Err(receive_timeout(timeout));
+            match self.not_due(version) {
+                Some(recheck) => wait_until = wait_until.min(recheck),
+                // due again after a claim that found nothing to hand out (another receive of
+                // this consumer took it, or it filled its limit with claims about to expire)
+                None if claimed => continue,
+                None => {}
             }
             tokio::select! {
                 _ = wake.changed() => {}
@@ -570,27 +725,52 @@ impl TableConsumer {
 
     async fn acknowledge(&self, message: &Message) -> Result<()> {
         let seq = message.ack_handle().seq() as i64;
+        self.ack(seq, Vec::new()).await
+    }
+
+    /// One `DELETE` for the whole batch (with whatever other acknowledgements join it).
+    async fn acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        let mut seqs = messages.iter().map(|m| m.ack_handle().seq() as i64);
+        let Some(seq) = seqs.next() else {
+            return Ok(());
+        };
+        self.ack(seq, seqs.collect()).await
+    }
+
+    async fn ack(&self, seq: i64, more: Vec<i64>) -> Result<()> {
         let (reply, rx) = oneshot::channel();
         self.acks
-            .send(AckReq { seq, reply })
+            .send(AckReq { seq, more, reply })
             .await
             .map_err(|_| Error::closed("consumer"))?;
+        // the ack task took the acknowledged ones off `outstanding`
         let result = rx.await.map_err(|_| Error::closed("consumer"))?;
-        if result.is_ok() {
-            self.outstanding.lock().remove(&seq);
-        }
         result.map_err(|e| e.with_context("subscription", &self.subscription))
     }
 
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
-        let seq = message.ack_handle().seq() as i64;
+        self.nack(vec![message.ack_handle().seq() as i64]).await
+    }
+
+    /// One `UPDATE` for the whole batch.
+    async fn negative_acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        self.nack(
+            messages
+                .iter()
+                .map(|m| m.ack_handle().seq() as i64)
+                .collect(),
+        )
+        .await
+    }
+
+    async fn nack(&self, seqs: Vec<i64>) -> Result<()> {
         let client = self.core.conn().await?;
         client
             .query(
                 &self.core.sql.nack,
                 &[
                     &self.sub_id,
-                    &vec![seq],
+                    &seqs,
                     &self.token,
                     &self.core.synchronous(),
                     &self.channel,
@@ -598,7 +778,13 @@ impl TableConsumer {
             )
             .await
             .map_err(|e| self.core.pg(e, "negative acknowledge"))?;
-        self.outstanding.lock().remove(&seq);
+        drop(client);
+        {
+            let mut outstanding = self.outstanding.lock();
+            for seq in &seqs {
+                outstanding.remove(seq);
+            }
+        }
         self.core.listener.wake_local(&self.channel);
         Ok(())
     }
@@ -629,13 +815,5 @@ impl fmt::Debug for TableConsumer {
             .field("subscription", &self.subscription)
             .field("type", &self.kind)
             .finish()
-    }
-}
-
-/// Properties from the `jsonb` column's text.
-fn properties_from_json(text: Option<&str>) -> Properties {
-    match text {
-        Some(t) => serde_json::from_str(t).unwrap_or_default(),
-        None => Properties::new(),
     }
 }

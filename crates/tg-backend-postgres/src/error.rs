@@ -28,7 +28,17 @@ pub(crate) fn pg(e: tokio_postgres::Error, what: &'static str, server: &str) -> 
             db.message(),
             db.code().code()
         ),
-        None => format!("PostgreSQL {what} failed: {e}"),
+        // tokio-postgres prints only its kind ("error connecting to server", "invalid
+        // configuration"): the causes say what went wrong
+        None => {
+            let mut text = format!("PostgreSQL {what} failed: {e}");
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                text.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            text
+        }
     };
     Error::new(kind, message).with_context("server", server)
 }

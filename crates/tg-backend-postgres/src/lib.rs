@@ -9,6 +9,7 @@ mod core;
 mod error;
 mod listener;
 mod producer;
+mod properties;
 mod q0;
 mod sql;
 mod tls;

@@ -9,14 +9,15 @@ use std::time::Duration;
 use bytes::Bytes;
 use tg_backend_api::kit::RawProducer;
 use tg_backend_api::{
-    Backoff, Error, ErrorKind, MessageId, OutboundMessage, ProducerOptions, Properties, Qos,
-    Result, SendReceipt, Topic,
+    Backoff, Error, ErrorKind, MessageId, OutboundMessage, ProducerOptions, Qos, Result,
+    SendReceipt, Topic,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::core::Core;
 use crate::error::{clone_error, retryable};
+use crate::properties;
 use crate::q0::Q0Producer;
 
 /// Waits before the retries of a batch that lost its connection: 20 ms doubling to 1 s, until
@@ -64,6 +65,13 @@ impl RawProducer for PostgresProducer {
         }
     }
 
+    async fn send_batch(&self, messages: Vec<OutboundMessage>) -> Result<Vec<SendReceipt>> {
+        match &self.0 {
+            Kind::Table(p) => p.send_batch(messages).await,
+            Kind::Notify(p) => p.send_batch(messages).await,
+        }
+    }
+
     async fn flush(&self) -> Result<()> {
         match &self.0 {
             Kind::Table(p) => p.flush().await,
@@ -97,6 +105,8 @@ struct Row {
 
 enum Item {
     Row(Row),
+    /// A `send_batch`: written together, in statements of up to `batch_size` rows.
+    Rows(Vec<Row>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -120,6 +130,7 @@ impl TableProducer {
             topic: topic.clone(),
             topic_id,
             batch,
+            max_rows: core.config.batch_size,
             send_timeout: options.send_timeout.unwrap_or(core.config.send_timeout),
             commit: core
                 .config
@@ -135,23 +146,42 @@ impl TableProducer {
         Error::closed("producer").with_context("topic", &self.topic)
     }
 
-    async fn send(&self, mut message: OutboundMessage) -> Result<SendReceipt> {
+    /// The row of `message` and its receipt.
+    fn row(&self, mut message: OutboundMessage) -> (Row, SendReceipt) {
         // q2 messages carry their id: the kit set it before the producer sees them
         let dedup_id = (self.topic.qos() == Qos::Q2).then(|| message.ensure_dedup_id().to_owned());
         let (payload, properties, key) = message.into_parts();
         let (reply, rx) = oneshot::channel();
         let row = Row {
             payload,
-            properties: properties_to_json(&properties),
+            properties: properties::to_json(&properties),
             key,
             dedup_id,
             reply,
         };
+        (row, SendReceipt::from_channel(rx))
+    }
+
+    async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
+        let (row, receipt) = self.row(message);
         self.tx
             .send(Item::Row(row))
             .await
             .map_err(|_| self.gone())?;
-        Ok(SendReceipt::from_channel(rx))
+        Ok(receipt)
+    }
+
+    /// One multi-row `INSERT` for the batch (several of `batch_size` rows when it is larger),
+    /// after what this producer queued before, in order; one receipt per message. (The kit
+    /// checked every payload before this is called: nothing is queued unless all fit.)
+    async fn send_batch(&self, messages: Vec<OutboundMessage>) -> Result<Vec<SendReceipt>> {
+        let (rows, receipts): (Vec<Row>, Vec<SendReceipt>) =
+            messages.into_iter().map(|m| self.row(m)).unzip();
+        self.tx
+            .send(Item::Rows(rows))
+            .await
+            .map_err(|_| self.gone())?;
+        Ok(receipts)
     }
 
     async fn flush(&self) -> Result<()> {
@@ -172,22 +202,16 @@ impl fmt::Debug for TableProducer {
     }
 }
 
-/// Properties as the `text` form of the `jsonb` column (`None` when empty).
-fn properties_to_json(properties: &Properties) -> Option<String> {
-    if properties.is_empty() {
-        None
-    } else {
-        serde_json::to_string(properties).ok()
-    }
-}
-
 /// Writes what a producer queues; ends when the producer is gone.
 struct Writer {
     core: Arc<Core>,
     topic: Topic,
     channel: String,
     topic_id: i64,
+    /// Most separate sends coalesced into one statement (1 without batching).
     batch: usize,
+    /// Most rows of one statement.
+    max_rows: usize,
     send_timeout: Duration,
     commit: Option<&'static str>,
 }
@@ -201,6 +225,8 @@ impl Writer {
             while let Some(item) = next.take() {
                 match item {
                     Item::Row(r) => rows.push(r),
+                    Item::Rows(batch) if rows.is_empty() => rows = batch,
+                    Item::Rows(batch) => rows.extend(batch),
                     Item::Flush(f) => {
                         // everything before the flush marker is in `rows`: write it first
                         flushes.push(f);
@@ -212,8 +238,13 @@ impl Writer {
                 }
                 next = rx.try_recv().ok();
             }
-            if !rows.is_empty() {
-                self.write(std::mem::take(&mut rows)).await;
+            while !rows.is_empty() {
+                let rest = if rows.len() > self.max_rows {
+                    rows.split_off(self.max_rows)
+                } else {
+                    Vec::new()
+                };
+                self.write(std::mem::replace(&mut rows, rest)).await;
             }
             for f in flushes.drain(..) {
                 let _ = f.send(());

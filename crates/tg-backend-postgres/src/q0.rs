@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use crate::core::Core;
 use crate::error::{clone_error, retryable};
 use crate::listener::Registration;
+use crate::properties;
 
 /// Most notifications one statement sends.
 const Q0_BATCH: usize = 1000;
@@ -49,6 +50,8 @@ struct Note {
 
 enum Item {
     Note(Note),
+    /// A `send_batch`, encoded whole before any of it was queued.
+    Notes(Vec<Note>),
     Flush(oneshot::Sender<()>),
 }
 
@@ -89,6 +92,7 @@ async fn writer(core: Arc<Core>, channel: String, mut rx: mpsc::Receiver<Item>) 
         while let Some(item) = next.take() {
             match item {
                 Item::Note(n) => notes.push(n),
+                Item::Notes(batch) => notes.extend(batch),
                 Item::Flush(f) => {
                     flushes.push(f);
                     break;
@@ -99,7 +103,12 @@ async fn writer(core: Arc<Core>, channel: String, mut rx: mpsc::Receiver<Item>) 
             }
             next = rx.try_recv().ok();
         }
-        if !notes.is_empty() {
+        while !notes.is_empty() {
+            let rest = if notes.len() > Q0_BATCH {
+                notes.split_off(Q0_BATCH)
+            } else {
+                Vec::new()
+            };
             let texts: Vec<&str> = notes.iter().map(|n| n.text.as_str()).collect();
             let mut attempt = 0;
             let result = loop {
@@ -125,7 +134,7 @@ async fn writer(core: Arc<Core>, channel: String, mut rx: mpsc::Receiver<Item>) 
                 }
             };
             drop(texts);
-            for n in notes.drain(..) {
+            for n in std::mem::replace(&mut notes, rest) {
                 let _ = n.reply.send(match &result {
                     Ok(()) => Ok(MessageId::from_text(n.id)),
                     Err(e) => Err(clone_error(e)),
@@ -138,8 +147,9 @@ async fn writer(core: Arc<Core>, channel: String, mut rx: mpsc::Receiver<Item>) 
     }
 }
 
-impl RawProducer for Q0Producer {
-    async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
+impl Q0Producer {
+    /// The notification of `message` and its receipt; fails when it does not fit `NOTIFY`.
+    fn note(&self, message: &OutboundMessage) -> Result<(Note, SendReceipt)> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let id = format!("{}-{n}", self.prefix);
         let text = encode(
@@ -150,11 +160,38 @@ impl RawProducer for Q0Producer {
         )
         .map_err(|e| e.with_context("topic", &self.topic))?;
         let (reply, rx) = oneshot::channel();
+        Ok((Note { id, text, reply }, SendReceipt::from_channel(rx)))
+    }
+}
+
+impl RawProducer for Q0Producer {
+    async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
+        let (note, receipt) = self.note(&message)?;
         self.tx
-            .send(Item::Note(Note { id, text, reply }))
+            .send(Item::Note(note))
             .await
             .map_err(|_| self.gone())?;
-        Ok(SendReceipt::from_channel(rx))
+        Ok(receipt)
+    }
+
+    /// Encodes every message first, so that one too large for `NOTIFY` (payload, properties
+    /// and key together: a limit the kit's payload check cannot see) fails the batch with
+    /// nothing sent; then sends them in one statement.
+    async fn send_batch(&self, messages: Vec<OutboundMessage>) -> Result<Vec<SendReceipt>> {
+        let mut notes = Vec::with_capacity(messages.len());
+        let mut receipts = Vec::with_capacity(messages.len());
+        for (index, message) in messages.iter().enumerate() {
+            let (note, receipt) = self
+                .note(message)
+                .map_err(|e| e.with_context("batch_index", index))?;
+            notes.push(note);
+            receipts.push(receipt);
+        }
+        self.tx
+            .send(Item::Notes(notes))
+            .await
+            .map_err(|_| self.gone())?;
+        Ok(receipts)
     }
 
     async fn flush(&self) -> Result<()> {
@@ -235,16 +272,17 @@ impl Q0Consumer {
 
     fn decode(&self, text: &str) -> Option<Message> {
         match decode(text) {
-            Ok(m) => Some(
+            Ok(m) => Some({
+                m.properties.warn(self.topic.as_str());
                 Message::new(
                     m.payload,
-                    m.properties,
+                    m.properties.properties,
                     MessageId::from_text(m.id),
                     AckHandle::new(self.id, 0),
                 )
                 .with_key(m.key)
-                .with_publish_time(m.received),
-            ),
+                .with_publish_time(m.received)
+            }),
             Err(e) => {
                 tracing::warn!(topic = %self.topic, error = %e, "skipping a foreign notification");
                 None
@@ -378,12 +416,20 @@ fn encode(id: &str, payload: &[u8], properties: &Properties, key: Option<&str>) 
     Ok(out)
 }
 
+/// The header of a q0 notification, as [`encode`] writes it (another writer may repeat a
+/// property name, or give a non-string value: [`properties`] says what becomes of those).
+#[derive(serde::Deserialize)]
+struct Header {
+    p: Option<properties::Pairs>,
+    k: Option<serde_json::Value>,
+}
+
 /// A decoded q0 notification.
 #[derive(Debug)]
 struct Decoded {
     id: String,
     payload: Bytes,
-    properties: Properties,
+    properties: properties::Read,
     key: Option<String>,
     received: SystemTime,
 }
@@ -401,16 +447,14 @@ fn decode(text: &str) -> Result<Decoded> {
     let payload = base64::engine::general_purpose::STANDARD
         .decode(body)
         .map_err(|e| bad(&format!("payload is not base64: {e}")))?;
-    let mut properties = Properties::new();
+    let mut properties = properties::Read::default();
     let mut key = None;
     if !header.is_empty() {
-        let v: serde_json::Value =
-            serde_json::from_str(header).map_err(|e| bad(&format!("header: {e}")))?;
-        if let Some(p) = v.get("p") {
-            properties =
-                serde_json::from_value(p.clone()).map_err(|e| bad(&format!("properties: {e}")))?;
+        let h: Header = serde_json::from_str(header).map_err(|e| bad(&format!("header: {e}")))?;
+        if let Some(p) = h.p {
+            properties = p.read();
         }
-        key = v.get("k").and_then(|k| k.as_str()).map(str::to_owned);
+        key = h.k.as_ref().and_then(|k| k.as_str()).map(str::to_owned);
     }
     Ok(Decoded {
         id: id.to_owned(),
@@ -433,7 +477,7 @@ mod tests {
         let m = decode(&text).unwrap();
         assert_eq!(m.id, "abcd0123-7");
         assert_eq!(m.payload.as_ref(), b"\0\xffhello");
-        assert_eq!(m.properties, props);
+        assert_eq!(m.properties.properties, props);
         assert_eq!(m.key.as_deref(), Some("k\n"));
 
         let max_id = format!("ffffffff-{}", u64::MAX);
@@ -445,6 +489,20 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
         let err = encode("a-1", &at, &props, Some(&"k".repeat(100))).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::PayloadTooLarge);
+    }
+
+    /// A header another writer made: a repeated name keeps its last value, a number is kept as
+    /// its JSON text, both named for the consumer's warning.
+    #[test]
+    fn foreign_header_properties_follow_the_rules() {
+        let m =
+            decode("x-1\n{\"p\":{\"a\":\"1\",\"n\":5,\"a\":\"2\"},\"k\":\"key\"}\nAA==").unwrap();
+        assert_eq!(m.properties.properties["a"], "2");
+        assert_eq!(m.properties.properties["n"], "5");
+        assert_eq!(m.properties.repeated, ["a"]);
+        assert_eq!(m.properties.converted, ["n"]);
+        assert_eq!(m.key.as_deref(), Some("key"));
+        assert_eq!(m.payload.as_ref(), b"\0");
     }
 
     #[test]

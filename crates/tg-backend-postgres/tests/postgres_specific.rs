@@ -69,6 +69,8 @@ async fn unreachable_server_fails_fast_with_connection_error_naming_host() {
     assert_eq!(err.kind(), ErrorKind::Connection, "{err}");
     let text = format!("{err} {err:?}");
     assert!(text.contains("127.0.0.1:1"), "{text}");
+    // the cause, not only tokio-postgres's "error connecting to server"
+    assert!(text.contains("refused"), "{text}");
     assert!(!text.contains("hunter2"), "{text}");
 }
 
@@ -558,4 +560,485 @@ async fn tls_modes() {
         // a self-signed end-entity certificate is not a usable trust anchor for webpki
         Err(e) => assert_eq!(e.kind(), ErrorKind::Connection, "{e}"),
     }
+}
+
+/// `url()` with its database replaced by `db`.
+fn url_for_database(db: &str) -> String {
+    let base = url();
+    let (head, query) = match base.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (base.as_str(), None),
+    };
+    let authority_start = head.find("://").map_or(0, |i| i + 3);
+    let authority_end = head[authority_start..]
+        .find('/')
+        .map_or(head.len(), |i| authority_start + i);
+    let mut out = format!("{}/{db}", &head[..authority_end]);
+    if let Some(query) = query {
+        out.push('?');
+        out.push_str(query);
+    }
+    out
+}
+
+/// Committed plus rolled-back transactions of database `db`, as the statistics system has them
+/// now. Read from the admin connection, which is on another database, so its own transactions
+/// do not count.
+async fn transactions_of(admin: &tokio_postgres::Client, db: &str) -> i64 {
+    admin
+        .batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    admin
+        .query_one(
+            "SELECT coalesce(sum(xact_commit + xact_rollback), 0)::int8 FROM pg_stat_database \
+             WHERE datname = $1",
+            &[&db],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// How long after its last transaction a PostgreSQL 15+ backend may still hold its statistics
+/// unflushed: an idle backend that flushed less than a second before flushes again 10 s later.
+const STATS_FLUSH: Duration = Duration::from_millis(11_000);
+
+/// What [`idle_run`] measured.
+struct IdleCounts {
+    /// Transactions of the database while the consumer idled (receive after receive).
+    idle: i64,
+    /// Transactions one received message added (proves the counter sees the consumer).
+    one_message: i64,
+    /// Receives that timed out during the idle window.
+    receives: usize,
+}
+
+async fn idle_run(db: String, admin: Arc<tokio_postgres::Client>) -> IdleCounts {
+    // no safety timer or claim expiry inside the measurement: those are covered elsewhere
+    let config = PostgresConfig::from_url(&url_for_database(&db))
+        .unwrap()
+        .safety_interval(Duration::from_secs(120))
+        .visibility_timeout(Duration::from_secs(120))
+        .cleanup_interval(Duration::from_secs(3600));
+    let backend = PostgresBackend::connect(config).await.unwrap();
+    let t = topic(Qos::Q1, "idle");
+    let consumer: Arc<dyn Consumer> = backend
+        .create_consumer(&t, ConsumerOptions::new("idle"))
+        .await
+        .unwrap()
+        .into();
+    // the start claim
+    let err = consumer
+        .receive(Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    // a worker loop: receive with a short timeout, again and again
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let consumer = consumer.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut receives = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match consumer.receive(Duration::from_millis(200)).await {
+                    Err(e) if e.kind() == ErrorKind::Timeout => receives += 1,
+                    other => panic!("an idle receive gave {other:?}"),
+                }
+            }
+            receives
+        })
+    };
+    // everything the set-up did is in the statistics after this
+    tokio::time::sleep(STATS_FLUSH).await;
+    let before = transactions_of(&admin, &db).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let receives = worker.await.unwrap();
+    // what the 10 s did reaches the statistics by then
+    tokio::time::sleep(STATS_FLUSH).await;
+    let after = transactions_of(&admin, &db).await;
+
+    // the same counter sees the consumer's statements when there is work
+    let producer = backend
+        .create_producer(&t, Default::default())
+        .await
+        .unwrap();
+    producer
+        .send(OutboundMessage::new("wake"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let got = consumer.receive(Duration::from_secs(10)).await.unwrap();
+    consumer.acknowledge(&got).await.unwrap();
+    tokio::time::sleep(STATS_FLUSH).await;
+    let worked = transactions_of(&admin, &db).await;
+    backend.close().await.unwrap();
+    IdleCounts {
+        idle: after - before,
+        one_message: worked - after,
+        receives,
+    }
+}
+
+/// An idle consumer issues no statements: between notifications it waits on `LISTEN` and its
+/// safety timer only. Counted by the server, in a private database, over 10 s of a worker loop
+/// calling `receive(200ms)` back to back (the safety timer set beyond the test; the timer itself
+/// is `a_message_without_notification_arrives_by_the_safety_timer`). Autovacuum workers would
+/// count too: the test server runs without autovacuum; with it on, a visit of the new database
+/// inside the window would show here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_consumer_issues_no_statements() {
+    let Some(probe) = backend(|c| c).await else {
+        return;
+    };
+    probe.close().await.unwrap();
+    let admin = Arc::new(admin().await.unwrap());
+    let db = format!("tgps_idle_{:08x}", rand::random::<u32>());
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .unwrap();
+    let outcome = tokio::spawn(idle_run(db.clone(), admin.clone())).await;
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await
+        .unwrap();
+    let counts = outcome.unwrap();
+    eprintln!(
+        "idle consumer: {} transactions over the 10 s window ({} receives timed out); one \
+         message: {} transactions",
+        counts.idle, counts.receives, counts.one_message
+    );
+    assert!(counts.receives >= 50, "{} receives", counts.receives);
+    assert!(
+        counts.one_message >= 2,
+        "the counter saw {} transactions for one message",
+        counts.one_message
+    );
+    assert_eq!(counts.idle, 0, "transactions of an idle consumer");
+}
+
+/// The ids of `topic` and of its subscription `subscription` (both must exist).
+async fn ids(admin: &tokio_postgres::Client, topic: &Topic, subscription: &str) -> (i64, i64) {
+    let row = admin
+        .query_one(
+            "SELECT t.id, s.id FROM tgps.topics t JOIN tgps.subscriptions s ON s.topic_id = t.id \
+             WHERE t.name = $1 AND s.name = $2",
+            &[&topic.as_str(), &subscription],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Stores a message for one subscription the way another writer might, without any `NOTIFY`;
+/// `properties` is the column's text (`None`: SQL NULL).
+async fn insert_raw(
+    admin: &tokio_postgres::Client,
+    (topic_id, sub_id): (i64, i64),
+    payload: &[u8],
+    properties: Option<&str>,
+) {
+    admin
+        .execute(
+            "WITH m AS (INSERT INTO tgps.messages (topic_id, payload, properties) \
+               VALUES ($1, $2, $3::text::jsonb) RETURNING seq) \
+             INSERT INTO tgps.deliveries (sub_id, seq) SELECT $4, seq FROM m",
+            &[&topic_id, &payload, &properties, &sub_id],
+        )
+        .await
+        .unwrap();
+}
+
+/// A message whose notification never came (written without `NOTIFY`) still arrives, by the
+/// safety timer, within `safety_interval` of the consumer's last check.
+#[tokio::test]
+async fn a_message_without_notification_arrives_by_the_safety_timer() {
+    let safety = Duration::from_secs(2);
+    let Some(backend) = backend(|c| c.safety_interval(safety)).await else {
+        return;
+    };
+    let admin = admin().await.unwrap();
+    let t = topic(Qos::Q1, "safety");
+    let consumer = backend
+        .create_consumer(&t, ConsumerOptions::new("s"))
+        .await
+        .unwrap();
+    let err = consumer
+        .receive(Duration::from_millis(100))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    let checked = Instant::now();
+    insert_raw(&admin, ids(&admin, &t, "s").await, b"unannounced", None).await;
+    let got = consumer.receive(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(got.payload().as_ref(), b"unannounced");
+    assert!(
+        checked.elapsed() < safety + Duration::from_millis(1500),
+        "arrived {:?} after the last check",
+        checked.elapsed()
+    );
+    consumer.acknowledge(&got).await.unwrap();
+    backend.close().await.unwrap();
+}
+
+/// The log lines of the current thread while the guard lives (a current-thread runtime runs the
+/// consumer's reading of rows on the test's thread).
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+impl Logs {
+    fn capture() -> (Self, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::WARN)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// The lines written so far that mention `needle`.
+    fn lines_with(&self, needle: &str) -> Vec<String> {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+/// Rows another writer stored: a non-string property value no longer costs the message its
+/// other properties. Strings are kept, numbers, booleans and arrays as their JSON text, nulls
+/// dropped, and a warning names the keys; a `jsonb` object given a name twice already kept the
+/// last value when the row was written; a column that is not an object gives no properties and
+/// a warning.
+#[tokio::test]
+async fn stored_properties_that_are_not_strings_are_kept_and_named() {
+    let Some(backend) = backend(|c| c).await else {
+        return;
+    };
+    let admin = admin().await.unwrap();
+    let t = topic(Qos::Q1, "props");
+    let consumer = backend
+        .create_consumer(&t, ConsumerOptions::new("p"))
+        .await
+        .unwrap();
+    let ids = ids(&admin, &t, "p").await;
+    let rows = [
+        (
+            &b"mixed"[..],
+            Some(r#"{"s": "str", "n": 3, "f": 1.5, "t": true, "arr": [1, "x"], "nil": null}"#),
+        ),
+        (b"repeated", Some(r#"{"a": "1", "b": "x", "a": "2"}"#)),
+        (b"array", Some("[1, 2]")),
+        (b"plain", Some(r#"{"k": "v"}"#)),
+        (b"none", None),
+    ];
+    for (payload, props) in rows {
+        insert_raw(&admin, ids, payload, props).await;
+    }
+    let (logs, _guard) = Logs::capture();
+    let mut got = Vec::new();
+    for _ in 0..rows.len() {
+        let m = consumer.receive(Duration::from_secs(10)).await.unwrap();
+        consumer.acknowledge(&m).await.unwrap();
+        got.push(m);
+    }
+    let props = |i: usize| {
+        assert_eq!(got[i].payload().as_ref(), rows[i].0);
+        got[i]
+            .properties()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        props(0),
+        [
+            ("arr", r#"[1,"x"]"#),
+            ("f", "1.5"),
+            ("n", "3"),
+            ("s", "str"),
+            ("t", "true")
+        ]
+    );
+    assert_eq!(props(1), [("a", "2"), ("b", "x")]);
+    assert_eq!(props(2), []);
+    assert_eq!(props(3), [("k", "v")]);
+    assert_eq!(props(4), []);
+
+    let converted = logs.lines_with("not strings");
+    assert_eq!(converted.len(), 1, "{converted:?}");
+    assert!(
+        converted[0].contains(r#"converted=["arr", "f", "n", "t"]"#)
+            && converted[0].contains(r#"dropped=["nil"]"#)
+            && converted[0].contains(t.as_str()),
+        "{converted:?}"
+    );
+    let not_object = logs.lines_with("not a JSON object");
+    assert_eq!(not_object.len(), 1, "{not_object:?}");
+    // PostgreSQL folded the repeated name when the jsonb value was written: nothing to report
+    assert!(logs.lines_with("repeats property names").is_empty());
+    backend.close().await.unwrap();
+}
+
+/// A `json` (not `jsonb`) properties column keeps a repeated name as written: the consumer
+/// applies the rule of every backend (the last value wins) and names it in a warning. The
+/// backend creates `jsonb`; this is a schema someone changed.
+#[tokio::test]
+async fn a_json_column_with_a_repeated_name_keeps_the_last_value_and_warns() {
+    let schema = format!("tgps_json_{:08x}", rand::random::<u32>());
+    let s2 = schema.clone();
+    let Some(backend) = backend(move |c| c.schema(s2)).await else {
+        return;
+    };
+    let admin = admin().await.unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER TABLE {schema}.messages ALTER COLUMN properties TYPE json USING properties::json"
+        ))
+        .await
+        .unwrap();
+    let t = topic(Qos::Q1, "json");
+    let consumer = backend
+        .create_consumer(&t, ConsumerOptions::new("j"))
+        .await
+        .unwrap();
+    admin
+        .execute(
+            &format!(
+                "WITH m AS (INSERT INTO {schema}.messages (topic_id, payload, properties) \
+                   SELECT id, 'dup', $2::text::json FROM {schema}.topics WHERE name = $1 \
+                   RETURNING seq) \
+                 INSERT INTO {schema}.deliveries (sub_id, seq) \
+                 SELECT s.id, m.seq FROM m, {schema}.subscriptions s \
+                 JOIN {schema}.topics t ON t.id = s.topic_id WHERE t.name = $1"
+            ),
+            &[&t.as_str(), &r#"{"a": "1", "b": "x", "a": "2", "a": "3"}"#],
+        )
+        .await
+        .unwrap();
+    let (logs, _guard) = Logs::capture();
+    let m = consumer.receive(Duration::from_secs(10)).await.unwrap();
+    assert_eq!(m.property("a"), Some("3"));
+    assert_eq!(m.property("b"), Some("x"));
+    let repeated = logs.lines_with("repeats property names");
+    assert_eq!(repeated.len(), 1, "{repeated:?}");
+    assert!(
+        repeated[0].contains(r#"names=["a"]"#) && repeated[0].contains(t.as_str()),
+        "{repeated:?}"
+    );
+    consumer.acknowledge(&m).await.unwrap();
+    backend.close().await.unwrap();
+    admin
+        .batch_execute(&format!("DROP SCHEMA {schema} CASCADE"))
+        .await
+        .unwrap();
+}
+
+/// The batch paths: `send_batch` larger than `batch_size` keeps its order across statements;
+/// `receive_batch` claims up to its `max` in one statement (more than `prefetch`);
+/// `acknowledge_batch` and `negative_acknowledge_batch` act on every message given.
+#[tokio::test]
+async fn batch_paths_move_many_messages_per_statement() {
+    let Some(backend) = backend(|c| c.prefetch(8).batch_size(1000)).await else {
+        return;
+    };
+    let admin = admin().await.unwrap();
+    let t = topic(Qos::Q1, "batches");
+    let consumer = backend
+        .create_consumer(&t, ConsumerOptions::new("b"))
+        .await
+        .unwrap();
+    let producer = backend
+        .create_producer(&t, Default::default())
+        .await
+        .unwrap();
+    let receipts = producer
+        .send_batch(
+            (0..2500)
+                .map(|i| OutboundMessage::new(i.to_string()).property("i", i.to_string()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(receipts.len(), 2500);
+    let mut ids = Vec::new();
+    for r in receipts {
+        ids.push(r.await.unwrap().to_string().parse::<u64>().unwrap());
+    }
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids out of order");
+
+    let first = consumer
+        .receive_batch(2000, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 2000, "one claim of up to max rows");
+    let texts: Vec<String> = first
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+        .collect();
+    assert_eq!(texts, (0..2000).map(|i| i.to_string()).collect::<Vec<_>>());
+    assert!(first
+        .iter()
+        .all(|m| m.property("i") == Some(&*String::from_utf8_lossy(m.payload()))));
+    consumer.acknowledge_batch(&first).await.unwrap();
+    let (_, sub_id) = self::ids(&admin, &t, "b").await;
+    let left: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM tgps.deliveries WHERE sub_id = $1",
+            &[&sub_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 500);
+
+    let rest = consumer
+        .receive_batch(1000, Duration::from_secs(10))
+        .await
+        .unwrap();
+    assert_eq!(rest.len(), 500);
+    consumer.negative_acknowledge_batch(&rest).await.unwrap();
+    let mut again = Vec::new();
+    while again.len() < 500 {
+        let batch = consumer
+            .receive_batch(500, Duration::from_secs(10))
+            .await
+            .unwrap();
+        assert!(!batch.is_empty(), "the nacked messages did not come back");
+        again.extend(batch);
+    }
+    assert!(again.iter().all(|m| m.redelivery_count() == 1));
+    assert_eq!(again[0].payload().as_ref(), b"2000");
+    consumer.acknowledge_batch(&again).await.unwrap();
+    let err = consumer
+        .receive(Duration::from_millis(300))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    backend.close().await.unwrap();
 }
