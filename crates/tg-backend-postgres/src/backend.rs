@@ -172,6 +172,14 @@ impl RawBackend for PostgresBackend {
         Ok(())
     }
 
+    async fn remove_topic(&self, topic: &Topic) -> Result<()> {
+        // q0 topics keep nothing in the database: nothing to delete
+        if topic.qos().is_persistent() {
+            self.core.delete_topic(topic).await?;
+        }
+        Ok(())
+    }
+
     async fn shutdown(&self) -> Result<()> {
         // the LISTEN connection and the cleanup task stopped when the lifecycle closed
         self.core.pool.close();

@@ -101,6 +101,18 @@ impl Core {
             .map_err(|e| self.pg(e, "connect"))
     }
 
+    /// Deletes `topic`'s row with its messages, subscriptions and deliveries, in one statement,
+    /// and forgets its id (a later producer or consumer creates the topic anew).
+    pub(crate) async fn delete_topic(&self, topic: &Topic) -> Result<()> {
+        let client = self.conn().await?;
+        client
+            .query_one(&self.sql.delete_topic, &[&topic.as_str()])
+            .await
+            .map_err(|e| self.pg(e, "delete topic"))?;
+        self.topics.lock().remove(topic.as_str());
+        Ok(())
+    }
+
     /// The id of `topic` in the topics table, created if needed.
     pub(crate) async fn topic_id(&self, topic: &Topic) -> Result<i64> {
         if let Some(id) = self.topics.lock().get(topic.as_str()) {

@@ -27,6 +27,7 @@ pub(crate) struct Sql {
     pub(crate) nack: String,
     pub(crate) release: String,
     pub(crate) unsubscribe: String,
+    pub(crate) delete_topic: String,
     pub(crate) cleanup_consumed: String,
     pub(crate) cleanup_unconsumed: String,
 }
@@ -173,6 +174,15 @@ INSERT INTO {s}.meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}')
             unsubscribe: format!(
                 "WITH d AS (DELETE FROM {s}.deliveries WHERE sub_id = $1) \
                  DELETE FROM {s}.subscriptions WHERE id = $1"
+            ),
+            // $1 topic name: the topic's row, messages, subscriptions and their deliveries
+            delete_topic: format!(
+                "WITH t AS (DELETE FROM {s}.topics WHERE name = $1 RETURNING id), \
+                 sub AS (DELETE FROM {s}.subscriptions WHERE topic_id IN (SELECT id FROM t) \
+                   RETURNING id), \
+                 d AS (DELETE FROM {s}.deliveries WHERE sub_id IN (SELECT id FROM sub)), \
+                 m AS (DELETE FROM {s}.messages WHERE topic_id IN (SELECT id FROM t)) \
+                 SELECT count(*) FROM t"
             ),
             // $1 retention ms
             cleanup_consumed: format!(
