@@ -2,11 +2,15 @@
 //!
 //! `cargo bench -p tg-backend-redis --bench compare`. For q0 (PUBLISH/SUBSCRIBE) and q1
 //! (XADD MAXLEN ~ / XREADGROUP / XACK) it moves N messages of 200 bytes from a producer task to a
-//! consumer task (acknowledging each on q1), in interleaved rounds, and prints each path's median
-//! throughput, the ratio to the raw crate, and the latency at 1,000 msg/s for 2 s.
+//! consumer task (acknowledging each on q1), in interleaved rounds of three paths — the raw crate
+//! (pipelines of 1,024 commands, `XREADGROUP COUNT 64` with the previous `XACK`), tg-pubsub one
+//! message per call, and tg-pubsub's batch API (`send_batch` of 1,024, `receive_batch` of up to
+//! 64, `acknowledge_batch`) — and prints each path's median throughput, the ratios to the raw
+//! crate and (batch) to the single-message path, and the latency at 1,000 msg/s for 2 s.
 //!
 //! Environment: `REDIS_URL`; `BENCH_MESSAGES` (200,000); `BENCH_ROUNDS` (3); `BENCH_QOS=q0|q1`
-//! (only one); `BENCH_VERBOSE=1` (producer time); `BENCH_SKIP_RAW` / `BENCH_SKIP_TG`;
+//! (only one); `BENCH_VERBOSE=1` (producer time); `BENCH_SKIP_RAW` / `BENCH_SKIP_TG` /
+//! `BENCH_SKIP_BATCH`;
 //! `BENCH_NO_ACK` (tg path without acknowledgements); `BENCH_PROBE=1` (client CPU of producing
 //! and of consuming alone, tg-pubsub vs raw; q1, or q0 producing alone with `BENCH_QOS=q0`).
 //!
@@ -31,12 +35,20 @@ const READ_COUNT: usize = 64;
 const IDLE: Duration = Duration::from_secs(3);
 /// Messages the tg-pubsub consumer acknowledges together (from a helper task).
 const ACK_CHUNK: usize = 64;
+/// Messages per `send_batch` of the batch path (as many as the raw client's pipelines).
+const SEND_BATCH: usize = RAW_BATCH;
+/// `max` of the batch path's `receive_batch` (as many as the raw client's `XREADGROUP COUNT`).
+const RECV_MAX: usize = READ_COUNT;
 
 struct Row {
     path: String,
     messages: usize,
     rate: f64,
     ratio: Option<f64>,
+    /// The batch path's rate ÷ the single-message tg-pubsub path's.
+    to_single: Option<f64>,
+    /// The Redis server's CPU per message (median of rounds), µs.
+    server_us: f64,
     p50_us: u64,
     p99_us: u64,
 }
@@ -67,6 +79,28 @@ fn cpu_ticks() -> u64 {
             Some(rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?)
         })
         .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) the Redis server used so far (`INFO cpu`); 0 when unknown. Per
+/// path and round it shows how close a path runs to what the server can do: a path whose
+/// messages cost the server `c` µs each cannot go faster than `1/c` on the server's core.
+async fn server_cpu(client: &redis::Client) -> f64 {
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return 0.0;
+    };
+    let Ok(info) = redis::cmd("INFO")
+        .arg("cpu")
+        .query_async::<String>(&mut conn)
+        .await
+    else {
+        return 0.0;
+    };
+    info.lines()
+        .filter_map(|l| {
+            let (k, v) = l.trim().split_once(':')?;
+            matches!(k, "used_cpu_user" | "used_cpu_sys").then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
 }
 
 /// A phase boundary for `valgrind --tool=callgrind --dump-before='*callgrind_mark*'`: each call
@@ -194,6 +228,126 @@ async fn tg_throughput(backend: &RedisBackend, topic: &Topic, n: usize) -> (usiz
     let _ = producer.close().await;
     let _ = consumer.close().await;
     (got, last.duration_since(start))
+}
+
+/// The batch API end to end: the producer hands over `SEND_BATCH` messages per `send_batch`
+/// (receipts dropped, one `flush` at the end, as the single path); the consumer takes up to
+/// `RECV_MAX` per `receive_batch` and acknowledges each batch with one `acknowledge_batch`,
+/// run together with the next `receive_batch` (as the raw client sends the previous batch's
+/// `XACK` with its next read).
+async fn tg_batch_throughput(backend: &RedisBackend, topic: &Topic, n: usize) -> (usize, Duration) {
+    let consumer: Arc<dyn Consumer> = backend
+        .create_consumer(topic, ConsumerOptions::new("bench"))
+        .await
+        .expect("consumer")
+        .into();
+    let producer: Arc<dyn Producer> = backend
+        .create_producer(topic, Default::default())
+        .await
+        .expect("producer")
+        .into();
+    let ack = topic.qos() != Qos::Q0 && std::env::var("BENCH_NO_ACK").is_err();
+    let reader = {
+        let c = consumer.clone();
+        tokio::spawn(async move {
+            let mut got = 0usize;
+            let mut last = Instant::now();
+            let mut previous: Vec<Message> = Vec::new();
+            while got < n {
+                let acked = async {
+                    if ack && !previous.is_empty() {
+                        c.acknowledge_batch(&previous).await
+                    } else {
+                        Ok(())
+                    }
+                };
+                let (batch, acked) = tokio::join!(c.receive_batch(RECV_MAX, IDLE), acked);
+                acked.expect("ack");
+                let batch = batch.expect("receive");
+                if batch.is_empty() {
+                    previous.clear();
+                    break;
+                }
+                got += batch.len();
+                last = Instant::now();
+                previous = batch;
+            }
+            if ack && !previous.is_empty() {
+                c.acknowledge_batch(&previous).await.expect("ack");
+            }
+            (got, last)
+        })
+    };
+    let start = Instant::now();
+    let writer = {
+        let producer = producer.clone();
+        tokio::spawn(async move {
+            let base = Instant::now();
+            let mut sent = 0;
+            while sent < n {
+                let k = SEND_BATCH.min(n - sent);
+                let batch = (0..k)
+                    .map(|_| OutboundMessage::new(payload(base)))
+                    .collect();
+                drop(producer.send_batch(batch).await.expect("send_batch"));
+                sent += k;
+            }
+            producer.flush().await.expect("flush");
+        })
+    };
+    writer.await.expect("producer task");
+    let (got, last) = reader.await.expect("reader");
+    let _ = producer.close().await;
+    let _ = consumer.close().await;
+    (got, last.duration_since(start))
+}
+
+/// Latency through the batch API at 1,000 msg/s: a one-message `send_batch` per tick, and
+/// `receive_batch` + `acknowledge_batch` on the consumer.
+async fn tg_batch_latency(backend: &RedisBackend, topic: &Topic) -> Histogram<u64> {
+    let consumer: Arc<dyn Consumer> = backend
+        .create_consumer(topic, ConsumerOptions::new("lat"))
+        .await
+        .expect("consumer")
+        .into();
+    let producer: Arc<dyn Producer> = backend
+        .create_producer(topic, Default::default())
+        .await
+        .expect("producer")
+        .into();
+    let base = Instant::now();
+    let count = 2000;
+    let reader = {
+        let c = consumer.clone();
+        tokio::spawn(async move {
+            let mut h = histogram();
+            let mut got = 0;
+            while got < count {
+                let batch = c.receive_batch(RECV_MAX, IDLE).await.unwrap_or_default();
+                if batch.is_empty() {
+                    break;
+                }
+                for m in &batch {
+                    let _ = h.record(latency_us(base, m.payload()).max(1));
+                }
+                got += batch.len();
+                let _ = c.acknowledge_batch(&batch).await;
+            }
+            h
+        })
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    for _ in 0..count {
+        tick.tick().await;
+        let receipts = producer
+            .send_batch(vec![OutboundMessage::new(payload(base))])
+            .await
+            .expect("send_batch");
+        drop(receipts);
+    }
+    let h = reader.await.expect("reader");
+    let _ = consumer.close().await;
+    h
 }
 
 async fn tg_latency(backend: &RedisBackend, topic: &Topic) -> Histogram<u64> {
@@ -766,11 +920,15 @@ fn main() {
                 std::env::var("BENCH_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
             let skip_raw = std::env::var("BENCH_SKIP_RAW").is_ok();
             let skip_tg = std::env::var("BENCH_SKIP_TG").is_ok();
-            let (mut raw_rates, mut tg_rates) = (Vec::new(), Vec::new());
-            let (mut raw_got, mut got) = (n, n);
+            let skip_batch = std::env::var("BENCH_SKIP_BATCH").is_ok();
+            let (mut raw_rates, mut tg_rates, mut batch_rates) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut raw_got, mut got, mut batch_got) = (n, n, n);
+            let (mut raw_srv, mut tg_srv, mut batch_srv) = (Vec::new(), Vec::new(), Vec::new());
+            let per_msg = |secs: f64, got: usize| secs * 1e6 / got.max(1) as f64;
             for round in 0..rounds {
                 let raw_key = format!("{prefix}/raw/{qos}/{round}");
                 callgrind_mark("raw round");
+                let srv0 = server_cpu(&client).await;
                 let cpu0 = cpu_ticks();
                 let (g, time) = if skip_raw {
                     (1, Duration::from_secs(1))
@@ -780,6 +938,8 @@ fn main() {
                     raw_q1_throughput(&client, &raw_key, n).await
                 };
                 let raw_cpu = cpu_ticks() - cpu0;
+                let srv1 = server_cpu(&client).await;
+                raw_srv.push(per_msg(srv1 - srv0, g));
                 raw_got = raw_got.min(g);
                 raw_rates.push(g as f64 / time.as_secs_f64());
                 let topic = Topic::new(qos, "bench", "compare", &format!("throughput-{round}")).expect("topic");
@@ -788,32 +948,56 @@ fn main() {
                 let (g, time) =
                     if skip_tg { (1, Duration::from_secs(1)) } else { tg_throughput(&backend, &topic, n).await };
                 let tg_cpu = cpu_ticks() - cpu0;
-                callgrind_mark("round end");
+                let srv2 = server_cpu(&client).await;
+                tg_srv.push(per_msg(srv2 - srv1, g));
                 got = got.min(g);
                 tg_rates.push(g as f64 / time.as_secs_f64());
+                let batch_topic = Topic::new(qos, "bench", "compare", &format!("batch-{round}")).expect("topic");
+                callgrind_mark("tg batch round");
+                let cpu0 = cpu_ticks();
+                let (g, time) = if skip_batch {
+                    (1, Duration::from_secs(1))
+                } else {
+                    tg_batch_throughput(&backend, &batch_topic, n).await
+                };
+                let batch_cpu = cpu_ticks() - cpu0;
+                batch_srv.push(per_msg(server_cpu(&client).await - srv2, g));
+                callgrind_mark("round end");
+                batch_got = batch_got.min(g);
+                batch_rates.push(g as f64 / time.as_secs_f64());
                 // free the round's streams at once (the server is shared)
                 if let Ok(mut conn) = client.get_multiplexed_async_connection().await {
                     let tg_key = format!("{prefix}/{{{topic}}}");
-                    let _ = redis::cmd("UNLINK").arg(&raw_key).arg(&tg_key).query_async::<()>(&mut conn).await;
+                    let batch_key = format!("{prefix}/{{{batch_topic}}}");
+                    let _ = redis::cmd("UNLINK").arg(&raw_key).arg(&tg_key).arg(&batch_key).query_async::<()>(&mut conn).await;
                 }
                 println!(
-                    "{qos} round {}: raw {:.0} msg/s, tg-pubsub {:.0} msg/s (client CPU {raw_cpu} / {tg_cpu} ticks of 10 ms)",
+                    "{qos} round {}: raw {:.0} msg/s, tg-pubsub {:.0} msg/s, tg-pubsub batch {:.0} msg/s (client CPU {raw_cpu} / {tg_cpu} / {batch_cpu} ticks of 10 ms; Redis CPU {:.2} / {:.2} / {:.2} µs per message)",
                     round + 1,
                     raw_rates[round],
-                    tg_rates[round]
+                    tg_rates[round],
+                    batch_rates[round],
+                    raw_srv[round],
+                    tg_srv[round],
+                    batch_srv[round],
                 );
             }
             let raw_rate = median(&mut raw_rates);
             let rate = median(&mut tg_rates);
+            let batch_rate = median(&mut batch_rates);
             let raw_lat = raw_latency(&client, &format!("{prefix}/raw/{qos}/lat"), qos).await;
             let lat_topic = Topic::new(qos, "bench", "compare", "latency").expect("topic");
             let lat = tg_latency(&backend, &lat_topic).await;
+            let batch_lat_topic = Topic::new(qos, "bench", "compare", "batch-latency").expect("topic");
+            let batch_lat = tg_batch_latency(&backend, &batch_lat_topic).await;
 
             rows.push(Row {
                 path: format!("{qos} raw redis crate"),
                 messages: raw_got,
                 rate: raw_rate,
                 ratio: None,
+                to_single: None,
+                server_us: median(&mut raw_srv),
                 p50_us: raw_lat.value_at_quantile(0.5),
                 p99_us: raw_lat.value_at_quantile(0.99),
             });
@@ -822,24 +1006,38 @@ fn main() {
                 messages: got,
                 rate,
                 ratio: Some(rate / raw_rate),
+                to_single: None,
+                server_us: median(&mut tg_srv),
                 p50_us: lat.value_at_quantile(0.5),
                 p99_us: lat.value_at_quantile(0.99),
             });
-            if got < n || raw_got < n {
-                println!("note: {qos}: received {got} (tg-pubsub) and {raw_got} (raw) of {n}");
+            rows.push(Row {
+                path: format!("{qos} tg-pubsub batch"),
+                messages: batch_got,
+                rate: batch_rate,
+                ratio: Some(batch_rate / raw_rate),
+                to_single: Some(batch_rate / rate),
+                server_us: median(&mut batch_srv),
+                p50_us: batch_lat.value_at_quantile(0.5),
+                p99_us: batch_lat.value_at_quantile(0.99),
+            });
+            if got < n || raw_got < n || batch_got < n {
+                println!("note: {qos}: received {got} (tg-pubsub), {batch_got} (tg-pubsub batch) and {raw_got} (raw) of {n}");
             }
         }
         println!();
-        println!("| path | messages | msg/s (median of rounds) | ratio to raw | latency p50 / p99 (1,000 msg/s) |");
-        println!("|---|---:|---:|---:|---:|");
+        println!("| path | messages | msg/s (median of rounds) | ratio to raw | ratio to tg-pubsub single | Redis CPU µs/msg | latency p50 / p99 (1,000 msg/s) |");
+        println!("|---|---:|---:|---:|---:|---:|---:|");
         for r in &rows {
             println!(
-                "| {} | {} | {:.0} | {} | {:.3} ms / {:.3} ms |",
+                "| {} | {} | {:.0} | {} | {} | {:.2} | {:.3} ms / {:.3} ms |",
                 r.path,
                 r.messages,
                 r.rate,
                 r.ratio
                     .map_or("1.00 (baseline)".to_owned(), |x| format!("{x:.2}")),
+                r.to_single.map_or("".to_owned(), |x| format!("{x:.2}")),
+                r.server_us,
                 r.p50_us as f64 / 1000.0,
                 r.p99_us as f64 / 1000.0
             );

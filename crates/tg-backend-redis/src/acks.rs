@@ -97,6 +97,8 @@ struct AckState {
     writing: Vec<AckBatch>,
     /// The reader is about to send a read that returns at once and carries what is pending.
     reader_reading: bool,
+    /// The reader ended: it reads no more.
+    reader_gone: bool,
 }
 
 impl AckQueue {
@@ -108,6 +110,7 @@ impl AckQueue {
                 current: Arc::new(Completion::new()),
                 writing: Vec::new(),
                 reader_reading: false,
+                reader_gone: false,
             }),
             wake: Notify::new(),
         }
@@ -124,6 +127,27 @@ impl AckQueue {
         }
         let batch = s.current.clone();
         let wake = first && !s.reader_reading;
+        drop(s);
+        if wake {
+            self.wake.notify_one();
+        }
+        batch
+    }
+
+    /// Queues several acknowledgements under one lock, so they all join one batch (one `XACK`
+    /// per stream, written in one round trip); returns that batch.
+    pub(crate) fn push_all(&self, entries: impl IntoIterator<Item = EntryRef>) -> AckBatch {
+        let mut s = self.state.lock();
+        let first = s.main.is_empty() && s.retry.is_empty();
+        for entry in entries {
+            if entry.retry {
+                s.retry.push(entry.id);
+            } else {
+                s.main.push(entry.id);
+            }
+        }
+        let batch = s.current.clone();
+        let wake = first && !s.reader_reading && !(s.main.is_empty() && s.retry.is_empty());
         drop(s);
         if wake {
             self.wake.notify_one();
@@ -163,6 +187,22 @@ impl AckQueue {
         let mut s = self.state.lock();
         s.reader_reading = soon;
         Self::take_locked(&mut s, main, retry)
+    }
+
+    /// A receiver made the room the reader waited for: it reads next, and takes what is
+    /// pending along (unless it stops, stands by or reconnects first; each of those calls
+    /// [`AckQueue::reader_away`]).
+    pub(crate) fn reader_soon(&self) {
+        let mut s = self.state.lock();
+        if !s.reader_gone {
+            s.reader_reading = true;
+        }
+    }
+
+    /// The reader ended: the acknowledger writes everything from now on.
+    pub(crate) fn reader_gone(&self) {
+        self.state.lock().reader_gone = true;
+        self.reader_away();
     }
 
     /// The reader will not read soon (it blocks, waits for room, reconnects, stands by or

@@ -21,7 +21,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::{Pipeline, Value};
-use tg_backend_api::kit::RawConsumer;
+use tg_backend_api::kit::{warn_repeated, RawConsumer};
 use tg_backend_api::{
     Backoff, ConsumerOptions, ConsumerType, Error, ErrorKind, InitialPosition, Message, MessageId,
     Result, Topic,
@@ -73,6 +73,16 @@ impl RawConsumer for RedisConsumer {
         self.inbox().receive(timeout)
     }
 
+    /// What the reader already fetched in batches (`XREADGROUP COUNT batch`, or the q0
+    /// dispatcher's deliveries), taken from the inbox under one lock.
+    fn receive_batch(
+        &self,
+        max: usize,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Vec<Message>>> + Send {
+        self.inbox().receive_batch(max, timeout)
+    }
+
     async fn acknowledge(&self, message: &Message) -> Result<()> {
         match &self.0 {
             Kind::Stream(c) => c.acknowledge(message).await,
@@ -80,10 +90,24 @@ impl RawConsumer for RedisConsumer {
         }
     }
 
+    async fn acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        match &self.0 {
+            Kind::Stream(c) => c.acknowledge_batch(messages).await,
+            Kind::Q0(c) => c.acknowledge_batch(messages).await,
+        }
+    }
+
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
         match &self.0 {
             Kind::Stream(c) => c.negative_acknowledge(message).await,
             Kind::Q0(c) => c.negative_acknowledge(message).await,
+        }
+    }
+
+    async fn negative_acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        match &self.0 {
+            Kind::Stream(c) => c.negative_acknowledge_batch(messages).await,
+            Kind::Q0(c) => c.negative_acknowledge_batch(messages).await,
         }
     }
 
@@ -154,13 +178,17 @@ impl StreamConsumer {
         let lease_token = lease::join(&core, topic, &names, options.consumer_type, &active).await?;
 
         let batch = core.config.batch;
-        let inbox = Arc::new(Inbox::new(batch * 3));
         let acks = Arc::new(AckQueue::new());
+        let mut inbox = Inbox::new(batch * 3);
+        let soon = acks.clone();
+        inbox.set_room_hook(move || soon.reader_soon());
+        let inbox = Arc::new(inbox);
         let stop = core.life.token().child_token();
         let reader_client = Arc::new(AtomicI64::new(0));
 
         let reader = tokio::spawn(run_reader(ReaderCtx {
             core: core.clone(),
+            topic: topic.to_string(),
             names: names.clone(),
             consumer: id,
             inbox: inbox.clone(),
@@ -209,6 +237,46 @@ impl StreamConsumer {
             )
             .with_context("message_id", message.id())
         })
+    }
+
+    /// What `acknowledge` returns for its batch's outcome.
+    fn ack_outcome(&self, outcome: &crate::acks::AckOutcome) -> Result<()> {
+        match outcome {
+            Ok(()) => Ok(()),
+            Err((ErrorKind::Closed, _)) => Err(Error::closed("consumer")),
+            Err((kind, message)) => Err(Error::new(*kind, message.clone())
+                .with_context("server", &self.core.server)
+                .with_context("subscription", &self.names.group)),
+        }
+    }
+
+    /// Moves the entries `main` (of the topic stream) and `retry` (of the retry stream) to the
+    /// retry stream with their redelivery count raised, acknowledging them (the nack script,
+    /// once per non-empty list).
+    async fn nack(&self, main: Vec<EntryId>, retry: Vec<EntryId>) -> Result<()> {
+        let core = &self.core;
+        let run = |src: &str, ids: Vec<EntryId>| {
+            let mut conn = core.conn();
+            let mut nack = NACK.prepare_invoke();
+            nack.key(src)
+                .key(&self.names.retry)
+                .arg(&self.names.group)
+                .arg(core.config.max_len);
+            for id in &ids {
+                nack.arg(id);
+            }
+            async move {
+                if ids.is_empty() {
+                    return Ok(());
+                }
+                core.bounded(nack.invoke_async::<i64>(&mut conn))
+                    .await?
+                    .map(|_| ())
+                    .map_err(|e| core.err(e, "negative acknowledgement failed"))
+            }
+        };
+        let (a, b) = tokio::join!(run(&self.names.stream, main), run(&self.names.retry, retry));
+        a.and(b)
     }
 
     /// Stops the tasks and hands back what this consumer held (or, when `unsubscribe`, deletes
@@ -313,34 +381,46 @@ impl RawConsumer for StreamConsumer {
 
     async fn acknowledge(&self, message: &Message) -> Result<()> {
         let entry = self.entry(message)?;
-        match self.acks.push(entry).wait().await {
-            Ok(()) => Ok(()),
-            Err((ErrorKind::Closed, _)) => Err(Error::closed("consumer")),
-            Err((kind, message)) => Err(Error::new(*kind, message.clone())
-                .with_context("server", &self.core.server)
-                .with_context("subscription", &self.names.group)),
+        self.ack_outcome(self.acks.push(entry).wait().await)
+    }
+
+    /// Every id joins one acknowledgement batch (one lock): its `XACK` per stream (and `XDEL` on
+    /// the retry stream, as for single acknowledgements) is written in one round trip, along
+    /// with the reader's next read or by the acknowledger, and the call waits for it once.
+    async fn acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        let entries = messages
+            .iter()
+            .map(|m| self.entry(m))
+            .collect::<Result<Vec<_>>>()?;
+        if entries.is_empty() {
+            return Ok(());
         }
+        self.ack_outcome(self.acks.push_all(entries).wait().await)
     }
 
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
         let entry = self.entry(message)?;
-        let src = if entry.retry {
-            &self.names.retry
+        let (main, retry) = if entry.retry {
+            (Vec::new(), vec![entry.id])
         } else {
-            &self.names.stream
+            (vec![entry.id], Vec::new())
         };
-        let core = &self.core;
-        let mut conn = core.conn();
-        let mut nack = NACK.prepare_invoke();
-        nack.key(src)
-            .key(&self.names.retry)
-            .arg(&self.names.group)
-            .arg(core.config.max_len)
-            .arg(&entry.id);
-        core.bounded(nack.invoke_async::<i64>(&mut conn))
-            .await?
-            .map(|_| ())
-            .map_err(|e| core.err(e, "negative acknowledgement failed"))
+        self.nack(main, retry).await
+    }
+
+    /// The nack script takes a list of ids: one run per stream the messages came from (the
+    /// topic stream, the retry stream), both sent at once on the shared connection.
+    async fn negative_acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        let (mut main, mut retry) = (Vec::new(), Vec::new());
+        for m in messages {
+            let entry = self.entry(m)?;
+            if entry.retry {
+                retry.push(entry.id);
+            } else {
+                main.push(entry.id);
+            }
+        }
+        self.nack(main, retry).await
     }
 
     async fn unsubscribe(&self) -> Result<()> {
@@ -413,6 +493,8 @@ async fn ensure_groups(core: &Core, names: &Names, start: &str) -> Result<()> {
 
 struct ReaderCtx {
     core: Arc<Core>,
+    /// The topic, as warnings name it.
+    topic: String,
     names: Names,
     consumer: u64,
     inbox: Arc<Inbox>,
@@ -482,17 +564,21 @@ impl ReaderCtx {
     /// The message of one entry; `None` for an entry that does not decode, which is reported
     /// and acknowledged (it never will decode: left pending it would come back after every
     /// close and reclaim). An acknowledged entry stays in the topic stream until trimmed, for
-    /// whoever wants to look at it.
+    /// whoever wants to look at it. Fields set aside (an unreadable `r` or `o`, a repeated
+    /// field) are reported and the message is delivered.
     fn message(&self, retry: bool, id: &[u8], fields: Value) -> Option<Message> {
         let entry_id = EntryId::from_bytes(id);
+        let stream = || {
+            if retry {
+                &self.names.retry
+            } else {
+                &self.names.stream
+            }
+        };
         let entry = match decode_entry(fields) {
             Ok(e) => e,
             Err(malformed) => {
-                let stream = if retry {
-                    &self.names.retry
-                } else {
-                    &self.names.stream
-                };
+                let stream = stream();
                 tracing::warn!(
                     %stream,
                     subscription = %self.names.group,
@@ -510,6 +596,22 @@ impl ReaderCtx {
                 return None;
             }
         };
+        if !(entry.ignored.is_empty() && entry.repeated.is_empty()) {
+            let entry_text = String::from_utf8_lossy(id);
+            for note in &entry.ignored {
+                tracing::warn!(
+                    stream = %stream(),
+                    subscription = %self.names.group,
+                    entry = %entry_text,
+                    field = %note.field,
+                    "delivering an entry with a field set aside: {note}"
+                );
+            }
+            if !entry.repeated.is_empty() {
+                let _entry = tracing::warn_span!("entry", entry = %entry_text).entered();
+                warn_repeated(&self.topic, &entry.repeated);
+            }
+        }
         // the message id is the original entry's (a retry copy names it in `o`)
         let (text, ms): (Arc<str>, Option<u64>) = match entry.original {
             Some((original, ms)) => (original, Some(ms)),
@@ -556,7 +658,7 @@ struct ReaderExit(Arc<Inbox>, Arc<AckQueue>);
 impl Drop for ReaderExit {
     fn drop(&mut self) {
         self.0.close();
-        self.1.reader_away();
+        self.1.reader_gone();
     }
 }
 

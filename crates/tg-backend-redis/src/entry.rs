@@ -3,9 +3,14 @@
 //!
 //! Fields: `d` payload, `k` key (when set), `p:<name>` one per property, and on redelivered copies
 //! `r` (deliveries so far) and `o` (id of the original entry). What a consumer reads is input like
-//! any other: anyone can `XADD` to a stream, so [`decode_entry`] checks every field it knows and
-//! names the first one that does not read ([`Malformed`]); unknown fields are ignored, so later
-//! layouts can add fields.
+//! any other: anyone can `XADD` to a stream, so [`decode_entry`] checks every field it knows.
+//! A field of the message itself that does not read (no `d`; `k`, a property name or value that
+//! is not UTF-8) makes the entry no message ([`Malformed`], naming the field). The redelivery
+//! bookkeeping `r` and `o` only this backend writes: one that does not read is set aside as
+//! absent, with a note ([`Entry::ignored`]), and the message is still delivered — its payload,
+//! key and properties are intact. Of a field given twice the last value counts (the rule for
+//! repeated property names of every backend, `tg_backend_api::kit::properties_from_pairs`),
+//! noted too. Unknown fields are ignored, so later layouts can add fields.
 
 use std::fmt;
 use std::sync::Arc;
@@ -13,6 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use redis::Value;
+use tg_backend_api::kit::properties_from_pairs;
 use tg_backend_api::Properties;
 
 use crate::record::Record;
@@ -58,9 +64,17 @@ pub(crate) struct Entry {
     pub(crate) redeliveries: u32,
     /// The original entry's id (`o`) and its milliseconds, on a redelivered copy.
     pub(crate) original: Option<(Arc<str>, u64)>,
+    /// What the consumer warns about but delivers: an `r` that is no count or an `o` that is no
+    /// entry id (read as absent: no redeliveries, the entry's own id), a `d`, `k`, `r` or `o`
+    /// given more than once (the last value counts). Empty (no allocation) for an entry of
+    /// this backend.
+    pub(crate) ignored: Vec<Malformed>,
+    /// The property names the entry repeats, sorted, each once; the last value of each counts.
+    pub(crate) repeated: Vec<String>,
 }
 
-/// Why an entry cannot be decoded: the field and what is wrong with it.
+/// What is wrong with a field of an entry: why the entry cannot be decoded (from
+/// [`decode_entry`]), or why a field was set aside ([`Entry::ignored`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Malformed {
     /// The field's name (lossy UTF-8), or a description where the entry has no fields to name.
@@ -123,8 +137,11 @@ pub(crate) fn decode_entry(fields: Value) -> Result<Entry, Malformed> {
         key: None,
         redeliveries: 0,
         original: None,
+        ignored: Vec::new(),
+        repeated: Vec::new(),
     };
-    let mut payload = false;
+    let mut seen = Seen::default();
+    let mut props = Vec::new();
     match fields {
         Value::Array(items) => {
             if items.len() % 2 != 0 {
@@ -135,12 +152,12 @@ pub(crate) fn decode_entry(fields: Value) -> Result<Entry, Malformed> {
             }
             let mut it = items.into_iter();
             while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                payload |= entry.field(&k, v)?;
+                entry.field(&k, v, &mut seen, &mut props)?;
             }
         }
         Value::Map(pairs) => {
             for (k, v) in pairs {
-                payload |= entry.field(&k, v)?;
+                entry.field(&k, v, &mut seen, &mut props)?;
             }
         }
         other => {
@@ -150,15 +167,43 @@ pub(crate) fn decode_entry(fields: Value) -> Result<Entry, Malformed> {
             ))
         }
     }
-    if !payload {
+    if seen.0 & Seen::PAYLOAD == 0 {
         return Err(Malformed::new(field::PAYLOAD, "missing (no payload)"));
+    }
+    if !props.is_empty() {
+        // a repeated name: the last value wins, the rule of every backend
+        (entry.properties, entry.repeated) = properties_from_pairs(props);
     }
     Ok(entry)
 }
 
+/// The reserved fields an entry gave so far (a bit each).
+#[derive(Default)]
+struct Seen(u8);
+
+impl Seen {
+    const PAYLOAD: u8 = 1;
+    const KEY: u8 = 2;
+    const REDELIVERIES: u8 = 4;
+    const ORIGINAL: u8 = 8;
+
+    /// Marks `bit`; whether it was marked before.
+    fn again(&mut self, bit: u8) -> bool {
+        let before = self.0 & bit != 0;
+        self.0 |= bit;
+        before
+    }
+}
+
 impl Entry {
-    /// Reads one field; true for the payload.
-    fn field(&mut self, k: &Value, v: Value) -> Result<bool, Malformed> {
+    /// Reads one field; properties are collected into `props`, in order.
+    fn field(
+        &mut self,
+        k: &Value,
+        v: Value,
+        seen: &mut Seen,
+        props: &mut Vec<(String, String)>,
+    ) -> Result<(), Malformed> {
         let Some(name) = as_bytes(k) else {
             return Err(Malformed::new(
                 b"(name)",
@@ -171,51 +216,69 @@ impl Entry {
             || name == field::ORIGINAL
             || name.starts_with(field::PROPERTY);
         if !known {
-            return Ok(false); // a later layout's field
+            return Ok(()); // a later layout's field
         }
         let Some(value) = into_bytes(v) else {
             return Err(Malformed::new(name, "the value is not a string"));
         };
+        let bit = match name {
+            field::PAYLOAD => Seen::PAYLOAD,
+            field::KEY => Seen::KEY,
+            field::REDELIVERIES => Seen::REDELIVERIES,
+            field::ORIGINAL => Seen::ORIGINAL,
+            _ => 0,
+        };
+        if bit != 0 && seen.again(bit) {
+            self.ignored.push(Malformed::new(
+                name,
+                "is given more than once; the last value counts",
+            ));
+        }
         match name {
-            field::PAYLOAD => {
-                self.payload = Bytes::from(value);
-                return Ok(true);
-            }
+            field::PAYLOAD => self.payload = Bytes::from(value),
             field::KEY => {
                 self.key = Some(
                     String::from_utf8(value)
                         .map_err(|e| Malformed::value(name, e.as_bytes(), "is not UTF-8"))?,
                 );
             }
-            field::REDELIVERIES => {
-                self.redeliveries = parse_u64(&value)
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| {
-                        Malformed::value(name, &value, "is not a delivery count (0 to 4294967295)")
-                    })?;
-            }
-            field::ORIGINAL => {
-                let Some((ms, _)) = parse_id(&value) else {
-                    return Err(Malformed::value(
+            field::REDELIVERIES => match parse_u64(&value).and_then(|n| u32::try_from(n).ok()) {
+                Some(n) => self.redeliveries = n,
+                None => {
+                    self.redeliveries = 0;
+                    self.ignored.push(Malformed::value(
                         name,
                         &value,
-                        "is not a stream entry id (<ms>-<seq>)",
+                        "is not a delivery count (0 to 4294967295); read as no redelivery",
                     ));
-                };
-                // digits and one dash: UTF-8
-                let text = String::from_utf8_lossy(&value);
-                self.original = Some((text.as_ref().into(), ms));
-            }
+                }
+            },
+            field::ORIGINAL => match parse_id(&value) {
+                Some((ms, _)) => {
+                    // digits and one dash: UTF-8
+                    let text = String::from_utf8_lossy(&value);
+                    self.original = Some((text.as_ref().into(), ms));
+                }
+                None => {
+                    self.original = None;
+                    self.ignored.push(Malformed::value(
+                        name,
+                        &value,
+                        "is not a stream entry id (<ms>-<seq>); the entry's own id is the \
+                         message id",
+                    ));
+                }
+            },
             _ => {
                 let prop = std::str::from_utf8(&name[field::PROPERTY.len()..])
                     .map_err(|_| Malformed::new(name, "the property name is not UTF-8"))?
                     .to_owned();
                 let value = String::from_utf8(value)
                     .map_err(|e| Malformed::value(name, e.as_bytes(), "is not UTF-8"))?;
-                self.properties.insert(prop, value);
+                props.push((prop, value));
             }
         }
-        Ok(false)
+        Ok(())
     }
 }
 
@@ -391,18 +454,89 @@ mod tests {
         assert!(e.payload.is_empty() && e.original.is_none() && e.redeliveries == 0);
     }
 
+    /// An `r` that is no count and an `o` that is no entry id are set aside with a note naming
+    /// the field and the value; the message itself still decodes.
+    #[test]
+    fn unreadable_redelivery_fields_are_set_aside() {
+        let ok = |fields: Vec<Value>| decode_entry(Value::Array(fields)).unwrap();
+        let e = ok(vec![
+            b("d"),
+            b("x"),
+            b("o"),
+            b("garbage-id"),
+            b("r"),
+            b("3"),
+        ]);
+        assert_eq!((e.payload.as_ref(), e.redeliveries), (&b"x"[..], 3));
+        assert!(e.original.is_none());
+        assert_eq!(e.ignored.len(), 1);
+        assert_eq!(e.ignored[0].field, "o");
+        assert!(
+            e.ignored[0].to_string().contains("\"garbage-id\""),
+            "{}",
+            e.ignored[0]
+        );
+        let e = ok(vec![b("d"), b("x"), b("r"), b("lots"), b("o"), b("5-1")]);
+        assert_eq!(e.redeliveries, 0);
+        assert_eq!(
+            e.original.as_ref().map(|(id, ms)| (id.as_ref(), *ms)),
+            Some(("5-1", 5))
+        );
+        assert_eq!(e.ignored.len(), 1);
+        assert_eq!(e.ignored[0].field, "r");
+        assert!(
+            e.ignored[0].to_string().contains("\"lots\""),
+            "{}",
+            e.ignored[0]
+        );
+        for r in ["", "-1", "+1", "4294967296", "1.0", " 1", "0x10"] {
+            let e = ok(vec![b("d"), b("x"), b("r"), b(r)]);
+            assert_eq!((e.redeliveries, e.ignored.len()), (0, 1), "{r:?}");
+        }
+        for o in ["", "12", "1-", "-1", "1-x", "18446744073709551616-0"] {
+            let e = ok(vec![b("d"), b("x"), b("o"), b(o)]);
+            assert!(e.original.is_none() && e.ignored.len() == 1, "{o:?}");
+        }
+        // a good value, then a bad one: the last counts, and both facts are noted
+        let e = ok(vec![b("d"), b("x"), b("r"), b("2"), b("r"), b("two")]);
+        assert_eq!(e.redeliveries, 0);
+        assert_eq!(e.ignored.iter().filter(|m| m.field == "r").count(), 2);
+    }
+
+    /// Of a field given twice the last value counts: a property name (the rule of every
+    /// backend, reported as `repeated`) or a reserved field (noted in `ignored`).
+    #[test]
+    fn repeated_fields_keep_the_last_value() {
+        let e = decode_entry(Value::Array(vec![
+            b("p:a"),
+            b("1"),
+            b("d"),
+            b("first"),
+            b("p:b"),
+            b("x"),
+            b("p:a"),
+            b("2"),
+            b("d"),
+            b("second"),
+            b("p:a"),
+            b("3"),
+        ]))
+        .unwrap();
+        assert_eq!(e.payload.as_ref(), b"second");
+        assert_eq!(e.properties.len(), 2);
+        assert_eq!(e.properties["a"], "3");
+        assert_eq!(e.properties["b"], "x");
+        assert_eq!(e.repeated, ["a"]);
+        assert_eq!(e.ignored.len(), 1);
+        assert_eq!(e.ignored[0].field, "d");
+        // nothing repeated, nothing noted
+        let e = decode_entry(Value::Array(vec![b("d"), b("x"), b("p:a"), b("1")])).unwrap();
+        assert!(e.repeated.is_empty() && e.ignored.is_empty());
+    }
+
     #[test]
     fn malformed_fields_are_named() {
         let bad = |fields: Vec<Value>| decode_entry(Value::Array(fields)).unwrap_err();
-        let m = bad(vec![b("d"), b("x"), b("o"), b("garbage-id")]);
-        assert_eq!(m.field, "o");
-        assert!(m.problem.contains("garbage-id"), "{m}");
-        let m = bad(vec![b("d"), b("x"), b("r"), b("lots")]);
-        assert_eq!(m.field, "r");
-        assert!(m.to_string().contains("\"lots\""), "{m}");
-        for r in ["", "-1", "+1", "4294967296", "1.0"] {
-            assert_eq!(bad(vec![b("d"), b("x"), b("r"), b(r)]).field, "r", "{r:?}");
-        }
         assert_eq!(bad(vec![b("k"), b("x")]).field, "d");
         assert_eq!(
             bad(vec![
@@ -429,8 +563,9 @@ mod tests {
         assert_eq!(bad(vec![Value::Int(1), b("x")]).field, "(name)");
         assert_eq!(decode_entry(Value::Nil).unwrap_err().field, "(fields)");
         let long = "9".repeat(100);
-        let m = bad(vec![b("d"), b("x"), b("o"), b(&long)]);
-        assert!(m.problem.len() < 100, "{m}");
+        let e = decode_entry(Value::Array(vec![b("d"), b("x"), b("o"), b(&long)])).unwrap();
+        assert!(e.ignored[0].problem.len() < 150, "{}", e.ignored[0]);
+        assert!(!e.ignored[0].problem.contains(&long), "{}", e.ignored[0]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes};
+use tg_backend_api::kit::properties_from_pairs;
 use tg_backend_api::Properties;
 
 use crate::record::Record;
@@ -80,6 +81,9 @@ pub(crate) struct Frame {
     pub(crate) properties: Properties,
     pub(crate) key: Option<String>,
     pub(crate) time: SystemTime,
+    /// Property names the frame repeats (a frame written by another client), sorted, each
+    /// once; the last value of each counts.
+    pub(crate) repeated: Vec<String>,
 }
 
 /// Decodes a q0 frame; `None` when it is not one of ours.
@@ -99,12 +103,19 @@ pub(crate) fn decode_frame(mut buf: Bytes) -> Option<Frame> {
     }
     let time = UNIX_EPOCH.checked_add(Duration::from_millis(buf.get_u64()))?;
     let n = buf.get_u32() as usize;
-    let mut properties = Properties::new();
-    for _ in 0..n {
-        let k = string(&mut buf)?;
-        let v = string(&mut buf)?;
-        properties.insert(k, v);
-    }
+    let (properties, repeated) = if n == 0 {
+        (Properties::new(), Vec::new())
+    } else {
+        // (at most what the rest of the frame can hold: a property takes 8 bytes or more)
+        let mut pairs = Vec::with_capacity(n.min(buf.remaining() / 8));
+        for _ in 0..n {
+            let k = string(&mut buf)?;
+            let v = string(&mut buf)?;
+            pairs.push((k, v));
+        }
+        // a repeated name: the last value wins, the rule of every backend
+        properties_from_pairs(pairs)
+    };
     if buf.remaining() < 1 {
         return None;
     }
@@ -118,6 +129,7 @@ pub(crate) fn decode_frame(mut buf: Bytes) -> Option<Frame> {
         properties,
         key,
         time,
+        repeated,
     })
 }
 
@@ -154,7 +166,33 @@ mod tests {
         );
         let f = decode_frame(encode_frame(&payload, &Properties::new(), None)).unwrap();
         assert!(f.key.is_none() && f.properties.is_empty());
+        assert!(f.repeated.is_empty());
         assert!(decode_frame(Bytes::from_static(b"plain text from redis-cli")).is_none());
         assert!(decode_frame(Bytes::new()).is_none());
+    }
+
+    /// A frame written by another client may repeat a property name: the last value counts
+    /// and the name is reported.
+    #[test]
+    fn repeated_property_names_keep_the_last_value() {
+        let mut frame = vec![FRAME_V1];
+        frame.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+        frame.extend_from_slice(&3u32.to_be_bytes());
+        for (k, v) in [("a", "1"), ("b", "x"), ("a", "2")] {
+            frame.extend_from_slice(&(k.len() as u32).to_be_bytes());
+            frame.extend_from_slice(k.as_bytes());
+            frame.extend_from_slice(&(v.len() as u32).to_be_bytes());
+            frame.extend_from_slice(v.as_bytes());
+        }
+        frame.push(0);
+        frame.extend_from_slice(b"body");
+        let f = decode_frame(Bytes::from(frame)).unwrap();
+        assert_eq!(f.payload.as_ref(), b"body");
+        assert_eq!(f.properties.len(), 2);
+        assert_eq!(
+            (f.properties["a"].as_str(), f.properties["b"].as_str()),
+            ("2", "x")
+        );
+        assert_eq!(f.repeated, ["a"]);
     }
 }

@@ -33,6 +33,8 @@ pub(crate) struct Inbox {
     state: Mutex<InboxState>,
     available: Notify,
     room: Notify,
+    /// Called when a receiver made the room the reader waits for, before the reader can see it.
+    room_hook: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl Inbox {
@@ -46,7 +48,17 @@ impl Inbox {
             }),
             available: Notify::new(),
             room: Notify::new(),
+            room_hook: None,
         }
+    }
+
+    /// Sets what to call when a receiver made the room the reader waits for. It runs under the
+    /// inbox's lock, so it runs before the reader can see the room and read (the stream
+    /// consumer tells its acknowledgement queue that a read is coming: acknowledgements made
+    /// meanwhile go along with it instead of waking the acknowledger for a round trip of its
+    /// own).
+    pub(crate) fn set_room_hook(&mut self, hook: impl Fn() + Send + Sync + 'static) {
+        self.room_hook = Some(Box::new(hook));
     }
 
     /// The next message, waiting up to `timeout` (a consumer's `receive`); `Closed` once the
@@ -76,18 +88,78 @@ impl Inbox {
         }
     }
 
+    /// Up to `max` (at least 1) messages: the first within `timeout`, then what is buffered
+    /// (a consumer's `receive_batch`): one lock for the whole batch, however many it takes. An
+    /// empty batch when none came; `Closed` once the inbox is closed and empty.
+    pub(crate) async fn receive_batch(
+        &self,
+        max: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Message>> {
+        let mut batch = Vec::new();
+        if self.take_into(&mut batch, max) {
+            return Ok(batch);
+        }
+        if self.state.lock().closed {
+            return Err(Error::closed("consumer"));
+        }
+        if timeout.is_zero() {
+            return Ok(batch);
+        }
+        match Box::pin(self.pop_wait(timeout)).await {
+            Some(first) => {
+                batch.push(first);
+                if max > 1 {
+                    self.take_into(&mut batch, max);
+                }
+                Ok(batch)
+            }
+            // the wait ended without a message: a late one is still taken, else timed out or
+            // closed
+            None if self.take_into(&mut batch, max) => Ok(batch),
+            None if self.state.lock().closed => Err(Error::closed("consumer")),
+            None => Ok(batch),
+        }
+    }
+
+    /// Moves buffered messages into `batch` until it holds `max`; whether it holds any.
+    fn take_into(&self, batch: &mut Vec<Message>, max: usize) -> bool {
+        let mut s = self.state.lock();
+        let n = (max - batch.len()).min(s.buf.len());
+        if n > 0 {
+            batch.reserve(n);
+            batch.extend(s.buf.drain(..n));
+        }
+        let room = n > 0 && self.room_made(&mut s);
+        drop(s);
+        if room {
+            self.room.notify_one();
+        }
+        !batch.is_empty()
+    }
+
+    /// Whether taking messages made the room the reader waits for (then it is told, under the
+    /// lock, before it can see the room: see [`Inbox::set_room_hook`]); the caller wakes it.
+    #[inline]
+    fn room_made(&self, s: &mut InboxState) -> bool {
+        match s.room_wanted {
+            Some(limit) if s.buf.len() <= limit => {
+                s.room_wanted = None;
+                if let Some(hook) = &self.room_hook {
+                    hook();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Takes the next message if there is one (the fast path of `receive`).
     #[inline]
     fn try_pop(&self) -> Option<Message> {
         let mut s = self.state.lock();
         let m = s.buf.pop_front()?;
-        let room = match s.room_wanted {
-            Some(limit) if s.buf.len() <= limit => {
-                s.room_wanted = None;
-                true
-            }
-            _ => false,
-        };
+        let room = self.room_made(&mut s);
         drop(s);
         if room {
             self.room.notify_one();
@@ -109,13 +181,7 @@ impl Inbox {
         let mut s = self.state.lock();
         match s.buf.pop_front() {
             Some(m) => {
-                let room = match s.room_wanted {
-                    Some(limit) if s.buf.len() <= limit => {
-                        s.room_wanted = None;
-                        true
-                    }
-                    _ => false,
-                };
+                let room = self.room_made(&mut s);
                 drop(s);
                 if room {
                     self.room.notify_one();

@@ -202,6 +202,63 @@ impl Queue {
         }
     }
 
+    /// Appends messages in order, each run of at most [`MAX_BATCH`] to one batch (so it goes
+    /// out as one pipeline), waiting until the queue has room for a whole run; each message's
+    /// batch and index, or `None` when the writer ended (what was queued then fails `Closed`).
+    async fn push_batch(
+        &self,
+        messages: &[OutboundMessage],
+        core: &Arc<Core>,
+    ) -> Option<Vec<(Arc<Batch>, usize)>> {
+        let mut placed = Vec::with_capacity(messages.len());
+        for run in messages.chunks(MAX_BATCH) {
+            loop {
+                let notified = self.room.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                {
+                    let mut s = self.state.lock();
+                    if s.writer_gone {
+                        return None;
+                    }
+                    if s.queued == 0 || s.queued + run.len() <= QUEUE {
+                        let was_empty = s.queued == 0;
+                        s.queued += run.len();
+                        if s.pending.back().is_none_or(|p| p.n + run.len() > MAX_BATCH) {
+                            let records = s.spare.pop().unwrap_or_default();
+                            s.pending.push_back(Pending {
+                                records,
+                                n: 0,
+                                batch: Arc::new(Batch {
+                                    done: Completion::new(),
+                                    core: core.clone(),
+                                }),
+                            });
+                        }
+                        let last = s.pending.back_mut()?;
+                        for message in run {
+                            encode_record(
+                                &mut last.records,
+                                message.payload(),
+                                message.properties(),
+                                message.key_str(),
+                            );
+                            placed.push((last.batch.clone(), last.n));
+                            last.n += 1;
+                        }
+                        drop(s);
+                        if was_empty {
+                            self.wake.notify_one();
+                        }
+                        break;
+                    }
+                }
+                notified.await;
+            }
+        }
+        Some(placed)
+    }
+
     /// The batch that completes after everything queued so far, if any.
     fn last_batch(&self) -> Option<Arc<Batch>> {
         let s = self.state.lock();
@@ -332,6 +389,25 @@ impl RawProducer for RedisProducer {
         }))
     }
 
+    /// The messages go into the producer's queue together, at most 1,024 to a batch, so each
+    /// such run is written as one pipeline (`XADD`s, q2 scripts or `PUBLISH`es) — the same
+    /// commands, in order, as single sends; one receipt per message.
+    async fn send_batch(&self, messages: Vec<OutboundMessage>) -> Result<Vec<SendReceipt>> {
+        tokio::task::coop::consume_budget().await;
+        let Some(placed) = self.queue.push_batch(&messages, &self.core).await else {
+            return Err(self.closed());
+        };
+        Ok(placed
+            .into_iter()
+            .map(|(batch, index)| {
+                SendReceipt::from_future(async move {
+                    batch.done.wait().await;
+                    batch.reply(index)
+                })
+            })
+            .collect())
+    }
+
     async fn flush(&self) -> Result<()> {
         if let Some(batch) = self.queue.last_batch() {
             if let Outcome::Closed = batch.done.wait().await {
@@ -429,19 +505,17 @@ async fn run_writer(
                 n = now;
             }
         }
-        let (pending, was_full) = {
+        let pending = {
             let mut s = queue.state.lock();
             let Some(p) = s.pending.pop_front() else {
                 continue;
             };
-            let was_full = s.queued >= QUEUE;
             s.queued -= p.n;
             s.writing = Some(p.batch.clone());
-            (p, was_full)
+            p
         };
-        if was_full {
-            queue.room.notify_waiters();
-        }
+        // also when the queue was not full: a `send_batch` may wait for room for a whole run
+        queue.room.notify_waiters();
         let Pending {
             mut records,
             n,

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use redis::aio::{AsyncPushSender, MultiplexedConnection, SendError};
 use redis::{PushInfo, PushKind, Value};
-use tg_backend_api::kit::RawConsumer;
+use tg_backend_api::kit::{warn_repeated, RawConsumer};
 use tg_backend_api::{
     AckHandle, Backoff, ConsumerOptions, Error, Message, MessageId, Result, Topic,
 };
@@ -93,6 +93,9 @@ impl AsyncPushSender for Dispatcher {
             tracing::debug!(channel = %String::from_utf8_lossy(&channel), "ignoring a q0 message that is not a tg-pubsub frame");
             return Ok(());
         };
+        if !frame.repeated.is_empty() {
+            warn_repeated(&channel_topic(&channel), &frame.repeated);
+        }
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let (last, others) = match list.split_last() {
             Some(x) => x,
@@ -122,6 +125,15 @@ impl AsyncPushSender for Dispatcher {
         }
         last.deliver(msg);
         Ok(())
+    }
+}
+
+/// The topic a channel name `<prefix>/{<topic>}` carries (the whole name if it has no braces).
+fn channel_topic(channel: &[u8]) -> String {
+    let name = String::from_utf8_lossy(channel);
+    match (name.find('{'), name.rfind('}')) {
+        (Some(open), Some(close)) if open < close => name[open + 1..close].to_owned(),
+        _ => name.into_owned(),
     }
 }
 
@@ -392,8 +404,16 @@ impl RawConsumer for Q0Consumer {
         Ok(())
     }
 
+    async fn acknowledge_batch(&self, _messages: &[Message]) -> Result<()> {
+        Ok(())
+    }
+
     async fn negative_acknowledge(&self, _message: &Message) -> Result<()> {
         // best effort: nothing is redelivered
+        Ok(())
+    }
+
+    async fn negative_acknowledge_batch(&self, _messages: &[Message]) -> Result<()> {
         Ok(())
     }
 

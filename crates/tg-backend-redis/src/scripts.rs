@@ -8,7 +8,17 @@ use redis::Script;
 /// stream with its redelivery count raised, and acknowledges the original. Shared by the scripts
 /// below. Entries already acknowledged (XACK returns 0) are left alone, so nacking twice or after
 /// an ack does nothing; entries trimmed from the stream are acknowledged and dropped.
+///
+/// `r` and `o` are read as the consumer reads them (`entry.rs`): an `r` that is not a count
+/// (digits, at most 20, up to 4294967295) counts as 0 and an `o` that is not a stream id
+/// (`<u64>-<u64>`) as absent, so the copy carries the entry's own id — the id the consumer
+/// delivered it under; of a repeated `r` or `o` the last counts. Such a field is reported in the
+/// server's log (a consumer reports it when it delivers the entry; nobody else sees it when a
+/// crashed member's entry is reclaimed). Other fields are copied as they are.
 const REQUEUE_FN: &str = r#"
+local function u64(s)
+  return #s < 20 or (#s == 20 and s <= '18446744073709551615')
+end
 local function requeue(src, retry, group, maxlen, id)
   local e = redis.call('XRANGE', src, id, id)
   if redis.call('XACK', src, group, id) == 0 then return 0 end
@@ -16,15 +26,31 @@ local function requeue(src, retry, group, maxlen, id)
   if e[1] and e[1][2] then
     local f = e[1][2]
     local out = {}
-    local r, o = 0, id
+    local r, o = 0, nil
     for j = 1, #f, 2 do
-      local k = f[j]
-      if k == 'r' then r = tonumber(f[j + 1]) or 0
-      elseif k == 'o' then o = f[j + 1]
-      else out[#out + 1] = k; out[#out + 1] = f[j + 1] end
+      local k, v = f[j], f[j + 1]
+      if k == 'r' then
+        r = 0
+        if #v <= 20 and string.match(v, '^%d+$') and tonumber(v) <= 4294967295 then
+          r = tonumber(v)
+        else
+          redis.log(redis.LOG_WARNING, 'tg-pubsub: entry ' .. id .. ' of ' .. src ..
+            ': field r is not a delivery count; redelivered as delivered 0 times before')
+        end
+      elseif k == 'o' then
+        local ms, seq = string.match(v, '^(%d+)%-(%d+)$')
+        if ms and u64(ms) and u64(seq) then
+          o = v
+        else
+          o = nil
+          redis.log(redis.LOG_WARNING, 'tg-pubsub: entry ' .. id .. ' of ' .. src ..
+            ': field o is not a stream entry id; redelivered under the entry id')
+        end
+      else out[#out + 1] = k; out[#out + 1] = v end
     end
-    out[#out + 1] = 'r'; out[#out + 1] = tostring(r + 1)
-    out[#out + 1] = 'o'; out[#out + 1] = o
+    if r < 4294967295 then r = r + 1 end
+    out[#out + 1] = 'r'; out[#out + 1] = string.format('%d', r)
+    out[#out + 1] = 'o'; out[#out + 1] = o or id
     redis.call('XADD', retry, 'MAXLEN', '~', maxlen, '*', unpack(out))
     moved = 1
   end

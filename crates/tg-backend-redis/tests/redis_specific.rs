@@ -369,11 +369,13 @@ async fn xadd(
     cmd.query_async(conn).await.unwrap()
 }
 
-/// Entries anyone could `XADD` to a topic stream that are not messages of this backend: an `o`
-/// that is no entry id, an `r` that is no count, no payload `d`, a key that is not UTF-8. The
-/// consumer delivers the messages around them, warns once per bad entry naming the entry and
-/// the field, acknowledges the bad ones (so they do not come back) without deleting them, and goes
-/// on. A well-formed redelivered copy (`o`, `r`) keeps its original id and count.
+/// Entries anyone could `XADD` to a topic stream that this backend did not write. Without a
+/// payload `d` or with a key that is not UTF-8 an entry is no message: the consumer warns once
+/// naming the entry and the field, acknowledges it (so it does not come back) without deleting
+/// it, and goes on. With an `o` that is no entry id or an `r` that is no count the message is
+/// intact: it is delivered with the field set aside (its own entry id, no redeliveries) and one
+/// warning naming the entry and the field. A well-formed redelivered copy (`o`, `r`) keeps its
+/// original id and count.
 #[tokio::test]
 async fn malformed_entries_are_reported_and_skipped() {
     let prefix = format!("tgps-malformed-{}", std::process::id());
@@ -453,21 +455,30 @@ async fn malformed_entries_are_reported_and_skipped() {
         got,
         [
             ("good-1".to_owned(), good_1, 0),
+            ("x".to_owned(), bad_o.clone(), 0),
+            ("y".to_owned(), bad_r.clone(), 0),
             ("retried".to_owned(), "1700000000000-7".to_owned(), 2),
             ("good-2".to_owned(), good_2, 0),
         ]
     );
 
-    // one warning per bad entry, naming it and its field
+    // one warning per bad entry, naming it and its field, and saying what became of it
     let lines = logs.lines();
-    for (id, field) in [(&bad_o, "o"), (&bad_r, "r"), (&no_d, "d"), (&bad_k, "k")] {
+    for (id, field, outcome) in [
+        (&bad_o, "o", "delivering"),
+        (&bad_r, "r", "delivering"),
+        (&no_d, "d", "dropping"),
+        (&bad_k, "k", "dropping"),
+    ] {
         let warned: Vec<&String> = lines
             .iter()
             .filter(|l| l.contains(&format!("entry={id}")))
             .collect();
         assert_eq!(warned.len(), 1, "{id}: {lines:#?}");
         assert!(
-            warned[0].contains("WARN") && warned[0].contains(&format!("field={field}")),
+            warned[0].contains("WARN")
+                && warned[0].contains(&format!("field={field}"))
+                && warned[0].contains(outcome),
             "{}",
             warned[0]
         );
@@ -476,6 +487,7 @@ async fn malformed_entries_are_reported_and_skipped() {
         lines.iter().any(|l| l.contains("\"garbage-id\"")),
         "{lines:#?}"
     );
+    assert!(lines.iter().any(|l| l.contains("\"lots\"")), "{lines:#?}");
 
     // the bad entries were acknowledged, not deleted: nothing pending, all seven still there
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -533,6 +545,532 @@ async fn malformed_entries_are_reported_and_skipped() {
             .await
             .unwrap();
     }
+}
+
+/// Deletes every key under `prefix`.
+async fn delete_keys(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}/*"))
+        .query_async(conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(&keys)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+}
+
+/// A collector of the test's warnings, set as the thread's default subscriber while the guard
+/// lives (the tests using it run on one thread, where the consumer's tasks log too).
+fn collect_warnings() -> (LogBuffer, tracing::subscriber::DefaultGuard) {
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    (logs, tracing::subscriber::set_default(subscriber))
+}
+
+/// The fields of the one entry of a stream, as `(name, value)` pairs.
+async fn only_entry(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+) -> Vec<(String, String)> {
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+        .arg(key)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    entries.into_iter().next().unwrap().1
+}
+
+/// An entry whose `r` is no count and whose `o` is no entry id is delivered under its own id
+/// with no redeliveries (one warning per field). A negative acknowledgement and a close hand it
+/// back the way the consumer read it — the retry copy carries `o` = that id and `r` = 1, then 2 —
+/// so it keeps its id and counts up from there, with no further warning.
+#[tokio::test]
+async fn unreadable_redelivery_fields_are_set_aside_and_stay_so() {
+    let prefix = format!("tgps-setaside-{}", std::process::id());
+    let Some((backend, url)) = shared_backend(&prefix).await else {
+        return;
+    };
+    let (logs, _guard) = collect_warnings();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let topic = Topic::new(Qos::Q1, "t", "setaside", "q").unwrap();
+    let key = format!("{prefix}/{{q1/t/setaside/q}}");
+    let retry_key = format!("{key}/retry/s");
+    let consumer = backend
+        .create_consumer(&topic, ConsumerOptions::new("s"))
+        .await
+        .unwrap();
+    let id = xadd(
+        &mut conn,
+        &key,
+        vec![
+            ("d", b"body".to_vec()),
+            ("o", b"garbage-id".to_vec()),
+            ("r", b"lots".to_vec()),
+            ("p:a", b"1".to_vec()),
+        ],
+    )
+    .await;
+
+    let m = consumer.receive(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m.payload().as_ref(), b"body");
+    assert_eq!(m.id().to_string(), id);
+    assert_eq!(m.redelivery_count(), 0);
+    assert_eq!(m.property("a"), Some("1"));
+    let lines = logs.lines();
+    for field in ["o", "r"] {
+        assert_eq!(
+            lines
+                .iter()
+                .filter(|l| l.contains(&format!("entry={id}"))
+                    && l.contains(&format!("field={field}"))
+                    && l.contains("delivering"))
+                .count(),
+            1,
+            "{field}: {lines:#?}"
+        );
+    }
+
+    consumer.negative_acknowledge(&m).await.unwrap();
+    let copy = only_entry(&mut conn, &retry_key).await;
+    assert!(copy.contains(&("o".to_owned(), id.clone())), "{copy:?}");
+    assert!(copy.contains(&("r".to_owned(), "1".to_owned())), "{copy:?}");
+    assert!(
+        !copy.iter().any(|(_, v)| v == "garbage-id" || v == "lots"),
+        "{copy:?}"
+    );
+    let m = consumer.receive(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        (m.id().to_string(), m.redelivery_count(), m.property("a")),
+        (id.clone(), 1, Some("1"))
+    );
+
+    // closed without acknowledging: handed back, and a new consumer gets it once more
+    consumer.close().await.unwrap();
+    let consumer = backend
+        .create_consumer(&topic, ConsumerOptions::new("s"))
+        .await
+        .unwrap();
+    let m = consumer.receive(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        (
+            m.payload().as_ref(),
+            m.id().to_string(),
+            m.redelivery_count()
+        ),
+        (&b"body"[..], id.clone(), 2)
+    );
+    consumer.acknowledge(&m).await.unwrap();
+    assert_eq!(
+        logs.lines().len(),
+        lines.len(),
+        "the copies draw no warning"
+    );
+
+    consumer.close().await.unwrap();
+    backend.close().await.unwrap();
+    delete_keys(&mut conn, &prefix).await;
+}
+
+/// A repeated property name — `p:k` twice in an entry another client wrote, or twice in a q0
+/// frame — keeps the last value and draws a warning naming the name and the topic (the rule
+/// of every backend); a repeated `d` keeps the last payload, with a warning naming the field.
+/// The retry copy of a nack carries the repeats as they were, and reads the same.
+#[tokio::test]
+async fn repeated_property_names_keep_the_last_value() {
+    let prefix = format!("tgps-repeated-{}", std::process::id());
+    let Some((backend, url)) = shared_backend(&prefix).await else {
+        return;
+    };
+    let (logs, _guard) = collect_warnings();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let topic = Topic::new(Qos::Q1, "t", "repeated", "q").unwrap();
+    let key = format!("{prefix}/{{q1/t/repeated/q}}");
+    let consumer = backend
+        .create_consumer(&topic, ConsumerOptions::new("s"))
+        .await
+        .unwrap();
+    let id = xadd(
+        &mut conn,
+        &key,
+        vec![
+            ("d", b"first".to_vec()),
+            ("p:k", b"1".to_vec()),
+            ("p:j", b"x".to_vec()),
+            ("p:k", b"2".to_vec()),
+            ("d", b"second".to_vec()),
+        ],
+    )
+    .await;
+    let check = |m: &tg_backend_api::Message| {
+        assert_eq!(m.payload().as_ref(), b"second");
+        assert_eq!(m.id().to_string(), id);
+        assert_eq!(m.properties().len(), 2, "{:?}", m.properties());
+        assert_eq!((m.property("k"), m.property("j")), (Some("2"), Some("x")));
+    };
+    let m = consumer.receive(Duration::from_secs(5)).await.unwrap();
+    check(&m);
+    let lines = logs.lines();
+    let repeated: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("repeats property names"))
+        .collect();
+    assert_eq!(repeated.len(), 1, "{lines:#?}");
+    assert!(
+        repeated[0].contains("q1/t/repeated/q")
+            && repeated[0].contains("\"k\"")
+            && !repeated[0].contains("\"j\"")
+            && repeated[0].contains(&id),
+        "{}",
+        repeated[0]
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!("entry={id}")) && l.contains("field=d")),
+        "{lines:#?}"
+    );
+
+    consumer.negative_acknowledge(&m).await.unwrap();
+    let m = consumer.receive(Duration::from_secs(5)).await.unwrap();
+    check(&m);
+    assert_eq!(m.redelivery_count(), 1);
+    consumer.acknowledge(&m).await.unwrap();
+    consumer.close().await.unwrap();
+
+    // a q0 frame another client published, with `a` twice
+    let q0_topic = Topic::new(Qos::Q0, "t", "repeated", "q").unwrap();
+    let q0 = backend
+        .create_consumer(&q0_topic, ConsumerOptions::new("s"))
+        .await
+        .unwrap();
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&1_700_000_000_000u64.to_be_bytes());
+    frame.extend_from_slice(&3u32.to_be_bytes());
+    for (k, v) in [("a", "1"), ("b", "x"), ("a", "2")] {
+        frame.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        frame.extend_from_slice(k.as_bytes());
+        frame.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        frame.extend_from_slice(v.as_bytes());
+    }
+    frame.push(0);
+    frame.extend_from_slice(b"q0 body");
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(format!("{prefix}/{{q0/t/repeated/q}}"))
+        .arg(frame)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let m = q0.receive(Duration::from_secs(5)).await.unwrap();
+    assert_eq!(m.payload().as_ref(), b"q0 body");
+    assert_eq!((m.property("a"), m.property("b")), (Some("2"), Some("x")));
+    let lines = logs.lines();
+    assert!(
+        lines.iter().any(|l| l.contains("repeats property names")
+            && l.contains("q0/t/repeated/q")
+            && l.contains("\"a\"")),
+        "{lines:#?}"
+    );
+    q0.close().await.unwrap();
+    backend.close().await.unwrap();
+    delete_keys(&mut conn, &prefix).await;
+}
+
+/// The native batch paths: `send_batch` of more than one pipeline's worth (1,024) with
+/// properties and keys — receipts in order, every entry stored; `receive_batch` never above
+/// `max`, in order; `negative_acknowledge_batch` over messages of the topic stream and of the
+/// retry stream at once; `acknowledge_batch` over both streams leaves nothing pending and the
+/// retry stream empty (its copies deleted, as a single acknowledgement does). q2 batches keep
+/// de-duplication (within the batch too), q0 batches their in-order sequence numbers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_batch_paths() {
+    let prefix = format!("tgps-natbatch-{}", std::process::id());
+    let Some((backend, url)) = shared_backend(&prefix).await else {
+        return;
+    };
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let topic = Topic::new(Qos::Q1, "t", "natbatch", "q").unwrap();
+    let key = format!("{prefix}/{{q1/t/natbatch/q}}");
+    let retry_key = format!("{key}/retry/s");
+    let consumer = backend
+        .create_consumer(&topic, ConsumerOptions::new("s"))
+        .await
+        .unwrap();
+    let producer = backend
+        .create_producer(&topic, Default::default())
+        .await
+        .unwrap();
+    let n = 2500;
+    let batch: Vec<OutboundMessage> = (0..n)
+        .map(|i| {
+            let mut m = OutboundMessage::new(format!("m{i}"));
+            if i % 3 == 0 {
+                m = m.property("i", i.to_string());
+            }
+            if i % 5 == 0 {
+                m = m.key(format!("k{i}"));
+            }
+            m
+        })
+        .collect();
+    let receipts = producer.send_batch(batch).await.unwrap();
+    assert_eq!(receipts.len(), n);
+    let mut ids = Vec::with_capacity(n);
+    for r in receipts {
+        ids.push(r.await.unwrap().to_string());
+    }
+    let len: usize = redis::cmd("XLEN")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, n);
+
+    let mut got = Vec::with_capacity(n);
+    while got.len() < n {
+        let b = consumer
+            .receive_batch(100, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(!b.is_empty() && b.len() <= 100, "a batch of {}", b.len());
+        got.extend(b);
+    }
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.payload().as_ref(), format!("m{i}").as_bytes(), "order");
+        assert_eq!(m.id().to_string(), ids[i]);
+        assert_eq!(
+            m.property("i").map(str::to_owned),
+            (i % 3 == 0).then(|| i.to_string())
+        );
+        assert_eq!(
+            m.key().map(str::to_owned),
+            (i % 5 == 0).then(|| format!("k{i}"))
+        );
+    }
+    assert!(consumer
+        .receive_batch(10, Duration::from_millis(200))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // nack 0..10 (topic stream); they come back from the retry stream
+    let (first, rest) = got.split_at(10);
+    consumer.negative_acknowledge_batch(first).await.unwrap();
+    let again = consumer
+        .receive_batch(100, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 10);
+    for (m, orig) in again.iter().zip(first) {
+        assert_eq!((m.id(), m.redelivery_count()), (orig.id(), 1));
+    }
+    // one nack batch over both streams: 5 retry copies and 5 topic-stream messages
+    let mixed: Vec<_> = again[..5].iter().chain(&rest[..5]).cloned().collect();
+    consumer.negative_acknowledge_batch(&mixed).await.unwrap();
+    // (the two streams' scripts run one after the other: the copies may come in two reads)
+    let mut third = Vec::new();
+    while third.len() < 10 {
+        let b = consumer
+            .receive_batch(100, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(!b.is_empty(), "{} of 10 came back", third.len());
+        third.extend(b);
+    }
+    assert_eq!(third.len(), 10);
+    let mut counts: Vec<(String, u32)> = third
+        .iter()
+        .map(|m| (m.id().to_string(), m.redelivery_count()))
+        .collect();
+    counts.sort();
+    let mut expected: Vec<(String, u32)> = first[..5]
+        .iter()
+        .map(|m| (m.id().to_string(), 2))
+        .chain(rest[..5].iter().map(|m| (m.id().to_string(), 1)))
+        .collect();
+    expected.sort();
+    assert_eq!(counts, expected);
+
+    // acknowledge everything outstanding at once: both streams
+    let outstanding: Vec<_> = again[5..]
+        .iter()
+        .chain(&third)
+        .chain(&rest[5..])
+        .cloned()
+        .collect();
+    consumer.acknowledge_batch(&outstanding).await.unwrap();
+    for k in [&key, &retry_key] {
+        let pending: (u64, redis::Value, redis::Value, redis::Value) = redis::cmd("XPENDING")
+            .arg(k)
+            .arg("s")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(pending.0, 0, "{k}: nothing pending");
+    }
+    let retry_len: usize = redis::cmd("XLEN")
+        .arg(&retry_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(retry_len, 0, "acknowledged retry copies are deleted");
+    consumer.close().await.unwrap();
+
+    // q2: a duplicate within the batch is stored once, both receipts name the first copy
+    let q2 = topic.with_qos(Qos::Q2);
+    let p2 = backend
+        .create_producer(&q2, Default::default())
+        .await
+        .unwrap();
+    let receipts = p2
+        .send_batch(vec![
+            OutboundMessage::new("a").property(tg_backend_api::DEDUP_ID_PROPERTY, "same"),
+            OutboundMessage::new("b"),
+            OutboundMessage::new("a again").property(tg_backend_api::DEDUP_ID_PROPERTY, "same"),
+        ])
+        .await
+        .unwrap();
+    let mut q2_ids = Vec::new();
+    for r in receipts {
+        q2_ids.push(r.await.unwrap().to_string());
+    }
+    assert_eq!(q2_ids[0], q2_ids[2]);
+    assert_ne!(q2_ids[0], q2_ids[1]);
+    let len: usize = redis::cmd("XLEN")
+        .arg(format!("{prefix}/{{q2/t/natbatch/q}}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(len, 2);
+
+    // q0: receipts are in-order sequence numbers across two batches; a batch receive gets them
+    let q0 = topic.with_qos(Qos::Q0);
+    let c0 = backend
+        .create_consumer(&q0, ConsumerOptions::new("s"))
+        .await
+        .unwrap();
+    let p0 = backend
+        .create_producer(&q0, Default::default())
+        .await
+        .unwrap();
+    let mut receipts = p0
+        .send_batch(
+            (0..1500)
+                .map(|i| OutboundMessage::new(format!("p{i}")))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    receipts.extend(
+        p0.send_batch(
+            (1500..2000)
+                .map(|i| OutboundMessage::new(format!("p{i}")))
+                .collect(),
+        )
+        .await
+        .unwrap(),
+    );
+    for (i, r) in receipts.into_iter().enumerate() {
+        assert_eq!(r.await.unwrap().as_u64(), Some(i as u64));
+    }
+    let mut got = Vec::new();
+    while got.len() < 2000 {
+        let b = c0.receive_batch(512, Duration::from_secs(5)).await.unwrap();
+        assert!(!b.is_empty() && b.len() <= 512);
+        got.extend(b);
+    }
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m.payload().as_ref(), format!("p{i}").as_bytes());
+    }
+    c0.acknowledge_batch(&got).await.unwrap();
+    c0.close().await.unwrap();
+    backend.close().await.unwrap();
+    delete_keys(&mut conn, &prefix).await;
+}
+
+/// Acknowledgements while the reader waits for room in a full buffer, or is about to read
+/// because a receive made room, complete promptly — well within one blocking read (`block` is
+/// 10 s here) — whether or not the application receives anything after: none waits for a read
+/// that is not coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_do_not_wait_for_a_read_that_is_not_coming() {
+    let prefix = format!("tgps-ackroom-{}", std::process::id());
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| RedisConfig::DEFAULT_URL.to_owned());
+    let config = RedisConfig::from_url(&url)
+        .expect("REDIS_URL parses")
+        .prefix(&prefix)
+        .batch(16)
+        .block(Duration::from_secs(10));
+    let backend = match RedisBackend::connect(config).await {
+        Ok(b) => b,
+        Err(e) => {
+            skip(&format!("no Redis at {url}: {e}"));
+            return;
+        }
+    };
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let topic = Topic::new(Qos::Q1, "t", "ackroom", "q").unwrap();
+    let consumer = backend
+        .create_consumer(&topic, ConsumerOptions::new("s"))
+        .await
+        .unwrap();
+    let producer = backend
+        .create_producer(&topic, Default::default())
+        .await
+        .unwrap();
+    let receipts = producer
+        .send_batch(
+            (0..200)
+                .map(|i| OutboundMessage::new(format!("m{i}")))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    for r in receipts {
+        r.await.unwrap();
+    }
+    let prompt = Duration::from_secs(3);
+    // the buffer fills (about 3 × 16) and the reader waits for room; take one, acknowledge it
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = consumer.receive(Duration::from_secs(5)).await.unwrap();
+    tokio::time::timeout(prompt, consumer.acknowledge(&first))
+        .await
+        .expect("an acknowledgement while the reader waits for room")
+        .unwrap();
+    // a batch receive makes room (the reader reads next): acknowledge it, receive nothing more
+    let batch = consumer
+        .receive_batch(64, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert!(!batch.is_empty());
+    tokio::time::timeout(prompt, consumer.acknowledge_batch(&batch))
+        .await
+        .expect("a batch acknowledgement after making room")
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let late = consumer.receive(Duration::from_secs(5)).await.unwrap();
+    tokio::time::timeout(prompt, consumer.acknowledge(&late))
+        .await
+        .expect("an acknowledgement after the reader refilled the buffer")
+        .unwrap();
+    consumer.close().await.unwrap();
+    backend.close().await.unwrap();
+    delete_keys(&mut conn, &prefix).await;
 }
 
 /// q0 is Redis pub/sub: a subscription takes one consumer of the default type (capability
