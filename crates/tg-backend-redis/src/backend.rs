@@ -14,6 +14,7 @@ use crate::consumer::{Kind, RedisConsumer, StreamConsumer};
 use crate::core::Core;
 use crate::producer::RedisProducer;
 use crate::q0::{PubSubHub, Q0Consumer};
+use crate::topic::TopicKeys;
 
 /// A connection to one Redis server (see the crate docs for the mapping).
 ///
@@ -172,6 +173,11 @@ impl RawBackend for RedisBackend {
 
     async fn probe(&self) -> Result<()> {
         self.core.ping().await
+    }
+
+    async fn remove_topic(&self, topic: &Topic) -> Result<()> {
+        let keys = TopicKeys::new(&self.core.config.prefix, topic);
+        self.core.delete_keys_of(&keys.main).await
     }
 
     async fn shutdown(&self) -> Result<()> {

@@ -83,6 +83,51 @@ impl Core {
         self.conn.clone()
     }
 
+    /// Deletes the stream (or nothing, for a q0 channel) named `main` and every key under it: the
+    /// subscriptions' retry streams and leases and the q2 de-duplication ids. The consumer groups
+    /// go with the stream. Keys are found with `SCAN` (never `KEYS`, which blocks the server) and
+    /// removed with `UNLINK`, which frees their memory off the server's main thread.
+    pub(crate) async fn delete_keys_of(&self, main: &str) -> Result<()> {
+        let mut conn = self.conn();
+        // `main` contains no glob characters but the prefix might: escape them
+        let mut pattern = String::with_capacity(main.len() + 2);
+        for c in main.chars() {
+            if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push_str("/*");
+        let mut keys = vec![main.to_owned()];
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, found): (u64, Vec<String>) = self
+                .bounded(
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(1000)
+                        .query_async(&mut conn),
+                )
+                .await?
+                .map_err(|e| self.err(e, "SCAN"))?;
+            keys.extend(found);
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        for chunk in keys.chunks(512) {
+            let () = self
+                .bounded(redis::cmd("UNLINK").arg(chunk).query_async(&mut conn))
+                .await?
+                .map_err(|e| self.err(e, "UNLINK"))?;
+        }
+        Ok(())
+    }
+
     /// A client error, naming what we did and the server.
     pub(crate) fn err(&self, e: redis::RedisError, what: &str) -> Error {
         convert(e, what, &self.server)

@@ -49,30 +49,53 @@ struct BenchMessage {
 /// The subscription every bench consumer uses.
 const SUBSCRIPTION: &str = "bench";
 
-/// Runs the bench on topics of its own; on Ctrl-C, deletes the subscriptions it made before it
-/// returns, so an interrupted run leaves no consumer group or queue behind.
+/// The bench's topics: a namespace of the run's own, so runs never share a stream, table rows,
+/// queue or group, and one queue per part of the run.
+const QUEUES: [&str; 3] = ["raw", "typed", "latency"];
+
+/// Runs the bench on topics of its own and removes them afterwards (messages, subscriptions,
+/// streams, rows, queues), also when it fails or is interrupted with Ctrl-C, so that runs leave
+/// nothing behind on the broker.
 pub(crate) async fn run(backend: &dyn Backend, args: &BenchArgs) -> Result<()> {
     let run_id = uuid::Uuid::new_v4().simple().to_string();
-    let topic = Topic::new(args.qos, "tg", "bench", &format!("bench-{}", &run_id[..12]))?;
-    tokio::select! {
+    let topic = Topic::new(args.qos, "tg", &format!("bench-{}", &run_id[..12]), "raw")?;
+    let result = tokio::select! {
         result = bench(backend, args, &topic) => result,
         _ = tokio::signal::ctrl_c() => {
-            eprintln!("interrupted; removing the bench subscriptions");
-            for queue in ["raw", "typed", "latency"] {
-                let t = topic.with_queue(queue)?;
-                if let Ok(c) = backend.create_consumer(&t, ConsumerOptions::new(SUBSCRIPTION)).await {
-                    let _ = c.unsubscribe().await;
-                }
-            }
+            eprintln!("interrupted; removing the bench topics");
             Err(Error::new(ErrorKind::Closed, "the bench was interrupted"))
         }
+    };
+    let cleaned = remove_topics(backend, &topic).await;
+    result.and(cleaned)
+}
+
+/// Deletes the run's topics; where the backend cannot delete topics, removes the bench's
+/// subscription instead (its queue, group or session: what such a broker keeps for it).
+async fn remove_topics(backend: &dyn Backend, topic: &Topic) -> Result<()> {
+    for queue in QUEUES {
+        let t = topic.with_queue(queue)?;
+        match backend.delete_topic(&t).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Unsupported => {
+                let consumer = backend
+                    .create_consumer(&t, ConsumerOptions::new(SUBSCRIPTION))
+                    .await?;
+                consumer.unsubscribe().await?;
+            }
+            Err(e) => return Err(e),
+        }
     }
+    Ok(())
 }
 
 async fn bench(backend: &dyn Backend, args: &BenchArgs, topic: &Topic) -> Result<()> {
     println!(
-        "bench on backend {} topic {topic}: {} raw + {} typed messages of ~{} bytes",
+        "bench on backend {} topics {}/{}/{}/…: {} raw + {} typed messages of ~{} bytes",
         backend.name(),
+        topic.qos(),
+        topic.tenant(),
+        topic.namespace(),
         args.messages,
         args.typed_messages,
         args.size
@@ -81,7 +104,7 @@ async fn bench(backend: &dyn Backend, args: &BenchArgs, topic: &Topic) -> Result
     if args.messages > 0 {
         let (elapsed, _) = raw_run(
             backend,
-            &topic.with_queue("raw")?.with_qos(args.qos),
+            &topic.with_queue(QUEUES[0])?,
             args.messages,
             args.size,
             args.window,
@@ -91,7 +114,7 @@ async fn bench(backend: &dyn Backend, args: &BenchArgs, topic: &Topic) -> Result
         rows.push(Row::new("throughput", "raw bytes", args.messages, elapsed).baseline());
     }
     if args.typed_messages > 0 {
-        let elapsed = typed_run(backend, &topic.with_queue("typed")?, args).await?;
+        let elapsed = typed_run(backend, &topic.with_queue(QUEUES[1])?, args).await?;
         rows.push(Row::new(
             "throughput",
             "typed JSON",
@@ -103,7 +126,7 @@ async fn bench(backend: &dyn Backend, args: &BenchArgs, topic: &Topic) -> Result
         let count = (args.rate as f64 * args.rate_seconds).round() as u64;
         let (elapsed, latency) = raw_run(
             backend,
-            &topic.with_queue("latency")?,
+            &topic.with_queue(QUEUES[2])?,
             count,
             args.size,
             args.window,

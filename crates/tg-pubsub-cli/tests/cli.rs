@@ -157,3 +157,45 @@ fn listen_stops_cleanly_on_sigterm() {
     assert!(rest.contains("stopping"), "{rest}");
     assert!(rest.contains("received 0 message(s)"), "{rest}");
 }
+
+/// A bench on a broker uses topics of its own run and removes them afterwards: nothing of the
+/// run (stream, group) is left in Redis.
+#[test]
+fn bench_on_redis_leaves_nothing_behind() {
+    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+    let client = redis::Client::open(url.as_str()).expect("Redis URL");
+    let Ok(mut conn) = client.get_connection() else {
+        tg_testkit::support::skip(&format!("no Redis at {url}"));
+        return;
+    };
+    let out = tg_pubsub(
+        &[
+            "bench",
+            "--messages",
+            "2000",
+            "--typed-messages",
+            "300",
+            "--rate",
+            "100",
+            "--rate-seconds",
+            "0.2",
+        ],
+        &[("PUBSUB_BACKEND", "redis"), ("REDIS_URL", &url)],
+    );
+    assert!(out.status.success(), "stderr: {}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    // "bench on backend redis topics q1/tg/bench-<run>: …"
+    let namespace = stdout
+        .split_whitespace()
+        .find_map(|w| {
+            w.strip_prefix("q1/tg/")
+                .map(|n| n.trim_end_matches(':').to_owned())
+        })
+        .unwrap_or_else(|| panic!("no topic in {stdout}"));
+    assert!(namespace.starts_with("bench-"), "{stdout}");
+    let left: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{namespace}*"))
+        .query(&mut conn)
+        .expect("KEYS");
+    assert!(left.is_empty(), "the bench left {left:?}");
+}
