@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use tg_backend_api::kit::{BackendConfig, Feature, Lifecycle, RawBackend};
 use tg_backend_api::{
-    Capabilities, ConsumerOptions, ConsumerType, ProducerOptions, Qos, Result, Topic,
+    Capabilities, ConsumerOptions, ConsumerType, Error, ErrorKind, ProducerOptions, Qos, Result,
+    Topic,
 };
 
 use crate::config::MqttConfig;
@@ -108,6 +109,17 @@ impl RawBackend for MqttBackend {
             }
             other => format!("the MQTT backend has no {other}").into(),
         }
+    }
+
+    async fn remove_topic(&self, topic: &Topic) -> Result<()> {
+        Err(Error::new(
+            ErrorKind::Unsupported,
+            format!(
+                "the MQTT backend cannot delete topic {topic}: MQTT has no topic objects; a broker \
+                 keeps messages only in the sessions of subscriptions (`unsubscribe` ends one) and \
+                 in a retained message (send an empty retained message to clear it)"
+            ),
+        ))
     }
 
     async fn open_producer(
