@@ -17,6 +17,8 @@ use crate::support::{free_port, skip};
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long [`OwnServer::stop`] waits after the signal before killing.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// The file in a server's directory its standard output and error go to.
+const OUTPUT: &str = "output.log";
 
 /// A server process of the test's own; stopped and its directory removed on drop.
 #[derive(Debug)]
@@ -30,6 +32,8 @@ pub struct OwnServer {
     user: Option<(u32, u32)>,
     /// A command that succeeds once the server accepts work (PostgreSQL listens before it does).
     ready: Option<(PathBuf, Vec<String>)>,
+    /// Environment of the process.
+    env: Vec<(&'static str, &'static str)>,
     dir: PathBuf,
     port: u16,
     url: String,
@@ -122,6 +126,7 @@ impl OwnServer {
             stop_signal: "TERM",
             user: None,
             ready: None,
+            env: Vec::new(),
             url: format!("mqtt://127.0.0.1:{port}"),
             dir,
             port,
@@ -166,6 +171,7 @@ impl OwnServer {
             stop_signal: "TERM",
             user: None,
             ready: None,
+            env: Vec::new(),
             url: format!("redis://127.0.0.1:{port}"),
             dir,
             port,
@@ -255,6 +261,7 @@ impl OwnServer {
                 .map(str::to_owned)
                 .to_vec(),
             )),
+            env: Vec::new(),
             url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
             dir,
             port,
@@ -296,6 +303,7 @@ impl OwnServer {
             stop_signal: "TERM",
             user: None,
             ready: None,
+            env: Vec::new(),
             url: format!("pulsar://127.0.0.1:{port}"),
             dir,
             port,
@@ -307,6 +315,14 @@ impl OwnServer {
     /// `binary` with its SQLite storage in the server's directory. `None` after [`skip`] when
     /// `binary` is missing.
     pub fn tansu(binary: &Path) -> Option<Self> {
+        Self::tansu_advertising(binary, None)
+    }
+
+    /// [`tansu`](Self::tansu) advertising `127.0.0.1:<advertised>` as its address instead of its
+    /// own: Kafka clients connect to the brokers the metadata names, so clients meant to go
+    /// through a proxy (the silent-network test's) must be told the proxy's address. `None`
+    /// advertises its own.
+    pub fn tansu_advertising(binary: &Path, advertised: Option<u16>) -> Option<Self> {
         if !binary.is_file() {
             skip(&format!(
                 "the tansu binary {} is missing (`cargo xtask test kafka` installs it)",
@@ -317,6 +333,7 @@ impl OwnServer {
         let port = free_port();
         let dir = fresh_dir("tansu", port);
         let listener = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
         // tansu doubles an absolute path after `sqlite://`: the file is named relative to the
         // working directory, which `start` sets to `dir`
         let args = [
@@ -324,7 +341,7 @@ impl OwnServer {
             "--listener-url",
             &listener,
             "--advertised-listener-url",
-            &listener,
+            &advertised,
             "--storage-engine",
             "sqlite://tansu.db",
         ]
@@ -337,6 +354,8 @@ impl OwnServer {
             stop_signal: "TERM",
             user: None,
             ready: None,
+            // warnings and errors only in its output, as xtask runs it
+            env: vec![("RUST_LOG", "warn")],
             url: format!("kafka://127.0.0.1:{port}"),
             dir,
             port,
@@ -359,6 +378,23 @@ impl OwnServer {
         &self.dir
     }
 
+    /// What the server wrote to its standard output and error since it was first started, its
+    /// first and last 8 KiB when longer: a test that fails because the server misbehaved shows
+    /// it (the first error is often the cause of the others).
+    pub fn output(&self) -> String {
+        const PART: usize = 8 * 1024;
+        let text = std::fs::read(self.dir.join(OUTPUT)).unwrap_or_default();
+        if text.len() <= 2 * PART {
+            return String::from_utf8_lossy(&text).into_owned();
+        }
+        format!(
+            "{}\n[… {} bytes …]\n{}",
+            String::from_utf8_lossy(&text[..PART]),
+            text.len() - 2 * PART,
+            String::from_utf8_lossy(&text[text.len() - PART..])
+        )
+    }
+
     /// Whether the process is running (started and not stopped).
     pub fn is_running(&self) -> bool {
         self.child.is_some()
@@ -374,10 +410,18 @@ impl OwnServer {
             return;
         }
         let mut cmd = Command::new(&self.program);
+        // its output goes to a file in its directory, for `output` (a test's diagnosis)
+        let output = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(OUTPUT))
+            .expect("create the server's output file");
+        let errors = output.try_clone().expect("clone the output file");
         cmd.args(&self.args)
+            .envs(self.env.iter().copied())
             .current_dir(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stdout(output)
+            .stderr(errors);
         if let Some((uid, gid)) = self.user {
             use std::os::unix::process::CommandExt;
             cmd.uid(uid).gid(gid);
