@@ -1,12 +1,22 @@
-//! Whole-batch acknowledgement.
+//! Whole-batch acknowledgement, and where one cumulative acknowledgement may stand for several.
 //!
 //! A batch of the producer is one broker entry; Pulsar brokers without batch-index
 //! acknowledgement (the default) treat the acknowledgement of any message of a batch as the
 //! acknowledgement of the whole entry. A consumer therefore acknowledges an entry only when the
 //! application has acknowledged every message of it (as the Java client does), and when a nack
 //! brings an entry back, it drops the messages of it that were acknowledged already.
+//!
+//! A cumulative acknowledgement of entry E acknowledges every entry of the subscription up to E.
+//! [`OpenEntries`] says when that is what the application asked for: on an `Exclusive` or
+//! `Failover` subscription, when no entry up to E that this consumer handed out is still
+//! unacknowledged (a nacked one counts as unacknowledged until it is acknowledged after its
+//! redelivery). Entries this consumer never handed out cannot sit below E unacknowledged there:
+//! the broker dispatches such a subscription in position order to one consumer, and redelivers
+//! from the oldest unacknowledged position. On a `Shared` subscription other consumers hold
+//! entries between this consumer's, so it never acknowledges cumulatively (the broker would
+//! ignore it, as Pulsar documents).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 use pulsar::proto::MessageIdData;
 
@@ -102,6 +112,31 @@ impl BatchAcks {
     }
 }
 
+/// The entries (by position) a consumer handed out and has not acknowledged whole.
+#[derive(Default)]
+pub(crate) struct OpenEntries {
+    open: BTreeSet<EntryKey>,
+}
+
+impl OpenEntries {
+    /// A message of `key` was handed to the application.
+    pub(crate) fn handed_out(&mut self, key: EntryKey) {
+        self.open.insert(key);
+    }
+
+    /// Entry `key` was acknowledged whole.
+    pub(crate) fn acknowledged(&mut self, key: &EntryKey) {
+        self.open.remove(key);
+    }
+
+    /// Whether one cumulative acknowledgement of `key` acknowledges only entries the
+    /// application acknowledged: no entry up to it is still open. Positions are ordered only
+    /// within one partition, so entries of a partitioned topic (`partition` ≥ 0) never qualify.
+    pub(crate) fn cumulative_allowed(&self, key: &EntryKey) -> bool {
+        key.2 < 0 && self.open.range(..=*key).next().is_none()
+    }
+}
+
 #[cfg(test)]
 pub(crate) fn id(entry: u64, batch: Option<i32>) -> MessageIdData {
     MessageIdData {
@@ -142,5 +177,31 @@ mod tests {
             batch_size: 0,
         };
         assert_eq!(s.ids_to_ack(&single).len(), 1);
+    }
+
+    #[test]
+    fn cumulative_only_when_nothing_below_is_open() {
+        let mut open = OpenEntries::default();
+        let key = |entry| entry_key(&id(entry, None));
+        for e in 1..=4 {
+            open.handed_out(key(e));
+        }
+        // 1 and 2 acknowledged: a cumulative acknowledgement of 2 covers nothing else
+        open.acknowledged(&key(1));
+        open.acknowledged(&key(2));
+        assert!(open.cumulative_allowed(&key(2)));
+        // 4 acknowledged while 3 is open: acknowledging up to 4 would take 3 too
+        open.acknowledged(&key(4));
+        assert!(!open.cumulative_allowed(&key(4)));
+        open.acknowledged(&key(3));
+        assert!(open.cumulative_allowed(&key(4)));
+        // a later ledger orders after every entry of an earlier one
+        let later = (2, 0, -1);
+        open.handed_out((1, 9, -1));
+        assert!(!open.cumulative_allowed(&later));
+        open.acknowledged(&(1, 9, -1));
+        assert!(open.cumulative_allowed(&later));
+        // a partition's positions say nothing about another's
+        assert!(!open.cumulative_allowed(&(1, 1, 0)));
     }
 }

@@ -10,7 +10,17 @@
 //! dropped (`dedup.rs`), and the consumer subscribes again after the crate gave up: the crate
 //! re-subscribes once after its connection broke and then ends the stream; the consumer then
 //! subscribes again in the background, with back-off, until it works or the consumer is closed.
+//!
+//! Batches: `receive_batch` waits for the first message as `receive` does, then takes what the
+//! crate has already buffered (up to `receiver_queue` messages) under one lock, without waiting.
+//! `acknowledge_batch` sends one cumulative acknowledgement where that acknowledges exactly
+//! what the application acknowledged (`batch.rs`: `Exclusive` and `Failover` subscriptions, with
+//! nothing handed out below it still unacknowledged), and one acknowledgement per message
+//! otherwise: the crate's consumer takes one id per acknowledgement, so the protocol's id lists
+//! are out of reach. `negative_acknowledge_batch` asks once per broker entry (a nack brings the
+//! whole entry back).
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::{Arc, Weak};
 use std::task::Poll;
@@ -32,7 +42,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::batch::{BatchAcks, Delivery};
+use crate::batch::{entry_key, BatchAcks, Delivery, EntryKey, OpenEntries};
 use crate::core::Core;
 use crate::dedup::Dedup;
 use crate::error::kind_of;
@@ -51,6 +61,10 @@ struct State {
     stream: Option<Stream>,
     seq: u64,
     batches: BatchAcks,
+    /// What this consumer handed out and has not acknowledged, where a cumulative
+    /// acknowledgement can stand for several (`Exclusive` and `Failover` subscriptions of
+    /// persistent topics); `None` elsewhere.
+    open: Option<OpenEntries>,
     dedup: Option<Dedup>,
     /// Why the consumer is disconnected, when it is.
     failure: Option<String>,
@@ -103,9 +117,51 @@ impl Shared {
         Ok(())
     }
 
+    /// Queues one cumulative acknowledgement of everything up to the entry of `id`.
+    fn send_cumulative(&self, stream: &mut Stream, id: &MessageIdData) -> Result<()> {
+        // the entry's position, without a batch index: the whole entry is acknowledged (the
+        // Java client sends a completed batch so too)
+        let entry = MessageIdData {
+            ledger_id: id.ledger_id,
+            entry_id: id.entry_id,
+            partition: id.partition,
+            ..Default::default()
+        };
+        match stream
+            .cumulative_ack_with_id(&self.pulsar_topic, entry)
+            .now_or_never()
+        {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(self.err(e.into(), "acknowledgement failed")),
+            None => {
+                tracing::warn!(topic = %self.pulsar_topic, "acknowledgement not queued");
+                Ok(())
+            }
+        }
+    }
+
     /// Polls the stream for the next message to hand out, skipping what is not handed out.
     fn poll_next(&self, cx: &mut std::task::Context<'_>) -> Poll<Next> {
         let mut state = self.state.lock();
+        self.poll_one(&mut state, cx)
+    }
+
+    /// Adds to `batch` what the crate has buffered, up to `max` messages, without waiting.
+    /// Returns true when the stream ended meanwhile (the caller subscribes again).
+    fn drain(&self, cx: &mut std::task::Context<'_>, batch: &mut Vec<Message>, max: usize) -> bool {
+        let mut state = self.state.lock();
+        while batch.len() < max {
+            match self.poll_one(&mut state, cx) {
+                Poll::Ready(Next::Message(m)) => batch.push(m),
+                Poll::Ready(Next::Ended) => return true,
+                Poll::Ready(Next::Disconnected) | Poll::Pending => break,
+            }
+        }
+        false
+    }
+
+    /// One message to hand out, polling the stream as often as it takes.
+    fn poll_one(&self, state: &mut State, cx: &mut std::task::Context<'_>) -> Poll<Next> {
         loop {
             let Some(stream) = state.stream.as_mut() else {
                 return Poll::Ready(Next::Disconnected);
@@ -122,7 +178,7 @@ impl Shared {
                 }
                 Poll::Ready(Some(Ok(m))) => m,
             };
-            if let Some(message) = self.convert(&mut state, raw) {
+            if let Some(message) = self.convert(state, raw) {
                 return Poll::Ready(Next::Message(message));
             }
         }
@@ -152,6 +208,9 @@ impl Shared {
             if !dedup.first_time(dedup_id, &delivery.id) {
                 tracing::debug!(dedup_id = %dedup_id, "q2 duplicate acknowledged and skipped");
                 let ids = state.batches.ids_to_ack(&delivery);
+                if let (false, Some(open)) = (ids.is_empty(), state.open.as_mut()) {
+                    open.acknowledged(&entry_key(&delivery.id));
+                }
                 if let Some(stream) = state.stream.as_mut() {
                     let _ = self.send_acks(stream, ids);
                 }
@@ -159,6 +218,9 @@ impl Shared {
             }
         }
         state.seq += 1;
+        if let Some(open) = state.open.as_mut() {
+            open.handed_out(entry_key(&delivery.id));
+        }
         let mid = message_id(&delivery.id);
         let handle = AckHandle::new(self.id, state.seq).with_extra(delivery);
         let mut message = Message::new(Bytes::from(data), properties, mid, handle)
@@ -306,6 +368,9 @@ impl PulsarConsumer {
             })?;
         let dedup = (topic.qos() == Qos::Q2 && config.dedup_capacity > 0)
             .then(|| Dedup::new(config.dedup_capacity));
+        // acknowledgements change nothing on a non-persistent topic
+        let open = (options.consumer_type != ConsumerType::Shared && topic.qos() != Qos::Q0)
+            .then(OpenEntries::default);
         let stop = core.life.token().child_token();
         Ok(Self {
             shared: Arc::new(Shared {
@@ -318,6 +383,7 @@ impl PulsarConsumer {
                     stream: Some(stream),
                     seq: 0,
                     batches: BatchAcks::default(),
+                    open,
                     dedup,
                     failure: None,
                     resubscribing: false,
@@ -341,10 +407,10 @@ impl fmt::Debug for PulsarConsumer {
     }
 }
 
-impl RawConsumer for PulsarConsumer {
-    async fn receive(&self, timeout: Duration) -> Result<Message> {
+impl PulsarConsumer {
+    /// `receive`, for a caller that holds `receiving`.
+    async fn receive_locked(&self, timeout: Duration) -> Result<Message> {
         let shared = &self.shared;
-        let _receiving = shared.receiving.lock().await;
         let deadline = Instant::now() + timeout;
         loop {
             // register for a change before looking, so that none is missed
@@ -382,12 +448,41 @@ impl RawConsumer for PulsarConsumer {
             }
         }
     }
+}
+
+impl RawConsumer for PulsarConsumer {
+    async fn receive(&self, timeout: Duration) -> Result<Message> {
+        let _receiving = self.shared.receiving.lock().await;
+        self.receive_locked(timeout).await
+    }
+
+    /// The first message as `receive` gives it, then what the crate has buffered.
+    async fn receive_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
+        let shared = &self.shared;
+        let _receiving = shared.receiving.lock().await;
+        let first = match self.receive_locked(timeout).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::Timeout => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let mut batch = Vec::with_capacity(max.min(shared.core.config.receiver_queue as usize));
+        batch.push(first);
+        let ended =
+            futures::future::poll_fn(|cx| Poll::Ready(shared.drain(cx, &mut batch, max))).await;
+        if ended {
+            shared.start_resubscribing();
+        }
+        Ok(batch)
+    }
 
     async fn acknowledge(&self, message: &Message) -> Result<()> {
         let shared = &self.shared;
         let delivery = shared.delivery(message)?;
         let mut state = shared.state.lock();
         let ids = state.batches.ids_to_ack(delivery);
+        if let (false, Some(open)) = (ids.is_empty(), state.open.as_mut()) {
+            open.acknowledged(&entry_key(&delivery.id));
+        }
         match state.stream.as_mut() {
             Some(stream) if !ids.is_empty() => shared.send_acks(stream, ids),
             // subscribing again: the broker redelivers the message (at least once)
@@ -395,20 +490,78 @@ impl RawConsumer for PulsarConsumer {
         }
     }
 
-    async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
+    /// One cumulative acknowledgement where it acknowledges exactly these messages' entries
+    /// and what was acknowledged before them (see `batch.rs`); one per message otherwise.
+    async fn acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
         let shared = &self.shared;
-        let delivery = shared.delivery(message)?.clone();
+        let deliveries = messages
+            .iter()
+            .map(|m| shared.delivery(m))
+            .collect::<Result<Vec<_>>>()?;
+        let mut state = shared.state.lock();
+        let state = &mut *state;
+        let mut ids = Vec::new();
+        // the highest entry this batch completes, and a message id of it
+        let mut highest: Option<(EntryKey, &MessageIdData)> = None;
+        for delivery in deliveries {
+            let acked = state.batches.ids_to_ack(delivery);
+            if acked.is_empty() {
+                continue;
+            }
+            let key = entry_key(&delivery.id);
+            if let Some(open) = state.open.as_mut() {
+                open.acknowledged(&key);
+            }
+            if highest.is_none_or(|(h, _)| (key.0, key.1) > (h.0, h.1)) {
+                highest = Some((key, &delivery.id));
+            }
+            ids.extend(acked);
+        }
+        let Some(stream) = state.stream.as_mut() else {
+            // subscribing again: the broker redelivers the messages (at least once)
+            return Ok(());
+        };
+        match (highest, &state.open) {
+            (Some((key, id)), Some(open)) if ids.len() > 1 && open.cumulative_allowed(&key) => {
+                tracing::trace!(topic = %shared.pulsar_topic, cumulative_up_to = ?key,
+                    ids = ids.len(), "one cumulative acknowledgement");
+                shared.send_cumulative(stream, id)
+            }
+            _ if ids.is_empty() => Ok(()),
+            _ => shared.send_acks(stream, ids),
+        }
+    }
+
+    async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
+        self.negative_acknowledge_batch(std::slice::from_ref(message))
+            .await
+    }
+
+    /// One redelivery request per broker entry: the broker brings an entry back whole, and
+    /// the consumer drops the messages of it that were acknowledged already.
+    async fn negative_acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        let shared = &self.shared;
+        let deliveries = messages
+            .iter()
+            .map(|m| shared.delivery(m))
+            .collect::<Result<Vec<_>>>()?;
+        let mut asked = HashSet::with_capacity(deliveries.len());
         let mut state = shared.state.lock();
         let Some(stream) = state.stream.as_mut() else {
             return Ok(()); // redelivered anyway when the consumer subscribes again
         };
-        match stream
-            .nack_with_id(&shared.pulsar_topic, delivery.id)
-            .now_or_never()
-        {
-            Some(Err(e)) => Err(shared.err(e.into(), "negative acknowledgement failed")),
-            _ => Ok(()),
+        for delivery in deliveries {
+            if !asked.insert(entry_key(&delivery.id)) {
+                continue;
+            }
+            if let Some(Err(e)) = stream
+                .nack_with_id(&shared.pulsar_topic, delivery.id.clone())
+                .now_or_never()
+            {
+                return Err(shared.err(e.into(), "negative acknowledgement failed"));
+            }
         }
+        Ok(())
     }
 
     async fn unsubscribe(&self) -> Result<()> {

@@ -1,4 +1,9 @@
 //! Producers: one `pulsar::Producer` per tg producer, batching by default.
+//!
+//! `send_batch` hands every message of the batch to the crate under one lock of the producer,
+//! so they follow each other in the crate's batch (no other task's send between them) and
+//! leave with it as `send` does (at `batch_size`, `batch_bytes` or `batch_delay`). Without
+//! batching, one task waits for the receipts of the whole batch instead of one per message.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -109,7 +114,7 @@ impl PulsarProducer {
     }
 
     /// Writes out the current batch (batching); nothing to do without batching.
-    async fn send_batch(&self, producer: &mut pulsar::Producer<TokioExecutor>) -> Result<()> {
+    async fn flush_batch(&self, producer: &mut pulsar::Producer<TokioExecutor>) -> Result<()> {
         if self.batching {
             self.core
                 .bounded("flushing the batch", producer.send_batch())
@@ -190,8 +195,13 @@ async fn wait_receipt(
     }
 }
 
-impl RawProducer for PulsarProducer {
-    async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
+impl PulsarProducer {
+    /// Hands one message to the crate (the caller holds the producer's lock).
+    async fn hand_over(
+        &self,
+        producer: &mut pulsar::Producer<TokioExecutor>,
+        message: OutboundMessage,
+    ) -> Result<SendFuture> {
         let big = message.payload().len() >= self.batch_bytes;
         let (payload, properties, key) = message.into_parts();
         let msg = PulsarMessage {
@@ -200,30 +210,42 @@ impl RawProducer for PulsarProducer {
             partition_key: key,
             ..Default::default()
         };
+        if self.batching && big {
+            // send what is batched first, so that this message travels alone and the
+            // batch stays under the broker's message size limit
+            self.flush_batch(producer).await?;
+        }
+        // bounded by the crate itself: it fails a send after `operation_timeout`
+        producer
+            .send_non_blocking(msg)
+            .await
+            .map_err(|e| self.err(e, "cannot send to Pulsar"))
+    }
+
+    /// The bound of a receipt shorter than the crate's own, the server and the topic, for
+    /// [`wait_receipt`].
+    fn receipt_context(&self) -> (Option<Duration>, String, String) {
+        let operation_timeout = self.core.config.operation_timeout;
+        (
+            (self.send_timeout < operation_timeout).then_some(self.send_timeout),
+            self.core.server.clone(),
+            self.pulsar_topic.clone(),
+        )
+    }
+}
+
+impl RawProducer for PulsarProducer {
+    async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
         let fut = {
             let mut guard = self.inner.lock().await;
             let Some(producer) = guard.as_mut() else {
                 return Err(self.closed());
             };
-            if self.batching && big {
-                // send what is batched first, so that this message travels alone and the
-                // batch stays under the broker's message size limit
-                self.send_batch(producer).await?;
-            }
-            // bounded by the crate itself: it fails a send after `operation_timeout`
-            producer
-                .send_non_blocking(msg)
-                .await
-                .map_err(|e| self.err(e, "cannot send to Pulsar"))?
+            self.hand_over(producer, message).await?
         };
-        let operation_timeout = self.core.config.operation_timeout;
-        let (timeout, server, topic) = (
-            (self.send_timeout < operation_timeout).then_some(self.send_timeout),
-            self.core.server.clone(),
-            self.pulsar_topic.clone(),
-        );
+        let (timeout, server, topic) = self.receipt_context();
         if self.batching {
-            // the batch's own flush and `send_batch` cover `flush`
+            // the crate flushes its batch by itself, and `flush` flushes it now
             return Ok(SendReceipt::from_future(wait_receipt(
                 fut, timeout, server, topic,
             )));
@@ -240,11 +262,56 @@ impl RawProducer for PulsarProducer {
         Ok(SendReceipt::from_channel(rx))
     }
 
+    async fn send_batch(&self, messages: Vec<OutboundMessage>) -> Result<Vec<SendReceipt>> {
+        let mut futs = Vec::with_capacity(messages.len());
+        {
+            let mut guard = self.inner.lock().await;
+            let Some(producer) = guard.as_mut() else {
+                return Err(self.closed());
+            };
+            for message in messages {
+                futs.push(self.hand_over(producer, message).await?);
+            }
+        }
+        let (timeout, server, topic) = self.receipt_context();
+        if self.batching {
+            return Ok(futs
+                .into_iter()
+                .map(|fut| {
+                    SendReceipt::from_future(wait_receipt(
+                        fut,
+                        timeout,
+                        server.clone(),
+                        topic.clone(),
+                    ))
+                })
+                .collect());
+        }
+        // not batching: one task owns the receipts (for `flush`, as in `send`); the broker
+        // answers them in order
+        let guard = InFlightGuard::new(&self.inflight);
+        let (senders, receipts): (Vec<_>, Vec<_>) = futs
+            .iter()
+            .map(|_| {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                (tx, SendReceipt::from_channel(rx))
+            })
+            .unzip();
+        tokio::spawn(async move {
+            for (fut, tx) in futs.into_iter().zip(senders) {
+                let result = wait_receipt(fut, timeout, server.clone(), topic.clone()).await;
+                let _ = tx.send(result);
+            }
+            drop(guard);
+        });
+        Ok(receipts)
+    }
+
     async fn flush(&self) -> Result<()> {
         {
             let mut guard = self.inner.lock().await;
             if let Some(producer) = guard.as_mut() {
-                self.send_batch(producer).await?;
+                self.flush_batch(producer).await?;
             }
         }
         self.wait_idle().await
@@ -255,7 +322,7 @@ impl RawProducer for PulsarProducer {
         let Some(mut producer) = taken else {
             return Ok(());
         };
-        let flushed = self.send_batch(&mut producer).await;
+        let flushed = self.flush_batch(&mut producer).await;
         let waited = self.wait_idle().await;
         let closed = match tokio::time::timeout(self.send_timeout, producer.close()).await {
             Ok(Ok(())) => Ok(()),

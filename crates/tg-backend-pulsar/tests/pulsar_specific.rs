@@ -9,10 +9,12 @@
 use std::collections::HashSet;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tg_backend_api::{
-    Backend, ConsumerOptions, ConsumerType, ErrorKind, InitialPosition, OutboundMessage,
+    Backend, Consumer, ConsumerOptions, ConsumerType, ErrorKind, InitialPosition, OutboundMessage,
     ProducerOptions, Qos, Topic,
 };
 use tg_backend_pulsar::{PulsarBackend, PulsarConfig};
@@ -221,6 +223,110 @@ async fn a_batch_is_acknowledged_when_all_its_messages_are() {
             .kind(),
         ErrorKind::Timeout,
         "the whole batch was acknowledged"
+    );
+    backend.close().await.unwrap();
+}
+
+/// Counts the consumer's cumulative acknowledgements (its trace event `cumulative_up_to`) on the
+/// thread it is installed on.
+#[derive(Clone, Default)]
+struct CumulativeAcks(Arc<AtomicUsize>);
+
+impl CumulativeAcks {
+    fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for CumulativeAcks {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event
+            .metadata()
+            .fields()
+            .field("cumulative_up_to")
+            .is_some()
+        {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Receives batches until `n` messages came.
+async fn receive_n(consumer: &dyn Consumer, n: usize) -> Vec<tg_backend_api::Message> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let batch = consumer.receive_batch(n, EXPECT).await.unwrap();
+        assert!(!batch.is_empty(), "{} of {n} came", got.len());
+        got.extend(batch);
+    }
+    got
+}
+
+/// On an Exclusive subscription `acknowledge_batch` acknowledges cumulatively where that takes
+/// exactly the batch and what was acknowledged before, one by one where an earlier message is
+/// still open; a new consumer then gets exactly what was not acknowledged. The current-thread
+/// runtime keeps the consumer's trace events on the thread the counting layer watches.
+#[tokio::test(flavor = "current_thread")]
+async fn batch_acknowledgement_is_cumulative_only_where_exact() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let Some(config) = config() else { return };
+    let cumulative = CumulativeAcks::default();
+    let _watch =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(cumulative.clone()));
+    let backend = PulsarBackend::connect(config).await.unwrap();
+    let t = topic(Qos::Q1, "cumulative");
+    let options = || ConsumerOptions::new("solo").consumer_type(ConsumerType::Exclusive);
+    let first = backend.create_consumer(&t, options()).await.unwrap();
+    let producer = backend
+        .create_producer(&t, Default::default())
+        .await
+        .unwrap();
+    // each accepted before the next is sent: one broker entry each
+    for i in 0..8 {
+        producer
+            .send(OutboundMessage::new(i.to_string()))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let got = receive_n(&*first, 8).await;
+    let texts: Vec<String> = got.iter().map(text).collect();
+    assert_eq!(texts, ["0", "1", "2", "3", "4", "5", "6", "7"]);
+    first.acknowledge_batch(&got[..3]).await.unwrap();
+    assert_eq!(cumulative.count(), 1, "0..=2 is everything up to 2");
+    first.acknowledge_batch(&got[4..6]).await.unwrap();
+    assert_eq!(cumulative.count(), 1, "3 is open below 4 and 5");
+    first.close().await.unwrap();
+
+    let second = backend.create_consumer(&t, options()).await.unwrap();
+    let again = receive_n(&*second, 3).await;
+    let texts: Vec<String> = again.iter().map(text).collect();
+    assert_eq!(texts, ["3", "6", "7"], "what the first consumer left open");
+    second.acknowledge_batch(&again).await.unwrap();
+    assert_eq!(cumulative.count(), 2, "3, 6 and 7 is everything open");
+
+    // a producer's batch is one entry: acknowledged in two parts, whole by the second
+    let batch = (0..5)
+        .map(|i| OutboundMessage::new(format!("b{i}")))
+        .collect();
+    for receipt in producer.send_batch(batch).await.unwrap() {
+        receipt.await.unwrap();
+    }
+    let parts = receive_n(&*second, 5).await;
+    second.acknowledge_batch(&parts[..2]).await.unwrap();
+    second.acknowledge_batch(&parts[2..]).await.unwrap();
+    assert!(
+        cumulative.count() >= 3,
+        "the batch's entry (entries) completed with nothing open below"
+    );
+    second.close().await.unwrap();
+    let third = backend.create_consumer(&t, options()).await.unwrap();
+    let left = third.receive_batch(10, Duration::from_millis(700)).await;
+    assert_eq!(
+        left.unwrap().iter().map(text).collect::<Vec<_>>(),
+        Vec::<String>::new(),
+        "everything was acknowledged"
     );
     backend.close().await.unwrap();
 }
