@@ -10,6 +10,13 @@
 //! (content type, delivery mode, message id), publisher confirms on q1 with every send in flight
 //! until the final `wait_for_confirms`, one `basic.ack` per message awaited by the consumer.
 //!
+//! The batch rows (`q1 batch`, the same rounds): tg-pubsub's batch API — `send_batch` of
+//! `SEND_BATCH` messages, `receive_batch` of up to `RECV_MAX`, one `acknowledge_batch` per
+//! batch — against plain lapin doing the batched equivalent (the chunk's publishes started
+//! together and awaited together, the prefetch drained after the first delivery, one
+//! `basic.ack` with `multiple` per batch), and against tg-pubsub one message per call (the q1
+//! row, repeated for the ratio).
+//!
 //! The framework's row: trustgraph-base's `AsyncRabbitMQBackend` (aio-pika) producer and consumer
 //! in one Python process on a `flow` queue, with its own settings (prefetch 1, a confirm awaited
 //! per send), `BENCH_PYTHON_MESSAGES` messages.
@@ -22,7 +29,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
@@ -39,6 +46,10 @@ const IDLE: Duration = Duration::from_secs(10);
 const LATENCY_RATE: u64 = 1_000;
 const LATENCY_SECS: u64 = 2;
 const DEFAULT_URL: &str = "amqp://guest:guest@localhost:5672/%2f";
+/// Messages per `send_batch` (and per chunk of plain lapin's publishes).
+const SEND_BATCH: usize = 1_000;
+/// `max` of `receive_batch` (and the most plain lapin takes per acknowledgement).
+const RECV_MAX: usize = 256;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -73,6 +84,7 @@ async fn tg_run(
     topic: &Topic,
     n: usize,
     paced: bool,
+    batched: bool,
 ) -> (usize, Duration, LatencyRecorder) {
     let consumer: Arc<dyn Consumer> = backend
         .create_consumer(topic, ConsumerOptions::new("bench"))
@@ -91,7 +103,16 @@ async fn tg_run(
             let mut got = 0usize;
             let mut last = Instant::now();
             let mut latency = LatencyRecorder::new();
-            while got < n {
+            while got < n && batched {
+                let batch = c.receive_batch(RECV_MAX, IDLE).await.unwrap_or_default();
+                if batch.is_empty() {
+                    break;
+                }
+                c.acknowledge_batch(&batch).await.expect("ack");
+                got += batch.len();
+                last = Instant::now();
+            }
+            while got < n && !batched {
                 let Ok(m) = c.receive(IDLE).await else { break };
                 if paced {
                     latency.record(read_stamp(m.payload(), t0).unwrap_or_default());
@@ -108,7 +129,16 @@ async fn tg_run(
         let producer = producer.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / LATENCY_RATE));
-            for _ in 0..n {
+            let mut sent = 0;
+            while sent < n && batched {
+                let k = SEND_BATCH.min(n - sent);
+                let batch = (0..k)
+                    .map(|_| OutboundMessage::new(stamped_payload(PAYLOAD, t0)))
+                    .collect();
+                drop(producer.send_batch(batch).await.expect("send_batch"));
+                sent += k;
+            }
+            for _ in sent..n {
                 if paced {
                     tick.tick().await;
                 }
@@ -136,6 +166,7 @@ async fn raw_run(
     topic: &Topic,
     n: usize,
     paced: bool,
+    batched: bool,
 ) -> (usize, Duration, LatencyRecorder) {
     let confirms = topic.qos().is_persistent();
     let exchange = exchange_of(topic);
@@ -213,7 +244,27 @@ async fn raw_run(
         let mut got = 0usize;
         let mut last = Instant::now();
         let mut latency = LatencyRecorder::new();
-        while got < n {
+        while got < n && batched {
+            let Ok(Some(Ok(first))) = tokio::time::timeout(IDLE, stream.next()).await else {
+                break;
+            };
+            let mut highest = first;
+            let mut taken = 1;
+            while taken < RECV_MAX {
+                match stream.next().now_or_never() {
+                    Some(Some(Ok(d))) => {
+                        highest = d;
+                        taken += 1;
+                    }
+                    _ => break,
+                }
+            }
+            let multiple = BasicAckOptions { multiple: true };
+            highest.acker.ack(multiple).await.expect("ack");
+            got += taken;
+            last = Instant::now();
+        }
+        while got < n && !batched {
             let Ok(Some(Ok(d))) = tokio::time::timeout(IDLE, stream.next()).await else {
                 break;
             };
@@ -233,15 +284,36 @@ async fn raw_run(
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / LATENCY_RATE));
             let prefix = format!("{:016x}", rand::random::<u64>());
-            for seq in 0..n {
+            let props = |seq: usize| {
+                BasicProperties::default()
+                    .with_content_type("application/json".into())
+                    .with_delivery_mode(if confirms { 2 } else { 1 })
+                    .with_message_id(format!("{prefix}-{seq}").into())
+            };
+            let mut seq = 0;
+            while seq < n && batched {
+                let k = SEND_BATCH.min(n - seq);
+                let payloads: Vec<Vec<u8>> = (0..k).map(|_| stamped_payload(PAYLOAD, t0)).collect();
+                let publishes = payloads.iter().enumerate().map(|(i, payload)| {
+                    pch.basic_publish(
+                        exchange.as_str().into(),
+                        "".into(),
+                        BasicPublishOptions::default(),
+                        payload,
+                        props(seq + i),
+                    )
+                });
+                for confirm in futures::future::join_all(publishes).await {
+                    drop(confirm.expect("publish"));
+                }
+                seq += k;
+            }
+            for seq in seq..n {
                 if paced {
                     tick.tick().await;
                 }
                 let payload = stamped_payload(PAYLOAD, t0);
-                let props = BasicProperties::default()
-                    .with_content_type("application/json".into())
-                    .with_delivery_mode(if confirms { 2 } else { 1 })
-                    .with_message_id(format!("{prefix}-{seq}").into());
+                let props = props(seq);
                 let confirm = pch
                     .basic_publish(
                         exchange.as_str().into(),
@@ -344,17 +416,18 @@ async fn main() {
     let mut tg_exchanges = Vec::new();
     for qos in [Qos::Q0, Qos::Q1] {
         let (mut raw_times, mut tg_times) = (Vec::new(), Vec::new());
+        let (mut raw_batch_times, mut tg_batch_times) = (Vec::new(), Vec::new());
         // q1 on the framework's `flow` class (durable queues); q0 on a namespace of its own
         // (auto-delete queues)
         let ns = if qos == Qos::Q0 { "bench" } else { "flow" };
         for round in 0..rounds {
             let topic = Topic::new(qos, "bench", ns, &unique("raw")).unwrap();
-            let (got, took, _) = raw_run(&url, prefetch, &topic, n, false).await;
+            let (got, took, _) = raw_run(&url, prefetch, &topic, n, false, false).await;
             assert_eq!(got, n, "plain lapin {qos}: {got} of {n} received");
             raw_times.push(took);
             let topic = Topic::new(qos, "bench", ns, &unique("tg")).unwrap();
             tg_exchanges.push(exchange_of(&topic));
-            let (got, took2, _) = tg_run(&backend, &topic, n, false).await;
+            let (got, took2, _) = tg_run(&backend, &topic, n, false, false).await;
             assert_eq!(got, n, "tg-pubsub {qos}: {got} of {n} received");
             tg_times.push(took2);
             println!(
@@ -363,13 +436,30 @@ async fn main() {
                 n as f64 / took.as_secs_f64(),
                 n as f64 / took2.as_secs_f64()
             );
+            if qos == Qos::Q1 {
+                let topic = Topic::new(qos, "bench", ns, &unique("raw-batch")).unwrap();
+                let (got, took, _) = raw_run(&url, prefetch, &topic, n, false, true).await;
+                assert_eq!(got, n, "plain lapin batched: {got} of {n} received");
+                raw_batch_times.push(took);
+                let topic = Topic::new(qos, "bench", ns, &unique("tg-batch")).unwrap();
+                tg_exchanges.push(exchange_of(&topic));
+                let (got, took2, _) = tg_run(&backend, &topic, n, false, true).await;
+                assert_eq!(got, n, "tg-pubsub batch: {got} of {n} received");
+                tg_batch_times.push(took2);
+                println!(
+                    "{qos} round {}: lapin batched {:.0} msg/s, tg-pubsub batch {:.0} msg/s",
+                    round + 1,
+                    n as f64 / took.as_secs_f64(),
+                    n as f64 / took2.as_secs_f64()
+                );
+            }
         }
         let paced = LATENCY_RATE as usize * LATENCY_SECS as usize;
         let topic = Topic::new(qos, "bench", ns, &unique("raw-latency")).unwrap();
-        let (_, _, raw_latency) = raw_run(&url, prefetch, &topic, paced, true).await;
+        let (_, _, raw_latency) = raw_run(&url, prefetch, &topic, paced, true, false).await;
         let topic = Topic::new(qos, "bench", ns, &unique("tg-latency")).unwrap();
         tg_exchanges.push(exchange_of(&topic));
-        let (_, _, tg_latency) = tg_run(&backend, &topic, paced, true).await;
+        let (_, _, tg_latency) = tg_run(&backend, &topic, paced, true, false).await;
         rows.push(
             Row::new(
                 qos.as_str(),
@@ -380,10 +470,35 @@ async fn main() {
             .baseline()
             .with_latency(raw_latency.summary()),
         );
+        let single = median(&mut tg_times);
         rows.push(
-            Row::new(qos.as_str(), "tg-pubsub", n as u64, median(&mut tg_times))
+            Row::new(qos.as_str(), "tg-pubsub", n as u64, single)
                 .with_latency(tg_latency.summary()),
         );
+        if qos == Qos::Q1 {
+            let group = "q1 batch";
+            rows.push(
+                Row::new(
+                    group,
+                    "plain lapin, batched",
+                    n as u64,
+                    median(&mut raw_batch_times),
+                )
+                .baseline(),
+            );
+            let batch = median(&mut tg_batch_times);
+            rows.push(Row::new(group, "tg-pubsub, batch API", n as u64, batch));
+            rows.push(Row::new(
+                group,
+                "tg-pubsub, one message per call",
+                n as u64,
+                single,
+            ));
+            println!(
+                "q1: tg-pubsub's batch API moves {:.2}x the messages per second of one message per call",
+                single.as_secs_f64() / batch.as_secs_f64()
+            );
+        }
     }
     if python_n > 0 {
         match tokio::task::spawn_blocking({

@@ -2,6 +2,12 @@
 //! and bound as the framework declares it, manual acknowledgements. When its channel closes (a
 //! broker restart, a lost connection, a channel error) the next `receive` subscribes again on a
 //! new channel; what it held unacknowledged the broker redelivers.
+//!
+//! Batches: `receive_batch` waits for the first delivery as `receive` does, then takes what the
+//! prefetch has already brought, without waiting. `acknowledge_batch` and
+//! `negative_acknowledge_batch` send one `basic.ack` / `basic.nack` with `multiple=true` where the
+//! batch is every open delivery of its channel up to its highest tag (`acks.rs`), and one frame
+//! per delivery otherwise, all handed to the connection before any is awaited.
 
 use std::fmt;
 use std::sync::Arc;
@@ -23,6 +29,7 @@ use tg_backend_api::{
 };
 use tokio::time::Instant;
 
+use crate::acks::{Plan, Tags};
 use crate::config::QueueType;
 use crate::connection::bounded;
 use crate::core::Core;
@@ -58,6 +65,51 @@ struct Subscribed {
     queue: ShortString,
     /// The connection generation, part of the ids of messages without a `message_id`.
     generation: u64,
+    /// The channel's deliveries handed out and not settled.
+    tags: Arc<Tags>,
+}
+
+/// What a message of this backend carries to be settled: its delivery's acker and the tags of
+/// the channel that delivered it.
+struct Settle {
+    acker: Acker,
+    tag: u64,
+    tags: Arc<Tags>,
+}
+
+/// A message of a batch with what settles it.
+type Of<'m> = (&'m Message, &'m Settle);
+
+/// How a batch of deliveries is settled: acknowledged, or negatively acknowledged (requeued).
+#[derive(Clone, Copy)]
+enum Verdict {
+    Ack,
+    Nack,
+}
+
+impl Verdict {
+    fn doing(self) -> &'static str {
+        match self {
+            Self::Ack => "acknowledging",
+            Self::Nack => "negatively acknowledging",
+        }
+    }
+
+    /// Sends the frame for `acker`'s delivery (and with `multiple`, every unsettled one
+    /// before it): whether it was sent (false: settled before, or the channel is gone).
+    async fn send(self, acker: &Acker, multiple: bool) -> lapin::Result<bool> {
+        match self {
+            Self::Ack => acker.ack(BasicAckOptions { multiple }).await,
+            Self::Nack => {
+                acker
+                    .nack(BasicNackOptions {
+                        multiple,
+                        requeue: true,
+                    })
+                    .await
+            }
+        }
+    }
 }
 
 impl RabbitConsumer {
@@ -113,6 +165,7 @@ impl RabbitConsumer {
                         stream,
                         queue,
                         generation,
+                        tags: Arc::default(),
                     })
                 }
                 Err(e) if e.kind() == ErrorKind::Connection && Instant::now() < deadline => {
@@ -180,7 +233,12 @@ impl RabbitConsumer {
 
     /// The message of a delivery, or `None` for a q2 duplicate (acknowledged and dropped) and for
     /// a delivery its closed channel can no longer acknowledge.
-    async fn accept(&self, delivery: Delivery, generation: u64) -> Option<Message> {
+    async fn accept(
+        &self,
+        delivery: Delivery,
+        generation: u64,
+        tags: &Arc<Tags>,
+    ) -> Option<Message> {
         let Delivery {
             delivery_tag,
             routing_key,
@@ -219,11 +277,17 @@ impl RabbitConsumer {
             None => MessageId::from_text(format!("{generation}:{delivery_tag}")),
         };
         let key = (!routing_key.as_str().is_empty()).then(|| routing_key.to_string());
+        tags.handed_out(delivery_tag);
+        let settle = Settle {
+            acker,
+            tag: delivery_tag,
+            tags: tags.clone(),
+        };
         let mut message = Message::new(
             Bytes::from(data),
             props,
             id,
-            AckHandle::new(self.id, delivery_tag).with_extra(acker),
+            AckHandle::new(self.id, delivery_tag).with_extra(settle),
         )
         .with_key(key);
         if self.counts_deliveries {
@@ -236,13 +300,141 @@ impl RabbitConsumer {
         Some(message)
     }
 
-    fn acker<'m>(&self, message: &'m Message) -> Result<&'m Acker> {
-        message.ack_handle().extra::<Acker>().ok_or_else(|| {
+    fn settle_of<'m>(&self, message: &'m Message) -> Result<&'m Settle> {
+        message.ack_handle().extra::<Settle>().ok_or_else(|| {
             Error::new(
                 ErrorKind::InvalidInput,
                 "the message was not delivered by a RabbitMQ consumer",
             )
         })
+    }
+
+    /// Settles `messages` with as few frames as `acks.rs` allows: per channel that delivered
+    /// them, one `multiple` frame or one frame each, all handed to the connection before any is
+    /// awaited. Messages settled before are left alone. The first error is returned after every
+    /// frame was tried.
+    async fn settle(&self, messages: &[Message], verdict: Verdict) -> Result<()> {
+        let settles = messages
+            .iter()
+            .map(|m| self.settle_of(m).map(|s| (m, s)))
+            .collect::<Result<Vec<_>>>()?;
+        // the messages of each channel (one, unless the consumer subscribed again meanwhile)
+        let mut channels: Vec<(&Arc<Tags>, Vec<Of<'_>>)> = Vec::new();
+        for (message, settle) in settles {
+            match channels
+                .iter_mut()
+                .find(|(t, _)| Arc::ptr_eq(t, &settle.tags))
+            {
+                Some((_, of)) => of.push((message, settle)),
+                None => channels.push((&settle.tags, vec![(message, settle)])),
+            }
+        }
+        let mut first_error = None;
+        for (tags, mut of) in channels {
+            of.sort_by_key(|(_, s)| s.tag);
+            let wanted: Vec<u64> = of.iter().map(|(_, s)| s.tag).collect();
+            let plan = tags.take(&wanted);
+            let taken = match &plan {
+                Plan::Nothing => continue,
+                Plan::Multiple(taken) | Plan::Each(taken) => taken,
+            };
+            // a message twice in the batch is settled once
+            let mut settled: Vec<&Of<'_>> = Vec::with_capacity(taken.len());
+            for tag in taken {
+                if let Ok(i) = of.binary_search_by_key(tag, |(_, s)| s.tag) {
+                    settled.push(&of[i]);
+                }
+            }
+            if let (Verdict::Nack, Some(dedup)) = (verdict, &self.dedup) {
+                let mut dedup = dedup.lock();
+                for id in settled
+                    .iter()
+                    .filter_map(|(m, _)| m.property(DEDUP_ID_PROPERTY))
+                {
+                    dedup.forget(id);
+                }
+            }
+            let outcome = match &plan {
+                Plan::Nothing => Ok(()),
+                Plan::Multiple(_) => {
+                    // taken in tag order: the last is the highest
+                    let (message, settle) = settled.last().expect("a plan has tags");
+                    tracing::trace!(topic = %self.topic, multiple_up_to = settle.tag,
+                        deliveries = settled.len(), "{} with one frame", verdict.doing());
+                    let sent = verdict.send(&settle.acker, true).await;
+                    self.outcome(sent, &settle.acker, message, verdict)
+                }
+                Plan::Each(_) => {
+                    let sends = settled.iter().map(|(m, s)| async move {
+                        let sent = verdict.send(&s.acker, false).await;
+                        self.outcome(sent, &s.acker, m, verdict)
+                    });
+                    futures::future::join_all(sends)
+                        .await
+                        .into_iter()
+                        .find(Result::is_err)
+                        .unwrap_or(Ok(()))
+                }
+            };
+            tags.sent(&plan);
+            match outcome {
+                Ok(()) => {
+                    if let (Verdict::Ack, Some(dedup)) = (verdict, &self.dedup) {
+                        let mut dedup = dedup.lock();
+                        for id in settled
+                            .iter()
+                            .filter_map(|(m, _)| m.property(DEDUP_ID_PROPERTY))
+                        {
+                            dedup.done(id);
+                        }
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Settles one message with its own frame (unless it was settled before).
+    async fn settle_one(&self, message: &Message, verdict: Verdict) -> Result<()> {
+        let settle = self.settle_of(message)?;
+        if !settle.tags.take_one(settle.tag) {
+            return Ok(());
+        }
+        let dedup_id = self.dedup.as_ref().zip(message.property(DEDUP_ID_PROPERTY));
+        if let (Verdict::Nack, Some((dedup, id))) = (verdict, dedup_id) {
+            dedup.lock().forget(id);
+        }
+        let sent = verdict.send(&settle.acker, false).await;
+        settle.tags.sent_one(settle.tag);
+        self.outcome(sent, &settle.acker, message, verdict)?;
+        if let (Verdict::Ack, Some((dedup, id))) = (verdict, dedup_id) {
+            dedup.lock().done(id);
+        }
+        Ok(())
+    }
+
+    /// The result of one frame: sent, or why not.
+    fn outcome(
+        &self,
+        sent: lapin::Result<bool>,
+        acker: &Acker,
+        message: &Message,
+        verdict: Verdict,
+    ) -> Result<()> {
+        match sent {
+            Ok(false) if acker.poisoned() => Err(Error::connection(format!(
+                "the channel that delivered the message closed before {} it; the broker \
+                 delivers it again",
+                verdict.doing()
+            ))
+            .with_context("message_id", message.id())),
+            // sent, or settled before through this acker
+            Ok(_) => Ok(()),
+            Err(e) => Err(convert(e, verdict.doing()).with_context("message_id", message.id())),
+        }
     }
 
     /// Cancels the consume and closes the channel: the broker requeues what it held.
@@ -296,10 +488,14 @@ fn as_count(value: &AMQPValue) -> u32 {
     u32::try_from(n.max(0)).unwrap_or(u32::MAX)
 }
 
-impl RawConsumer for RabbitConsumer {
-    async fn receive(&self, timeout: Duration) -> Result<Message> {
+impl RabbitConsumer {
+    /// `receive`, for a caller that holds the `subscribed` lock.
+    async fn next_message(
+        &self,
+        guard: &mut Option<Subscribed>,
+        timeout: Duration,
+    ) -> Result<Message> {
         let deadline = Instant::now() + timeout;
-        let mut guard = self.subscribed.lock().await;
         loop {
             let subscribed = match guard.as_mut() {
                 Some(s) => s,
@@ -323,7 +519,8 @@ impl RawConsumer for RabbitConsumer {
             match next {
                 Some(Ok(delivery)) => {
                     let generation = subscribed.generation;
-                    if let Some(message) = self.accept(delivery, generation).await {
+                    let tags = subscribed.tags.clone();
+                    if let Some(message) = self.accept(delivery, generation, &tags).await {
                         return Ok(message);
                     }
                 }
@@ -345,43 +542,67 @@ impl RawConsumer for RabbitConsumer {
             }
         }
     }
+}
+
+impl RawConsumer for RabbitConsumer {
+    async fn receive(&self, timeout: Duration) -> Result<Message> {
+        let mut guard = self.subscribed.lock().await;
+        self.next_message(&mut guard, timeout).await
+    }
+
+    /// The first delivery as `receive` gives it, then what the prefetch has brought already.
+    async fn receive_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
+        let mut guard = self.subscribed.lock().await;
+        let first = match self.next_message(&mut guard, timeout).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::Timeout => return Ok(Vec::new()),
+            Err(e) => return Err(e),
+        };
+        let prefetch = usize::from(self.core.config.options.prefetch).max(1);
+        let mut batch = Vec::with_capacity(max.min(prefetch));
+        batch.push(first);
+        while batch.len() < max {
+            let Some(subscribed) = guard.as_mut() else {
+                break;
+            };
+            match subscribed.stream.next().now_or_never() {
+                // nothing more there
+                None => break,
+                Some(Some(Ok(delivery))) => {
+                    let (generation, tags) = (subscribed.generation, subscribed.tags.clone());
+                    if let Some(message) = self.accept(delivery, generation, &tags).await {
+                        batch.push(message);
+                    }
+                }
+                // the channel closed: the next call subscribes again; this batch's
+                // acknowledgements fail and the broker delivers its messages again
+                Some(Some(Err(e))) => {
+                    tracing::warn!(topic = %self.topic, error = %e, "consumer channel closed; subscribing again");
+                    guard.take();
+                }
+                Some(None) => {
+                    tracing::warn!(topic = %self.topic, "the broker cancelled the consumer (queue deleted?); subscribing again");
+                    guard.take();
+                }
+            }
+        }
+        Ok(batch)
+    }
 
     async fn acknowledge(&self, message: &Message) -> Result<()> {
-        let acker = self.acker(message)?;
-        match acker.ack(BasicAckOptions::default()).await {
-            Ok(true) => {
-                if let (Some(dedup), Some(id)) = (&self.dedup, message.property(DEDUP_ID_PROPERTY))
-                {
-                    dedup.lock().done(id);
-                }
-                Ok(())
-            }
-            Ok(false) if acker.poisoned() => Err(Error::connection(
-                "the channel that delivered the message closed before the acknowledgement; \
-                 the broker delivers it again",
-            )
-            .with_context("message_id", message.id())),
-            // acknowledged (or negatively acknowledged) before
-            Ok(false) => Ok(()),
-            Err(e) => Err(convert(e, "acknowledging").with_context("message_id", message.id())),
-        }
+        self.settle_one(message, Verdict::Ack).await
+    }
+
+    async fn acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        self.settle(messages, Verdict::Ack).await
     }
 
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
-        let acker = self.acker(message)?;
-        if let (Some(dedup), Some(id)) = (&self.dedup, message.property(DEDUP_ID_PROPERTY)) {
-            dedup.lock().forget(id);
-        }
-        let nack = BasicNackOptions {
-            multiple: false,
-            requeue: true,
-        };
-        match acker.nack(nack).await {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                Err(convert(e, "negatively acknowledging").with_context("message_id", message.id()))
-            }
-        }
+        self.settle_one(message, Verdict::Nack).await
+    }
+
+    async fn negative_acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
+        self.settle(messages, Verdict::Nack).await
     }
 
     async fn unsubscribe(&self) -> Result<()> {

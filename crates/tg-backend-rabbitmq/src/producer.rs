@@ -1,14 +1,21 @@
 //! The RabbitMQ producer: publishes to the topic's fanout exchange on a channel of its own, with
 //! publisher confirms on q1/q2 (a receipt resolves on the broker's confirm; sends are pipelined).
+//!
+//! `send_batch` checks every message first (routing key, property names; the kit checked the
+//! payloads), then hands all its publishes to the connection before awaiting any, so they leave
+//! together instead of one write each; the broker confirms them together too (`basic.ack` with
+//! `multiple`), and each receipt resolves on its message's confirm.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
+use bytes::Bytes;
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel};
+use lapin::{BasicProperties, Channel, PublisherConfirm};
 use parking_lot::Mutex;
 use tg_backend_api::kit::RawProducer;
 use tg_backend_api::{
@@ -124,6 +131,91 @@ impl RabbitProducer {
     }
 }
 
+/// A message ready to publish: everything that could refuse it was checked.
+struct Outgoing {
+    payload: Bytes,
+    routing_key: ShortString,
+    headers: Option<FieldTable>,
+    id: String,
+}
+
+impl RabbitProducer {
+    /// Checks the key and the properties and gives the message its id.
+    fn outgoing(&self, message: OutboundMessage) -> Result<Outgoing> {
+        let (payload, properties, key) = message.into_parts();
+        let routing_key = match key {
+            Some(key) => ShortString::try_new(key).map_err(|_| {
+                Error::new(
+                    ErrorKind::InvalidInput,
+                    format!(
+                        "a message key travels as the AMQP routing key, at most {MAX_NAME} bytes"
+                    ),
+                )
+                .with_context("topic", &self.topic)
+            })?,
+            None => ShortString::from(""),
+        };
+        let headers = headers(properties).map_err(|e| e.with_context("topic", &self.topic))?;
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        Ok(Outgoing {
+            payload,
+            routing_key,
+            headers,
+            id: format!("{}-{seq}", self.prefix),
+        })
+    }
+
+    /// Publishes on `channel` (the frames are queued on the first poll).
+    async fn publish(&self, channel: &Channel, out: &Outgoing) -> lapin::Result<PublisherConfirm> {
+        channel
+            .basic_publish(
+                self.exchange.clone(),
+                out.routing_key.clone(),
+                BasicPublishOptions::default(),
+                &out.payload,
+                self.properties(&out.id, &out.headers),
+            )
+            .await
+    }
+
+    /// The receipt of a published message: ready without confirms, else its confirm.
+    fn receipt(&self, id: String, confirm: PublisherConfirm) -> SendReceipt {
+        let id = MessageId::from_text(id);
+        if !self.confirms {
+            return SendReceipt::ready(id);
+        }
+        let topic = self.topic.clone();
+        SendReceipt::from_future(async move {
+            match confirm.await {
+                Ok(c) if c.is_nack() => Err(Error::new(
+                    ErrorKind::Unexpected,
+                    "RabbitMQ refused the message (publisher nack)",
+                )
+                .set_temporary(true)
+                .with_context("topic", topic)),
+                Ok(_) => Ok(id),
+                Err(e) => {
+                    Err(convert(e, "waiting for the broker's confirm").with_context("topic", topic))
+                }
+            }
+        })
+    }
+
+    /// A failed publish: whether to publish again on a new channel (the frame did not leave and
+    /// there is time), or the error to return. Either way the channel is dropped.
+    fn failed(&self, e: lapin::Error, deadline: Instant) -> Option<Error> {
+        self.current.lock().take();
+        if is_transport(&e) && Instant::now() < deadline {
+            tracing::debug!(topic = %self.topic, error = %e, "producer channel closed; publishing on a new one");
+            return None;
+        }
+        Some(
+            convert(e, &format!("publishing to exchange {}", self.exchange))
+                .with_context("topic", &self.topic),
+        )
+    }
+}
+
 /// Message properties as AMQP headers (long strings, as the framework's aio-pika writes them).
 fn headers(properties: Properties) -> Result<Option<FieldTable>> {
     if properties.is_empty() {
@@ -144,69 +236,71 @@ fn headers(properties: Properties) -> Result<Option<FieldTable>> {
 
 impl RawProducer for RabbitProducer {
     async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
-        let (payload, properties, key) = message.into_parts();
-        let routing_key = match key {
-            Some(key) => ShortString::try_new(key).map_err(|_| {
-                Error::new(
-                    ErrorKind::InvalidInput,
-                    format!(
-                        "a message key travels as the AMQP routing key, at most {MAX_NAME} bytes"
-                    ),
-                )
-                .with_context("topic", &self.topic)
-            })?,
-            None => ShortString::from(""),
-        };
-        let headers = headers(properties).map_err(|e| e.with_context("topic", &self.topic))?;
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        let id = format!("{}-{seq}", self.prefix);
+        let out = self.outgoing(message)?;
         let deadline = Instant::now() + self.send_timeout;
         loop {
             let channel = self.channel().await?;
-            let published = channel
-                .basic_publish(
-                    self.exchange.clone(),
-                    routing_key.clone(),
-                    BasicPublishOptions::default(),
-                    &payload,
-                    self.properties(&id, &headers),
-                )
-                .await;
-            match published {
-                Ok(confirm) => {
-                    let id = MessageId::from_text(id);
-                    if !self.confirms {
-                        return Ok(SendReceipt::ready(id));
-                    }
-                    let topic = self.topic.clone();
-                    return Ok(SendReceipt::from_future(async move {
-                        match confirm.await {
-                            Ok(c) if c.is_nack() => Err(Error::new(
-                                ErrorKind::Unexpected,
-                                "RabbitMQ refused the message (publisher nack)",
-                            )
-                            .set_temporary(true)
-                            .with_context("topic", topic)),
-                            Ok(_) => Ok(id),
-                            Err(e) => Err(convert(e, "waiting for the broker's confirm")
-                                .with_context("topic", topic)),
-                        }
-                    }));
-                }
-                // The frame did not leave: publish again on the next channel.
-                Err(e) if is_transport(&e) && Instant::now() < deadline => {
-                    tracing::debug!(topic = %self.topic, error = %e, "producer channel closed; publishing on a new one");
-                    self.current.lock().take();
-                }
+            match self.publish(&channel, &out).await {
+                Ok(confirm) => return Ok(self.receipt(out.id, confirm)),
                 Err(e) => {
-                    self.current.lock().take();
-                    return Err(
-                        convert(e, &format!("publishing to exchange {}", self.exchange))
-                            .with_context("topic", &self.topic),
-                    );
+                    if let Some(e) = self.failed(e, deadline) {
+                        return Err(e);
+                    }
                 }
             }
         }
+    }
+
+    async fn send_batch(&self, messages: Vec<OutboundMessage>) -> Result<Vec<SendReceipt>> {
+        let outs = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| {
+                self.outgoing(m)
+                    .map_err(|e| e.with_context("batch_index", i))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let deadline = Instant::now() + self.send_timeout;
+        let mut receipts = Vec::with_capacity(outs.len());
+        let mut outs = outs.into_iter().peekable();
+        while outs.peek().is_some() {
+            let channel = self.channel().await?;
+            let rest: Vec<Outgoing> = outs.by_ref().collect();
+            // Every publish queues its frames on its first poll, in this order; only then is
+            // any awaited, so the connection writes them together.
+            let mut publishes = Vec::with_capacity(rest.len());
+            for out in &rest {
+                let mut publish = Box::pin(self.publish(&channel, out));
+                let early = futures::poll!(publish.as_mut());
+                publishes.push((publish, early));
+            }
+            let mut failed = None;
+            for (i, (publish, early)) in publishes.into_iter().enumerate() {
+                let published = match early {
+                    Poll::Ready(published) => published,
+                    Poll::Pending => publish.await,
+                };
+                match published {
+                    Ok(confirm) => receipts.push(self.receipt(rest[i].id.clone(), confirm)),
+                    Err(e) => {
+                        failed = Some((i, e));
+                        break;
+                    }
+                }
+            }
+            let Some((i, e)) = failed else { break };
+            if let Some(e) = self.failed(e, deadline) {
+                return Err(e);
+            }
+            // publish the rest again, from the first that failed, on a new channel
+            outs = rest
+                .into_iter()
+                .skip(i)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .peekable();
+        }
+        Ok(receipts)
     }
 
     async fn flush(&self) -> Result<()> {

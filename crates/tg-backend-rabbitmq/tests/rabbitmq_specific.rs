@@ -8,13 +8,16 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions, QueueDeleteOptions};
 use lapin::types::FieldTable;
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
 use tg_backend_api::{
-    Backend, ConsumerOptions, ConsumerType, ErrorKind, OutboundMessage, Qos, Topic,
+    Backend, Consumer, ConsumerOptions, ConsumerType, ErrorKind, Message, OutboundMessage, Qos,
+    Topic,
 };
 use tg_backend_rabbitmq::{QueueType, RabbitBackend, RabbitConfig};
 use tg_testkit::support::{free_port, skip};
@@ -415,6 +418,128 @@ async fn consumer_comes_back_after_its_queue_is_deleted() {
     assert_eq!(m.payload().as_ref(), b"after");
     consumer.acknowledge(&m).await.unwrap();
     consumer.unsubscribe().await.unwrap();
+    support::delete_exchanges(&url(), &[format!("conf.flow.{name}")]).await;
+    backend.close().await.unwrap();
+}
+
+/// Counts the consumer's `multiple` frames (its trace event `multiple_up_to`) on the thread it
+/// is installed on.
+#[derive(Clone, Default)]
+struct MultipleFrames(Arc<AtomicUsize>);
+
+impl MultipleFrames {
+    fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for MultipleFrames {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        if event.metadata().fields().field("multiple_up_to").is_some() {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+}
+
+/// Receives batches until `n` messages came.
+async fn receive_n(consumer: &dyn Consumer, n: usize) -> Vec<Message> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let batch = consumer.receive_batch(n, EXPECT).await.unwrap();
+        assert!(!batch.is_empty(), "{} of {n} came", got.len());
+        got.extend(batch);
+    }
+    got
+}
+
+fn texts(messages: &[Message]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.payload()).into_owned())
+        .collect()
+}
+
+/// `acknowledge_batch` and `negative_acknowledge_batch` send one frame with `multiple` where the
+/// batch is every open delivery up to its highest tag, and a frame per delivery otherwise; a
+/// second acknowledgement of a delivery a `multiple` frame settled sends nothing (the broker
+/// would close the channel for an unknown tag). A new consumer of the subscription then finds
+/// nothing left. The current-thread runtime keeps the consumer's trace events on the thread the
+/// counting layer watches.
+#[tokio::test(flavor = "current_thread")]
+async fn batches_are_settled_with_multiple_only_where_exact() {
+    use tracing_subscriber::layer::SubscriberExt;
+    let Some(backend) = connect("").await else {
+        return;
+    };
+    let multiple = MultipleFrames::default();
+    let _watch =
+        tracing::subscriber::set_default(tracing_subscriber::registry().with(multiple.clone()));
+    let name = unique("multiple");
+    let topic = Topic::new(Qos::Q1, "conf", "flow", &name).unwrap();
+    let consumer = backend
+        .create_consumer(&topic, ConsumerOptions::new("s"))
+        .await
+        .unwrap();
+    let producer = backend
+        .create_producer(&topic, Default::default())
+        .await
+        .unwrap();
+    // a bad key anywhere refuses the whole batch before anything is published
+    let err = producer
+        .send_batch(vec![
+            OutboundMessage::new("never"),
+            OutboundMessage::new("k").key("k".repeat(256)),
+        ])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidInput, "{err}");
+    let batch = (0..8)
+        .map(|i| OutboundMessage::new(i.to_string()))
+        .collect();
+    for receipt in producer.send_batch(batch).await.unwrap() {
+        receipt.await.unwrap();
+    }
+    let got = receive_n(&*consumer, 8).await;
+    assert_eq!(texts(&got), ["0", "1", "2", "3", "4", "5", "6", "7"]);
+    consumer.acknowledge_batch(&got[..3]).await.unwrap();
+    assert_eq!(multiple.count(), 1, "0..=2 is every open delivery up to 2");
+    consumer.acknowledge_batch(&got[4..6]).await.unwrap();
+    assert_eq!(multiple.count(), 1, "3 is open below 4 and 5");
+    // settled by the multiple frame: nothing is sent, the channel stays open
+    consumer.acknowledge(&got[1]).await.unwrap();
+    consumer.acknowledge_batch(&got[..2]).await.unwrap();
+    // 3 and 6 are every open delivery up to 6 (7 is above)
+    consumer
+        .negative_acknowledge_batch(&[got[3].clone(), got[6].clone()])
+        .await
+        .unwrap();
+    assert_eq!(multiple.count(), 2, "one nack for 3 and 6");
+    consumer.acknowledge_batch(&got[7..]).await.unwrap();
+    let mut again = receive_n(&*consumer, 2).await;
+    again.sort_by_key(|m| m.payload().clone());
+    assert_eq!(texts(&again), ["3", "6"], "the nacked ones came back");
+    consumer.acknowledge_batch(&again).await.unwrap();
+    assert_eq!(multiple.count(), 3, "the redeliveries are all that is open");
+    let left = consumer
+        .receive_batch(10, Duration::from_millis(500))
+        .await
+        .unwrap();
+    assert_eq!(texts(&left), Vec::<String>::new(), "nothing else came");
+    consumer.close().await.unwrap();
+    let next = backend
+        .create_consumer(&topic, ConsumerOptions::new("s"))
+        .await
+        .unwrap();
+    let left = next
+        .receive_batch(10, Duration::from_millis(700))
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(&left),
+        Vec::<String>::new(),
+        "everything was acknowledged"
+    );
+    next.unsubscribe().await.unwrap();
     support::delete_exchanges(&url(), &[format!("conf.flow.{name}")]).await;
     backend.close().await.unwrap();
 }
