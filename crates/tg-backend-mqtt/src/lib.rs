@@ -8,6 +8,7 @@ mod connection;
 mod consumer;
 mod core;
 mod error;
+mod gate;
 mod producer;
 mod session;
 #[cfg(feature = "tls")]
