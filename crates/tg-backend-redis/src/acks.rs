@@ -303,10 +303,18 @@ impl AlongWrite {
         }
     }
 
-    pub(crate) async fn run(mut self, mut conn: MultiplexedConnection) {
+    /// Writes the batch on the reader's connection, waiting at most `within` for the reply (what
+    /// the read it goes along with waits): on a silent network the reply never comes, and the
+    /// read that joins this must not wait for it for good.
+    pub(crate) async fn run(mut self, mut conn: MultiplexedConnection, within: Duration) {
         let n = self.pipe.len();
-        let outcome = match conn.req_packed_commands(&self.pipe, 0, n).await {
-            Ok(values) => match values.into_iter().find_map(|v| match v {
+        let reply = tokio::time::timeout(within, conn.req_packed_commands(&self.pipe, 0, n)).await;
+        drop(conn);
+        let outcome = match reply {
+            // the reader's connection went silent: write them on the shared one (XACK is
+            // idempotent)
+            Err(_) => write_acks(&self.core, &self.pipe).await,
+            Ok(Ok(values)) => match values.into_iter().find_map(|v| match v {
                 Value::ServerError(e) => Some(e),
                 _ => None,
             }) {
@@ -314,8 +322,8 @@ impl AlongWrite {
                 Some(e) => Err(self.core.err(e.into(), "acknowledging failed")),
             },
             // the reader's connection broke: write them on the shared one (retrying)
-            Err(e) if is_connection_error(&e) => write_acks(&self.core, &self.pipe).await,
-            Err(e) => Err(self.core.err(e, "acknowledging failed")),
+            Ok(Err(e)) if is_connection_error(&e) => write_acks(&self.core, &self.pipe).await,
+            Ok(Err(e)) => Err(self.core.err(e, "acknowledging failed")),
         };
         self.batch
             .set(outcome.map_err(|e| (e.kind(), e.message().to_owned())));

@@ -66,6 +66,15 @@ pub struct RedisConfig {
     /// Default: 30 s. A producer's `ProducerOptions::send_timeout` overrides it.
     #[serde(with = "config::duration")]
     pub send_timeout: Duration,
+    /// Redis has no keep-alive of its own, so this is the backend's: how long a command on the
+    /// shared connection (sends, acknowledgements, scripts, leases) may wait for its answer, and
+    /// how often that connection is checked with a `PING`. A connection that leaves a command or
+    /// a `PING` unanswered this long is taken for dead (a silent network: no FIN, no RST, and TCP
+    /// keep-alive may still see a live peer), closed and replaced; the commands on it fail with
+    /// `Connection`, which sends and acknowledgements retry within `send_timeout`. A silent
+    /// network is noticed within twice this. At least 100 ms. Default: 10 s.
+    #[serde(with = "config::duration")]
+    pub keep_alive: Duration,
     /// Approximate bound of every q1/q2 stream (`XADD … MAXLEN ~ max_len`). When a stream reaches
     /// it, its oldest entries are trimmed whether or not every subscription consumed them.
     /// Default: 1,000,000.
@@ -109,6 +118,7 @@ impl Default for RedisConfig {
             db: 0,
             connect_timeout: Duration::from_secs(3),
             send_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(10),
             max_len: 1_000_000,
             batch: 64,
             block: Duration::from_secs(2),
@@ -124,6 +134,8 @@ impl Default for RedisConfig {
 
 /// The shortest lease: renewing every third of it must stay well above a round trip.
 const MIN_LEASE: Duration = Duration::from_millis(30);
+/// The shortest keep-alive: a `PING` that often costs more than it tells.
+const MIN_KEEP_ALIVE: Duration = Duration::from_millis(100);
 /// The shortest de-duplication window: it is a key expiry in whole seconds.
 const MIN_DEDUP_WINDOW: Duration = Duration::from_secs(1);
 
@@ -170,6 +182,12 @@ impl RedisConfig {
             TITLE,
             "send_timeout",
             "positive",
+        )?;
+        require(
+            self.keep_alive >= MIN_KEEP_ALIVE,
+            TITLE,
+            "keep_alive",
+            "at least 100ms",
         )?;
         require(self.max_len >= 1, TITLE, "max_len", "at least 1")?;
         require(self.batch >= 1, TITLE, "batch", "at least 1")?;
@@ -256,6 +274,13 @@ impl RedisConfig {
     #[must_use]
     pub fn send_timeout(mut self, timeout: Duration) -> Self {
         self.send_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets the keep-alive of the shared connection (at least 100 ms).
+    #[must_use]
+    pub fn keep_alive(mut self, keep_alive: Duration) -> Self {
+        self.keep_alive = keep_alive.max(MIN_KEEP_ALIVE);
         self
     }
 
@@ -405,12 +430,13 @@ mod tests {
     #[test]
     fn options() {
         let c = RedisConfig::from_url(
-            "redis://h/?connect_timeout=250ms&send_timeout=900ms&max_len=10&batch=8&block=100ms\
+            "redis://h/?connect_timeout=250ms&send_timeout=900ms&keep_alive=1500ms&max_len=10&batch=8&block=100ms\
              &visibility_timeout=1500ms&lease=600ms&dedup_window=1m&max_payload=1024&q0_buffer=7&prefix=x",
         )
         .unwrap();
         assert_eq!(c.connect_timeout, Duration::from_millis(250));
         assert_eq!(c.send_timeout, Duration::from_millis(900));
+        assert_eq!(c.keep_alive, Duration::from_millis(1500));
         assert_eq!((c.max_len, c.batch, c.max_payload), (10, 8, 1024));
         assert_eq!(c.block, Duration::from_millis(100));
         assert_eq!(c.visibility_timeout, Duration::from_millis(1500));
@@ -422,6 +448,7 @@ mod tests {
             [
                 "connect_timeout",
                 "send_timeout",
+                "keep_alive",
                 "max_len",
                 "batch",
                 "block",
@@ -462,6 +489,14 @@ mod tests {
             ("redis://h/?batch=0", "batch must be at least 1"),
             ("redis://h/?lease=1ms", "lease must be at least 30ms"),
             (
+                "redis://h/?keep_alive=50ms",
+                "keep_alive must be at least 100ms",
+            ),
+            (
+                "redis://h/?keep_alive=0s",
+                "keep_alive must be at least 100ms",
+            ),
+            (
                 "redis://h/?dedup_window=500ms",
                 "dedup_window must be at least 1s",
             ),
@@ -501,10 +536,12 @@ mod tests {
             .batch(0)
             .max_len(0)
             .lease(Duration::ZERO)
+            .keep_alive(Duration::ZERO)
             .dedup_window(Duration::ZERO)
             .prefix("");
         assert_eq!((c.batch, c.max_len, c.prefix.as_str()), (1, 1, "tgps"));
         assert_eq!(c.lease, MIN_LEASE);
+        assert_eq!(c.keep_alive, MIN_KEEP_ALIVE);
         assert_eq!(c.dedup_window, MIN_DEDUP_WINDOW);
     }
 }

@@ -651,6 +651,22 @@ impl ReaderCtx {
     }
 }
 
+impl ReaderCtx {
+    /// `PING`s the reader's connection while it waits without reading: one that went silent
+    /// meanwhile (no answer within `keep_alive`) is dropped, which closes it, and the next read
+    /// opens a new one, instead of finding out a whole read timeout later.
+    async fn check_idle(&self, conn: &mut Option<MultiplexedConnection>) {
+        let Some(c) = conn.as_mut() else { return };
+        let within = self.core.config.keep_alive;
+        let answer = tokio::time::timeout(within, redis::cmd("PING").query_async::<()>(c)).await;
+        if !matches!(answer, Ok(Ok(()))) {
+            tracing::debug!(stream = %self.names.stream, "the reader's idle connection went silent; reconnecting");
+            *conn = None;
+            self.client_id.store(0, Ordering::Release);
+        }
+    }
+}
+
 /// When the reader ends (also when aborted): receivers see the inbox close, and the
 /// acknowledger takes over all acknowledgements.
 struct ReaderExit(Arc<Inbox>, Arc<AckQueue>);
@@ -670,6 +686,9 @@ async fn run_reader(mut ctx: ReaderCtx) {
     let block_ms = ctx.core.config.block.as_millis().max(1) as u64;
     let read_timeout =
         ctx.core.config.block + ctx.core.config.connect_timeout + Duration::from_secs(1);
+    // while the reader does not read (its buffer is full, or it stands by), its connection is
+    // checked every `keep_alive`, as the shared one is
+    let keep_alive = ctx.core.config.keep_alive;
     let mut conn: Option<MultiplexedConnection> = None;
     let reconnect = Backoff::reconnect();
     let mut retry = 0;
@@ -690,6 +709,7 @@ async fn run_reader(mut ctx: ReaderCtx) {
             tokio::select! {
                 r = ctx.active.changed() => if r.is_err() { break },
                 () = ctx.stop.cancelled() => {},
+                () = tokio::time::sleep(keep_alive) => ctx.check_idle(&mut conn).await,
             }
             continue;
         }
@@ -700,22 +720,29 @@ async fn run_reader(mut ctx: ReaderCtx) {
             tokio::select! {
                 _ = inbox.wait_room(batch) => {},
                 () = ctx.stop.cancelled() => continue,
+                () = tokio::time::sleep(keep_alive) => {
+                    ctx.check_idle(&mut conn).await;
+                    continue;
+                }
             }
         }
         if conn.is_none() {
             acks.reader_away();
             blocking = true;
             match ctx.core.dedicated_connection().await {
-                Ok(mut c) => match redis::cmd("CLIENT")
-                    .arg("ID")
-                    .query_async::<i64>(&mut c)
-                    .await
+                // (bounded: the network may go silent right after connecting)
+                Ok(mut c) => match tokio::time::timeout(
+                    read_timeout,
+                    redis::cmd("CLIENT").arg("ID").query_async::<i64>(&mut c),
+                )
+                .await
                 {
-                    Ok(id) => {
+                    Ok(Ok(id)) => {
                         ctx.client_id.store(id, Ordering::Release);
                         conn = Some(c);
                     }
-                    Err(e) => tracing::debug!(error = %e, "CLIENT ID failed"),
+                    Ok(Err(e)) => tracing::debug!(error = %e, "CLIENT ID failed"),
+                    Err(_) => tracing::debug!("CLIENT ID went unanswered"),
                 },
                 Err(e) => tracing::debug!(error = %e, "reader cannot connect yet"),
             }
@@ -763,7 +790,9 @@ async fn run_reader(mut ctx: ReaderCtx) {
                 })
         };
         let reply = match (along, ack_conn) {
-            (Some(along), Some(ack_conn)) => tokio::join!(along.run(ack_conn), read).1,
+            (Some(along), Some(ack_conn)) => {
+                tokio::join!(along.run(ack_conn, read_timeout), read).1
+            }
             _ => read.await,
         };
         if !matches!(reply, Ok(Ok(_))) {

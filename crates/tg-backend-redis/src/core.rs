@@ -3,13 +3,14 @@
 
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::aio::MultiplexedConnection;
 use redis::AsyncConnectionConfig;
 use tg_backend_api::kit::Lifecycle;
 use tg_backend_api::{Error, ErrorKind, Result};
 
 use crate::config::RedisConfig;
 use crate::error::{convert, kind_of};
+use crate::shared::SharedConn;
 
 /// One connected Redis server.
 pub(crate) struct Core {
@@ -17,8 +18,8 @@ pub(crate) struct Core {
     /// How errors and logs name the server (no credentials).
     pub(crate) server: String,
     pub(crate) client: redis::Client,
-    /// The shared multiplexed, self-reconnecting command connection.
-    conn: ConnectionManager,
+    /// The shared multiplexed command connection, replaced when it breaks or goes silent.
+    conn: SharedConn,
     pub(crate) life: Lifecycle,
 }
 
@@ -58,16 +59,19 @@ impl Core {
             }
             Ok(Ok(())) => {}
         }
-        let conn = match tokio::time::timeout(
+        let settings = AsyncConnectionConfig::new()
+            .set_connection_timeout(timeout)
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let conn = SharedConn::open(
+            client.clone(),
+            settings,
             timeout,
-            ConnectionManager::new_with_config(client.clone(), manager_config(&config)),
+            config.keep_alive,
+            config.db,
+            server.clone(),
         )
         .await
-        {
-            Err(_) => return Err(timed_out()),
-            Ok(Err(e)) => return Err(convert(e, "cannot connect to Redis", &server)),
-            Ok(Ok(c)) => c,
-        };
+        .map_err(|e| convert(e, "cannot connect to Redis", &server))?;
         tracing::debug!(server = %server, "connected to Redis");
         Ok(Self {
             config,
@@ -78,8 +82,8 @@ impl Core {
         })
     }
 
-    /// A clone of the shared multiplexed, self-reconnecting command connection.
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    /// A handle on the shared command connection (it reconnects by itself).
+    pub(crate) fn conn(&self) -> SharedConn {
         self.conn.clone()
     }
 
@@ -189,15 +193,4 @@ impl Core {
             Err(_) => Err(self.timeout("Redis did not answer PING in time")),
         }
     }
-}
-
-/// Settings of the self-reconnecting connection: reconnect for ever (callers bound their waits
-/// with their own timeouts), at most a second apart.
-fn manager_config(config: &RedisConfig) -> ConnectionManagerConfig {
-    ConnectionManagerConfig::new()
-        .set_connection_timeout(config.connect_timeout)
-        .set_number_of_retries(1_000_000)
-        .set_factor(50)
-        .set_max_delay(1000)
-        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
 }

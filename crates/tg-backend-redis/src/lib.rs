@@ -17,6 +17,7 @@ mod producer;
 mod q0;
 mod record;
 mod scripts;
+mod shared;
 mod topic;
 
 pub use backend::RedisBackend;

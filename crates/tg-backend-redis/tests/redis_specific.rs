@@ -18,6 +18,7 @@ use tg_backend_api::{
     Backend, Consumer, ConsumerOptions, ErrorKind, OutboundMessage, Producer, Qos, Topic,
 };
 use tg_backend_redis::{RedisBackend, RedisConfig};
+use tg_testkit::proxy::{Mode, Proxy};
 use tg_testkit::support::{free_port, skip};
 
 /// A `redis-server` child on its own port and directory, killed on drop.
@@ -1518,5 +1519,74 @@ async fn restart_mid_run_loses_nothing() {
             Err(e) => panic!("q0 consumer did not recover: {e}"),
         }
     }
+    backend.close().await.unwrap();
+}
+
+/// An idle backend notices a silent network on its shared connection by the backend's own
+/// keep-alive: with no command of its own in flight, the `PING` every `keep_alive` goes
+/// unanswered, and within two keep-alives the connection is closed; once traffic passes again the
+/// next command opens a new one. Through the test proxy, whose host acknowledges every segment,
+/// so TCP keep-alive cannot be what noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_backend_checks_its_shared_connection() {
+    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], 6379));
+    if std::net::TcpStream::connect_timeout(&broker, Duration::from_secs(1)).is_err() {
+        skip(&format!("no Redis on {broker}"));
+        return;
+    }
+    let proxy = Proxy::start(broker).await.expect("proxy");
+    let keep_alive = Duration::from_secs(1);
+    let config = RedisConfig::from_url(&format!("redis://{}", proxy.addr()))
+        .unwrap()
+        .keep_alive(keep_alive)
+        .connect_timeout(Duration::from_secs(1))
+        .send_timeout(Duration::from_secs(5));
+    let backend = RedisBackend::connect(config).await.unwrap();
+    // (the connect probe's own connection is closed by now: only the shared one is open)
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    proxy.set(Mode::BlackHole);
+    let silent = Instant::now();
+    let bound = 2 * keep_alive + Duration::from_secs(1);
+    let closed = || {
+        proxy
+            .caught()
+            .iter()
+            .filter_map(|c| c.client_closed)
+            .map(|t| t.saturating_duration_since(silent))
+            .min()
+    };
+    while silent.elapsed() < bound && closed().is_none() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let caught = proxy.caught();
+    assert!(!caught.is_empty(), "the black hole caught no connection");
+    assert!(
+        closed().is_some_and(|d| d <= bound),
+        "the idle shared connection was not closed within {bound:?}: {caught:?}"
+    );
+    eprintln!(
+        "idle backend: closed its shared connection {:?} into the silence",
+        closed()
+    );
+
+    proxy.set(Mode::Pass);
+    let t = Topic::new(Qos::Q0, "specific", "idle-keepalive", "ping").unwrap();
+    let producer = backend
+        .create_producer(&t, Default::default())
+        .await
+        .unwrap();
+    let sent = Instant::now();
+    producer
+        .send(OutboundMessage::new("after the silence"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    assert!(
+        sent.elapsed() < keep_alive,
+        "the first send after the silence took {:?}: it met the dead connection",
+        sent.elapsed()
+    );
     backend.close().await.unwrap();
 }
