@@ -165,10 +165,7 @@ impl RawBackend for PostgresBackend {
 
     async fn probe(&self) -> Result<()> {
         let client = self.core.conn().await?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|e| self.core.pg(e, "ping"))?;
+        client.run("ping", client.simple_query("SELECT 1")).await?;
         Ok(())
     }
 

@@ -30,11 +30,13 @@ pub enum SslMode {
 ///
 /// From a URL (`DATABASE_URL` / `--postgres-url`):
 /// `postgres://user:password@host:port/dbname?option=value&…`. The libpq parameters
-/// `sslmode`, `sslrootcert`, `application_name`, `connect_timeout` and `options` mean what they
-/// mean to libpq, so a URL other PostgreSQL clients read works here too; tg-pubsub's own options
-/// are named like the fields below. Durations take a unit (`500ms`, `30s`, `10m`, `2h`, `7d`;
-/// `connect_timeout` also takes libpq's whole seconds), booleans are `true` or `false`, and an
-/// unknown option is refused with the list of known ones.
+/// `sslmode`, `sslrootcert`, `application_name`, `connect_timeout`, `options`, `keepalives`,
+/// `keepalives_idle`, `keepalives_interval`, `keepalives_count` and `tcp_user_timeout` mean what
+/// they mean to libpq, so a URL other PostgreSQL clients read works here too; tg-pubsub's own
+/// options are named like the fields below. Durations take a unit (`500ms`, `30s`, `10m`, `2h`,
+/// `7d`; `connect_timeout`, `keepalives_idle` and `keepalives_interval` also take libpq's whole
+/// seconds, `tcp_user_timeout` libpq's milliseconds), booleans are `true` or `false` (`keepalives`
+/// also libpq's `1` or `0`), and an unknown option is refused with the list of known ones.
 ///
 /// ```
 /// use std::time::Duration;
@@ -82,6 +84,26 @@ pub struct PostgresConfig {
     /// libpq's `options`: command-line options sent to the server at connection start
     /// (`-c synchronous_commit=off`). Default: none.
     pub options: Option<String>,
+    /// libpq's `keepalives`: TCP keep-alive on every connection. Default: true.
+    #[serde(deserialize_with = "libpq_bool")]
+    pub keepalives: bool,
+    /// libpq's `keepalives_idle`: idle time before the first TCP keep-alive probe. Default: none
+    /// (tokio-postgres's 2 hours).
+    #[serde(deserialize_with = "libpq_opt_seconds")]
+    pub keepalives_idle: Option<Duration>,
+    /// libpq's `keepalives_interval`: time between TCP keep-alive probes. Default: none (the
+    /// operating system's).
+    #[serde(deserialize_with = "libpq_opt_seconds")]
+    pub keepalives_interval: Option<Duration>,
+    /// libpq's `keepalives_count`: unanswered TCP keep-alive probes before the connection is
+    /// dropped. Default: none (the operating system's).
+    pub keepalives_count: Option<u32>,
+    /// libpq's `tcp_user_timeout` (Linux): how long sent data may stay unacknowledged before the
+    /// connection is dropped. Default: none (the operating system's). TCP keep-alive and this
+    /// notice a peer that is gone, not a path that swallows data while something still
+    /// acknowledges it: `query_timeout` covers that.
+    #[serde(deserialize_with = "libpq_opt_millis")]
+    pub tcp_user_timeout: Option<Duration>,
     /// Most pooled connections (producers' writers, consumers' claims and acks). Exclusive and
     /// failover consumers hold one more connection each for their advisory lock, and each backend
     /// holds one `LISTEN` connection. Default: 8.
@@ -120,6 +142,14 @@ pub struct PostgresConfig {
     /// How long a send may keep retrying a lost connection before failing. Default: 30 s.
     #[serde(with = "config::duration")]
     pub send_timeout: Duration,
+    /// How long any statement may wait for the server's answer. A connection whose statement
+    /// went unanswered this long is taken for dead (a silent network: no FIN, no RST, and TCP
+    /// keep-alive may still see a live peer) and closed, never returned to the pool; the
+    /// statement fails with `Connection`, which sends, claims and acknowledgements retry on a
+    /// new connection. The `LISTEN` connection is checked with `SELECT 1` every
+    /// `safety_interval`, answered within this. At least 100 ms. Default: 10 s.
+    #[serde(with = "config::duration")]
+    pub query_timeout: Duration,
     /// Whether claims, acknowledgements and negative acknowledgements wait for the WAL flush.
     /// `false` (the default) commits them asynchronously: a server *crash* may forget the last
     /// fraction of a second of them, which can only cause a redelivery, never a loss. Messages
@@ -146,6 +176,11 @@ impl Default for PostgresConfig {
             application_name: "tg-pubsub".to_owned(),
             connect_timeout: Duration::from_secs(5),
             options: None,
+            keepalives: true,
+            keepalives_idle: None,
+            keepalives_interval: None,
+            keepalives_count: None,
+            tcp_user_timeout: None,
             pool_size: 8,
             visibility_timeout: Duration::from_secs(30),
             retention: Duration::from_secs(3600),
@@ -157,6 +192,7 @@ impl Default for PostgresConfig {
             lease_interval: Duration::from_millis(250),
             cleanup_interval: Duration::from_secs(60),
             send_timeout: Duration::from_secs(30),
+            query_timeout: Duration::from_secs(10),
             consumer_synchronous_commit: false,
             producer_synchronous_commit: None,
         }
@@ -173,6 +209,38 @@ fn libpq_duration<'de, D: Deserializer<'de>>(
     match text.trim().parse::<u64>() {
         Ok(seconds) => Ok(Duration::from_secs(seconds)),
         Err(_) => config::duration::parse(&text).map_err(serde::de::Error::custom),
+    }
+}
+
+/// libpq's boolean (`1`/`0`), or `true`/`false` like every other boolean.
+fn libpq_bool<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<bool, D::Error> {
+    let text = Cow::<str>::deserialize(deserializer)?;
+    match text.trim() {
+        "1" | "true" => Ok(true),
+        "0" | "false" => Ok(false),
+        other => Err(serde::de::Error::custom(format!(
+            "{other:?} is no boolean (expected 1, 0, true or false)"
+        ))),
+    }
+}
+
+/// An optional duration as libpq writes it in whole seconds, or with a unit.
+fn libpq_opt_seconds<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<Duration>, D::Error> {
+    libpq_duration(deserializer).map(Some)
+}
+
+/// An optional duration as libpq writes `tcp_user_timeout` (whole milliseconds), or with a unit.
+fn libpq_opt_millis<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> std::result::Result<Option<Duration>, D::Error> {
+    let text = Cow::<str>::deserialize(deserializer)?;
+    match text.trim().parse::<u64>() {
+        Ok(ms) => Ok(Some(Duration::from_millis(ms))),
+        Err(_) => config::duration::parse(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom),
     }
 }
 
@@ -244,6 +312,12 @@ impl PostgresConfig {
             what,
             "visibility_timeout",
             "at least 100ms",
+        )?;
+        require(
+            self.query_timeout >= Duration::from_millis(100),
+            what,
+            "query_timeout",
+            "at least 100ms",
         )
     }
 
@@ -268,6 +342,19 @@ impl PostgresConfig {
         }
         pg.application_name(&self.application_name);
         pg.connect_timeout(self.connect_timeout);
+        pg.keepalives(self.keepalives);
+        if let Some(idle) = self.keepalives_idle {
+            pg.keepalives_idle(idle);
+        }
+        if let Some(interval) = self.keepalives_interval {
+            pg.keepalives_interval(interval);
+        }
+        if let Some(count) = self.keepalives_count {
+            pg.keepalives_retries(count);
+        }
+        if let Some(timeout) = self.tcp_user_timeout {
+            pg.tcp_user_timeout(timeout);
+        }
         pg.ssl_mode(match self.ssl_mode {
             SslMode::Disable => tokio_postgres::config::SslMode::Disable,
             SslMode::Allow | SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
@@ -408,6 +495,13 @@ impl PostgresConfig {
         self
     }
 
+    /// Sets the bound of every statement (see the field).
+    #[must_use]
+    pub fn query_timeout(mut self, timeout: Duration) -> Self {
+        self.query_timeout = timeout;
+        self
+    }
+
     /// Sets whether consumer state changes wait for the WAL flush.
     #[must_use]
     pub fn consumer_synchronous_commit(mut self, on: bool) -> Self {
@@ -468,7 +562,7 @@ mod tests {
              &batch_size=10&prefetch=5&safety_interval=5s&lease_interval=100ms\
              &cleanup_interval=1m&send_timeout=9s&consumer_synchronous_commit=true\
              &producer_synchronous_commit=false&connect_timeout=2\
-             &options=-c%20synchronous_commit%3Doff",
+             &options=-c%20synchronous_commit%3Doff&query_timeout=1500ms",
         )
         .unwrap();
         assert_eq!(c.application_name, "svc");
@@ -482,6 +576,7 @@ mod tests {
         assert_eq!(c.lease_interval, Duration::from_millis(100));
         assert_eq!(c.cleanup_interval, Duration::from_secs(60));
         assert_eq!(c.send_timeout, Duration::from_secs(9));
+        assert_eq!(c.query_timeout, Duration::from_millis(1500));
         assert!(c.consumer_synchronous_commit);
         assert_eq!(c.producer_synchronous_commit, Some(false));
         let pg = c.pg_config();
@@ -499,6 +594,39 @@ mod tests {
         assert_eq!(
             v.pg_config().get_ssl_mode(),
             tokio_postgres::config::SslMode::Require
+        );
+    }
+
+    /// libpq's TCP keep-alive parameters, in libpq's units or with one, reach tokio-postgres.
+    #[test]
+    fn keepalive_parameters() {
+        let d = PostgresConfig::default().pg_config();
+        assert!(d.get_keepalives());
+        assert_eq!(d.get_tcp_user_timeout(), None);
+        let c = PostgresConfig::from_url(
+            "postgres://u@h/d?keepalives=1&keepalives_idle=30&keepalives_interval=5s\
+             &keepalives_count=3&tcp_user_timeout=9000",
+        )
+        .unwrap();
+        assert!(c.keepalives);
+        assert_eq!(c.keepalives_idle, Some(Duration::from_secs(30)));
+        assert_eq!(c.keepalives_interval, Some(Duration::from_secs(5)));
+        assert_eq!(c.keepalives_count, Some(3));
+        assert_eq!(c.tcp_user_timeout, Some(Duration::from_secs(9)));
+        let pg = c.pg_config();
+        assert!(pg.get_keepalives());
+        assert_eq!(pg.get_keepalives_idle(), Duration::from_secs(30));
+        assert_eq!(pg.get_keepalives_interval(), Some(Duration::from_secs(5)));
+        assert_eq!(pg.get_keepalives_retries(), Some(3));
+        assert_eq!(pg.get_tcp_user_timeout(), Some(&Duration::from_secs(9)));
+        let off =
+            PostgresConfig::from_url("postgres://u@h/d?keepalives=0&tcp_user_timeout=2s").unwrap();
+        assert!(!off.keepalives && !off.pg_config().get_keepalives());
+        assert_eq!(off.tcp_user_timeout, Some(Duration::from_secs(2)));
+        assert!(
+            !PostgresConfig::from_url("postgres://u@h/d?keepalives=false")
+                .unwrap()
+                .keepalives
         );
     }
 
@@ -546,7 +674,20 @@ mod tests {
                 "postgres://u@h/d?colour=blue",
                 "\"colour\"; known: sslmode, sslrootcert, schema",
             ),
-            ("postgres://u@h/d?keepalives=1", "\"keepalives\"; known:"),
+            ("postgres://u@h/d?hostaddr=10.0.0.1", "\"hostaddr\"; known:"),
+            ("postgres://u@h/d?keepalives=yes", "keepalives=\"yes\""),
+            (
+                "postgres://u@h/d?tcp_user_timeout=soon",
+                "tcp_user_timeout=\"soon\"",
+            ),
+            (
+                "postgres://u@h/d?keepalives_count=-1",
+                "keepalives_count=\"-1\"",
+            ),
+            (
+                "postgres://u@h/d?query_timeout=10ms",
+                "query_timeout must be at least 100ms",
+            ),
             (
                 "postgres://u@h/d?sslmode=sometimes",
                 "sslmode=\"sometimes\"",

@@ -253,23 +253,28 @@ impl TableConsumer {
         // listen first, so nothing committed after the subscription exists goes unnoticed
         let registration = core.listener.register(&channel, false, false).await?;
         let sub_id = {
-            let mut client = core.conn().await?;
-            let tx = client
-                .transaction()
-                .await
-                .map_err(|e| core.pg(e, "subscribe"))?;
-            let row = tx
-                .query_one(&core.sql.subscription, &[&topic_id, &options.subscription])
-                .await
-                .map_err(|e| core.pg(e, "subscribe"))?;
-            let (sub_id, created): (i64, bool) = (row.get(0), row.get(1));
-            if created && options.initial_position == InitialPosition::Earliest {
-                tx.execute(&core.sql.replay, &[&sub_id, &topic_id])
-                    .await
-                    .map_err(|e| core.pg(e, "replay retained messages"))?;
-            }
-            tx.commit().await.map_err(|e| core.pg(e, "subscribe"))?;
-            sub_id
+            let mut conn = core.conn().await?;
+            let (client, guard) = conn.parts();
+            guard
+                .bounded("subscribe", async {
+                    let tx = client
+                        .transaction()
+                        .await
+                        .map_err(|e| core.pg(e, "subscribe"))?;
+                    let row = tx
+                        .query_one(&core.sql.subscription, &[&topic_id, &options.subscription])
+                        .await
+                        .map_err(|e| core.pg(e, "subscribe"))?;
+                    let (sub_id, created): (i64, bool) = (row.get(0), row.get(1));
+                    if created && options.initial_position == InitialPosition::Earliest {
+                        tx.execute(&core.sql.replay, &[&sub_id, &topic_id])
+                            .await
+                            .map_err(|e| core.pg(e, "replay retained messages"))?;
+                    }
+                    tx.commit().await.map_err(|e| core.pg(e, "subscribe"))?;
+                    Ok(sub_id)
+                })
+                .await?
         };
         let lease = match options.consumer_type {
             ConsumerType::Shared => None,
@@ -402,24 +407,25 @@ impl TableConsumer {
         }
         let client = self.core.conn().await?;
         let stmt = client
-            .prepare_cached(&self.core.sql.claim)
-            .await
-            .map_err(|e| self.core.pg(e, "prepare"))?;
+            .run("prepare", client.prepare_cached(&self.core.sql.claim))
+            .await?;
         let limit_param = limit as i64;
         let vt_ms = self.core.config.visibility_timeout.as_secs_f64() * 1000.0;
         let rows = client
-            .query(
-                &stmt,
-                &[
-                    &self.sub_id,
-                    &limit_param,
-                    &vt_ms,
-                    &self.token,
-                    &self.core.synchronous(),
-                ],
+            .run(
+                "claim",
+                client.query(
+                    &stmt,
+                    &[
+                        &self.sub_id,
+                        &limit_param,
+                        &vt_ms,
+                        &self.token,
+                        &self.core.synchronous(),
+                    ],
+                ),
             )
-            .await
-            .map_err(|e| self.core.pg(e, "claim"))?;
+            .await?;
         drop(client);
         let now = Instant::now();
         let n = rows.len();
@@ -493,13 +499,14 @@ impl TableConsumer {
     async fn next_visible(&self) -> Result<Option<Duration>> {
         let client = self.core.conn().await?;
         let stmt = client
-            .prepare_cached(&self.core.sql.next_visible)
-            .await
-            .map_err(|e| self.core.pg(e, "prepare"))?;
+            .run(
+                "prepare",
+                client.prepare_cached(&self.core.sql.next_visible),
+            )
+            .await?;
         let row = client
-            .query_one(&stmt, &[&self.sub_id])
-            .await
-            .map_err(|e| self.core.pg(e, "claim"))?;
+            .run("claim", client.query_one(&stmt, &[&self.sub_id]))
+            .await?;
         let ms: Option<i64> = row.get(0);
         Ok(ms.map(|ms| Duration::from_millis(ms.max(0) as u64 + 5)))
     }
@@ -511,12 +518,14 @@ impl TableConsumer {
         let result = async {
             let client = self.core.conn().await?;
             client
-                .query(
-                    &self.core.sql.release,
-                    &[&self.sub_id, &self.token, &delivered, &self.channel],
+                .run(
+                    "release claims",
+                    client.query(
+                        &self.core.sql.release,
+                        &[&self.sub_id, &self.token, &delivered, &self.channel],
+                    ),
                 )
-                .await
-                .map_err(|e| self.core.pg(e, "release claims"))?;
+                .await?;
             Ok::<_, Error>(())
         }
         .await;
@@ -541,18 +550,22 @@ async fn try_lock(core: &Core, lease: &mut Lease) -> Result<bool> {
         Some(conn) => conn,
         None => lease.conn.insert(core.dedicated().await?),
     };
-    let got: std::result::Result<bool, _> = client
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&lease.key])
+    let got = core
+        .bounded(
+            "advisory lock",
+            client.query_one("SELECT pg_try_advisory_lock($1)", &[&lease.key]),
+        )
         .await
-        .map(|row| row.get(0));
+        .map(|row| row.get::<_, bool>(0));
     match got {
         Ok(got) => {
             lease.held = got;
             Ok(got)
         }
         Err(e) => {
+            // (closing the connection frees a lock it might hold)
             lease.release();
-            Err(core.pg(e, "advisory lock"))
+            Err(e.unwrap_or_else(|| core.unanswered("advisory lock")))
         }
     }
 }
@@ -605,13 +618,14 @@ async fn ack_task(
             let r = async {
                 let client = core.conn().await?;
                 let stmt = client
-                    .prepare_cached(&core.sql.ack)
-                    .await
-                    .map_err(|e| core.pg(e, "prepare"))?;
+                    .run("prepare", client.prepare_cached(&core.sql.ack))
+                    .await?;
                 client
-                    .execute(&stmt, &[&sub_id, &seqs, &core.synchronous()])
-                    .await
-                    .map_err(|e| core.pg(e, "acknowledge"))?;
+                    .run(
+                        "acknowledge",
+                        client.execute(&stmt, &[&sub_id, &seqs, &core.synchronous()]),
+                    )
+                    .await?;
                 Ok::<_, Error>(())
             }
             .await;
@@ -766,18 +780,20 @@ impl TableConsumer {
     async fn nack(&self, seqs: Vec<i64>) -> Result<()> {
         let client = self.core.conn().await?;
         client
-            .query(
-                &self.core.sql.nack,
-                &[
-                    &self.sub_id,
-                    &seqs,
-                    &self.token,
-                    &self.core.synchronous(),
-                    &self.channel,
-                ],
+            .run(
+                "negative acknowledge",
+                client.query(
+                    &self.core.sql.nack,
+                    &[
+                        &self.sub_id,
+                        &seqs,
+                        &self.token,
+                        &self.core.synchronous(),
+                        &self.channel,
+                    ],
+                ),
             )
-            .await
-            .map_err(|e| self.core.pg(e, "negative acknowledge"))?;
+            .await?;
         drop(client);
         {
             let mut outstanding = self.outstanding.lock();
@@ -793,9 +809,11 @@ impl TableConsumer {
     async fn unsubscribe(&self) -> Result<()> {
         let client = self.core.conn().await?;
         client
-            .execute(&self.core.sql.unsubscribe, &[&self.sub_id])
-            .await
-            .map_err(|e| self.core.pg(e, "unsubscribe"))?;
+            .run(
+                "unsubscribe",
+                client.execute(&self.core.sql.unsubscribe, &[&self.sub_id]),
+            )
+            .await?;
         drop(client);
         self.buffer.lock().clear();
         self.outstanding.lock().clear();

@@ -1,5 +1,12 @@
 //! The one `LISTEN` connection of a backend instance: it wakes q1/q2 consumers and carries q0
 //! messages, fanning notifications out to the consumers of this process.
+//!
+//! A connection that only listens sends nothing, so on a silent network (bytes vanish both ways,
+//! no FIN, no RST, TCP keep-alive still content) it would wait for notifications for good. It is
+//! checked with `SELECT 1` every `safety_interval` — the period at which a waiting consumer claims
+//! anyway, for a notification that may have been lost — and at once when a pooled statement went
+//! unanswered; a check not answered within `query_timeout` replaces the connection. Every
+//! consumer claims once the new one listens, so nothing notified in the gap is missed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,7 +15,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use parking_lot::Mutex;
 use tg_backend_api::{Backoff, Error, Result};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{broadcast, watch, Notify};
+use tokio::time::Instant;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
@@ -33,12 +41,26 @@ struct State {
     client: Option<Arc<tokio_postgres::Client>>,
 }
 
+/// How the connection is kept: from the backend's configuration.
+pub(crate) struct Timing {
+    /// Bound of opening a connection (`connect_timeout`): tokio-postgres bounds only the TCP
+    /// connect, and on a silent network the start-up exchange after it never ends.
+    pub(crate) connect: Duration,
+    /// How often the connection is checked (`safety_interval`).
+    pub(crate) check_every: Duration,
+    /// How long a check or a `LISTEN` may wait for its answer (`query_timeout`).
+    pub(crate) answer_within: Duration,
+}
+
 /// Shared by the backend, its consumers and the listener task.
 pub(crate) struct Listener {
     state: Mutex<State>,
     /// Serialises LISTEN/UNLISTEN commands with (re)connection.
     commands: tokio::sync::Mutex<()>,
     connected: watch::Sender<bool>,
+    /// Asks for a check of the connection now.
+    check: Notify,
+    timing: Timing,
     server: String,
 }
 
@@ -57,7 +79,7 @@ impl Drop for Registration {
 }
 
 impl Listener {
-    pub(crate) fn new(server: String) -> Arc<Self> {
+    pub(crate) fn new(server: String, timing: Timing) -> Arc<Self> {
         Arc::new(Self {
             state: Mutex::new(State {
                 channels: HashMap::new(),
@@ -65,8 +87,53 @@ impl Listener {
             }),
             commands: tokio::sync::Mutex::new(()),
             connected: watch::channel(false).0,
+            check: Notify::new(),
+            timing,
             server,
         })
+    }
+
+    /// Checks the connection now (a pooled statement went unanswered: the network may have gone
+    /// silent).
+    pub(crate) fn check_now(&self) {
+        self.check.notify_one();
+    }
+
+    /// Opens a connection within the connect timeout.
+    async fn connect(
+        &self,
+        tls: &Tls,
+        pg: &tokio_postgres::Config,
+    ) -> Result<(tokio_postgres::Client, Messages)> {
+        match tokio::time::timeout(self.timing.connect, tls.connect(pg)).await {
+            Ok(connected) => connected.map_err(|e| crate::error::pg(e, "connect", &self.server)),
+            Err(_) => Err(Error::connection(format!(
+                "PostgreSQL did not complete the connection within {:?} (connect_timeout)",
+                self.timing.connect
+            ))
+            .with_context("server", &self.server)),
+        }
+    }
+
+    /// A check of the connection: `SELECT 1` answered within `query_timeout`.
+    fn check_on(
+        self: &Arc<Self>,
+        client: &Arc<tokio_postgres::Client>,
+    ) -> futures::future::BoxFuture<'static, Result<()>> {
+        let (this, client) = (self.clone(), client.clone());
+        Box::pin(async move { this.command(&client, "SELECT 1").await })
+    }
+
+    /// Runs `sql` on the `LISTEN` connection within `query_timeout`.
+    async fn command(&self, client: &tokio_postgres::Client, sql: &str) -> Result<()> {
+        match tokio::time::timeout(self.timing.answer_within, client.batch_execute(sql)).await {
+            Ok(done) => done.map_err(|e| crate::error::pg(e, "LISTEN", &self.server)),
+            Err(_) => Err(Error::connection(format!(
+                "PostgreSQL did not answer on the LISTEN connection within {:?} (query_timeout)",
+                self.timing.answer_within
+            ))
+            .with_context("server", &self.server)),
+        }
     }
 
     /// Starts the task that keeps the connection up until `stop` is cancelled (the backend
@@ -77,10 +144,7 @@ impl Listener {
         tls: Tls,
         stop: CancellationToken,
     ) -> Result<()> {
-        let first = tls
-            .connect(&pg)
-            .await
-            .map_err(|e| crate::error::pg(e, "connect", &self.server))?;
+        let first = self.connect(&tls, &pg).await?;
         let this = self.clone();
         tokio::spawn(async move { this.run(pg, tls, Some(first), stop).await });
         let mut connected = self.connected.subscribe();
@@ -101,7 +165,7 @@ impl Listener {
             let pair = match first.take() {
                 Some(p) => Ok(p),
                 None => tokio::select! {
-                    pair = tls.connect(&pg) => pair,
+                    pair = self.connect(&tls, &pg) => pair,
                     () = stop.cancelled() => break,
                 },
             };
@@ -132,17 +196,20 @@ impl Listener {
                     if !names.is_empty() {
                         let sql: String =
                             names.iter().map(|n| format!("LISTEN \"{n}\";")).collect();
-                        client.batch_execute(&sql).await?;
+                        this.command(&client, &sql).await?;
                     }
                     this.connected.send_replace(true);
                     // every consumer re-checks: notifications may have been missed while down
                     for ch in this.state.lock().channels.values() {
                         ch.wake.send_modify(|v| *v = v.wrapping_add(1));
                     }
-                    Ok::<_, tokio_postgres::Error>(())
+                    Ok::<_, Error>(())
                 })
             };
             let mut install = Some(install);
+            // the check of the connection in flight, and when the next one is due
+            let mut check: Option<futures::future::BoxFuture<'static, Result<()>>> = None;
+            let mut next_check = Instant::now() + self.timing.check_every;
             loop {
                 tokio::select! {
                     msg = messages.next() => match msg {
@@ -168,12 +235,31 @@ impl Listener {
                             Err(_) => break,
                         }
                     }
+                    Some(answer) = futures::future::OptionFuture::from(check.as_mut()), if check.is_some() => {
+                        check = None;
+                        if let Err(e) = answer {
+                            tracing::warn!(server = %self.server, error = %e, "LISTEN connection went silent; reconnecting");
+                            break;
+                        }
+                        next_check = Instant::now() + self.timing.check_every;
+                    }
+                    // (`SELECT 1` is a transaction: it runs on the safety timer's period, when a
+                    // waiting consumer claims anyway, or when the network seems to have gone)
+                    () = tokio::time::sleep_until(next_check), if check.is_none() => {
+                        check = Some(self.check_on(&client));
+                    }
+                    () = self.check.notified(), if check.is_none() => {
+                        check = Some(self.check_on(&client));
+                    }
                     () = stop.cancelled() => break,
                 }
             }
             self.connected.send_replace(false);
             self.state.lock().client = None;
+            // closes the socket now, a dead one included
+            drop(check);
             drop(client);
+            drop(messages);
             tokio::select! {
                 () = tokio::time::sleep(RECONNECT.delay(retry + 1)) => {}
                 () = stop.cancelled() => break,
@@ -235,8 +321,11 @@ impl Listener {
         };
         match client {
             Some(client) if fresh => {
-                if let Err(e) = client.batch_execute(&format!("LISTEN \"{channel}\"")).await {
-                    let err = crate::error::pg(e, "LISTEN", &self.server);
+                if let Err(err) = self
+                    .command(&client, &format!("LISTEN \"{channel}\""))
+                    .await
+                {
+                    self.check_now();
                     if require {
                         return Err(err);
                     }
@@ -278,8 +367,8 @@ impl Listener {
                     if this.state.lock().channels.contains_key(&channel) {
                         return;
                     }
-                    let _ = client
-                        .batch_execute(&format!("UNLISTEN \"{channel}\""))
+                    let _ = this
+                        .command(&client, &format!("UNLISTEN \"{channel}\""))
                         .await;
                 });
             }

@@ -290,28 +290,29 @@ impl Writer {
         let core = &self.core;
         let client = core.conn().await?;
         let stmt = client
-            .prepare_cached(&core.sql.publish)
-            .await
-            .map_err(|e| core.pg(e, "prepare"))?;
+            .run("prepare", client.prepare_cached(&core.sql.publish))
+            .await?;
         let payloads: Vec<&[u8]> = rows.iter().map(|r| r.payload.as_ref()).collect();
         let props: Vec<Option<&str>> = rows.iter().map(|r| r.properties.as_deref()).collect();
         let keys: Vec<Option<&str>> = rows.iter().map(|r| r.key.as_deref()).collect();
         let dedup: Vec<Option<&str>> = rows.iter().map(|r| r.dedup_id.as_deref()).collect();
         let result = client
-            .query(
-                &stmt,
-                &[
-                    &self.topic_id,
-                    &payloads,
-                    &props,
-                    &keys,
-                    &dedup,
-                    &self.channel,
-                    &self.commit,
-                ],
+            .run(
+                "publish",
+                client.query(
+                    &stmt,
+                    &[
+                        &self.topic_id,
+                        &payloads,
+                        &props,
+                        &keys,
+                        &dedup,
+                        &self.channel,
+                        &self.commit,
+                    ],
+                ),
             )
-            .await
-            .map_err(|e| core.pg(e, "publish"))?;
+            .await?;
         let dedup_mode = rows.iter().any(|r| r.dedup_id.is_some());
         if !dedup_mode {
             let mut seqs: Vec<i64> = result.iter().map(|r| r.get(0)).collect();
@@ -341,9 +342,11 @@ impl Writer {
             .collect();
         if !missing.is_empty() {
             let found = client
-                .query(&core.sql.dedup_lookup, &[&self.topic_id, &missing])
-                .await
-                .map_err(|e| core.pg(e, "de-duplication lookup"))?;
+                .run(
+                    "de-duplication lookup",
+                    client.query(&core.sql.dedup_lookup, &[&self.topic_id, &missing]),
+                )
+                .await?;
             for r in found {
                 by_dedup.insert(r.get(0), r.get(1));
             }

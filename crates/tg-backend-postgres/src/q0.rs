@@ -115,13 +115,16 @@ async fn writer(core: Arc<Core>, channel: String, mut rx: mpsc::Receiver<Item>) 
                 let r = async {
                     let client = core.conn().await?;
                     let stmt = client
-                        .prepare_cached("SELECT pg_notify($1, x) FROM unnest($2::text[]) AS x")
-                        .await
-                        .map_err(|e| core.pg(e, "prepare"))?;
+                        .run(
+                            "prepare",
+                            client.prepare_cached(
+                                "SELECT pg_notify($1, x) FROM unnest($2::text[]) AS x",
+                            ),
+                        )
+                        .await?;
                     client
-                        .query(&stmt, &[&channel, &texts])
-                        .await
-                        .map_err(|e| core.pg(e, "NOTIFY"))?;
+                        .run("NOTIFY", client.query(&stmt, &[&channel, &texts]))
+                        .await?;
                     Ok::<_, Error>(())
                 }
                 .await;

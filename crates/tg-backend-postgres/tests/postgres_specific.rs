@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use tg_backend_api::{Backend, Consumer, ConsumerOptions, ErrorKind, OutboundMessage, Qos, Topic};
 use tg_backend_postgres::{channel_name, PostgresBackend, PostgresConfig};
+use tg_testkit::proxy::{Mode, Proxy};
 use tg_testkit::support::in_ci;
 
 fn url() -> String {
@@ -1041,4 +1042,94 @@ async fn batch_paths_move_many_messages_per_statement() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
     backend.close().await.unwrap();
+}
+
+/// An idle backend — no producer, no consumer, so no pooled statement runs into the silence —
+/// notices a silent network by the check of its `LISTEN` connection alone: within
+/// `safety_interval` + `query_timeout` it closes that connection and stops listening, and once
+/// traffic passes again it listens on a new one (within the reconnect back-off's 5 s ceiling and
+/// `connect_timeout`). Through the test proxy, whose host acknowledges every segment, so TCP
+/// keep-alive cannot be what noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_backend_checks_its_listen_connection() {
+    let base = url();
+    let server = PostgresConfig::from_url(&base).unwrap().server();
+    let Ok(broker) = server.parse::<std::net::SocketAddr>() else {
+        eprintln!("SKIPPED: {server} is no IP address and port the proxy can forward to");
+        return;
+    };
+    if std::net::TcpStream::connect_timeout(&broker, Duration::from_secs(1)).is_err() {
+        assert!(!in_ci(), "PostgreSQL is not reachable on {broker}");
+        eprintln!("SKIPPED: PostgreSQL is not reachable on {broker}");
+        return;
+    }
+    let Some(at) = base.find(&server) else {
+        eprintln!("SKIPPED: {base} does not name {server} as written");
+        return;
+    };
+    let proxy = Proxy::start(broker).await.expect("proxy");
+    let through_proxy = format!(
+        "{}{}{}",
+        &base[..at],
+        proxy.addr(),
+        &base[at + server.len()..]
+    );
+    let (safety, answer) = (Duration::from_secs(1), Duration::from_secs(1));
+    let config = PostgresConfig::from_url(&through_proxy)
+        .unwrap()
+        .safety_interval(safety)
+        .query_timeout(answer)
+        .connect_timeout(Duration::from_secs(1))
+        .cleanup_interval(Duration::from_secs(3600));
+    let backend = PostgresBackend::connect(config).await.unwrap();
+    let listening = |b: &PostgresBackend| format!("{b:?}").contains("listening: true");
+    assert!(listening(&backend), "{backend:?}");
+
+    proxy.set(Mode::BlackHole);
+    let silent = Instant::now();
+    let bound = safety + answer + Duration::from_secs(1);
+    while silent.elapsed() < bound && listening(&backend) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let noticed = silent.elapsed();
+    assert!(
+        !listening(&backend),
+        "still listening {noticed:?} into the silence (bound {bound:?})"
+    );
+    let closed = proxy
+        .caught()
+        .iter()
+        .filter_map(|c| c.client_closed)
+        .map(|t| t.saturating_duration_since(silent))
+        .min();
+    assert!(
+        closed.is_some_and(|d| d <= bound),
+        "the client closed no caught connection within {bound:?}: {:?}",
+        proxy.caught()
+    );
+    eprintln!(
+        "idle backend: stopped listening {noticed:?} into the silence, closed its LISTEN \
+         connection after {closed:?}"
+    );
+
+    // a few seconds of silence more: the reconnect attempts fail within the connect timeout
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.set(Mode::Pass);
+    let back = Instant::now();
+    let within = Duration::from_secs(5) + Duration::from_secs(1) + Duration::from_secs(2);
+    while back.elapsed() < within && !listening(&backend) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        listening(&backend),
+        "not listening again {within:?} after traffic passed again"
+    );
+    eprintln!(
+        "idle backend: listening again {:?} after traffic passed again",
+        back.elapsed()
+    );
+    tokio::time::timeout(Duration::from_secs(10), backend.close())
+        .await
+        .expect("close within 10 s")
+        .unwrap();
 }
