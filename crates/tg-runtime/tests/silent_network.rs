@@ -482,12 +482,11 @@ fn showing_output(server: &OwnServer, test: impl FnOnce()) {
     }
 }
 
-/// Redis has no keep-alive of its own: a consumer's blocking read gives up after `block` +
-/// `connect_timeout` + 1 s (3 s here), a send or acknowledgement after `send_timeout` (5 s).
+/// Redis has no keep-alive of its own; the backend's `keep_alive` (2 s here) bounds each command on
+/// its shared connection and `PING`s that connection as often, replacing it when either goes
+/// unanswered: within two keep-alives. A consumer's blocking read, on its own connection, gives up
+/// after `block` + `connect_timeout` + 1 s (3 s here).
 #[test]
-#[ignore = "defect of the Redis backend, not yet fixed: its shared connection has no response \
-            timeout and is never replaced after one, so sends and acks stay on the dead socket \
-            (measured: 14,734 of 20,000 not handled); run with --ignored"]
 fn redis_notices_a_silent_network_and_loses_nothing() {
     let Some(broker) = local_server(6379, "Redis") else {
         return;
@@ -495,13 +494,13 @@ fn redis_notices_a_silent_network_and_loses_nothing() {
     run(async move {
         let proxy = Proxy::start(broker).await.expect("proxy");
         let url = format!(
-            "redis://127.0.0.1:{}?connect_timeout=1s&block=1s&send_timeout=5s",
+            "redis://127.0.0.1:{}?keep_alive=2s&connect_timeout=1s&block=1s&send_timeout=5s",
             proxy.port()
         );
         let case = Case {
             name: "redis",
-            settings: "connect_timeout=1s, block=1s, send_timeout=5s",
-            notice_within: Duration::from_secs(5) + Duration::from_secs(2),
+            settings: "keep_alive=2s, connect_timeout=1s, block=1s, send_timeout=5s",
+            notice_within: 2 * Duration::from_secs(2) + Duration::from_secs(2),
             silent_for: Duration::from_secs(10),
             prefetch: 2 * RedisConfig::default().batch,
         };
@@ -516,12 +515,11 @@ fn redis_notices_a_silent_network_and_loses_nothing() {
     });
 }
 
-/// PostgreSQL's options have no keep-alive or statement bound on the client side: what bounds a
-/// silent connection is `send_timeout` (5 s here).
+/// PostgreSQL has no keep-alive of its own; the backend bounds every statement by `query_timeout`
+/// (2 s here), closing a connection whose statement went unanswered, and checks its `LISTEN`
+/// connection (`SELECT 1`, answered within `query_timeout`) every `safety_interval` (2 s here):
+/// an idle backend notices within the sum.
 #[test]
-#[ignore = "defect of the PostgreSQL backend, not yet fixed: no statement is bounded in time and \
-            the pool hands out dead connections, so sends, claims and close hang (measured: \
-            14,991 of 20,000 not handled); run with --ignored"]
 fn postgres_notices_a_silent_network_and_loses_nothing() {
     let Some(broker) = local_server(5432, "PostgreSQL") else {
         return;
@@ -529,14 +527,15 @@ fn postgres_notices_a_silent_network_and_loses_nothing() {
     run(async move {
         let proxy = Proxy::start(broker).await.expect("proxy");
         let url = format!(
-            "postgres://postgres@127.0.0.1:{}/test?connect_timeout=1s&send_timeout=5s",
+            "postgres://postgres@127.0.0.1:{}/test?query_timeout=2s&safety_interval=2s\
+             &connect_timeout=1s&send_timeout=5s",
             proxy.port()
         );
         let defaults = PostgresConfig::default();
         let case = Case {
             name: "postgres",
-            settings: "connect_timeout=1s, send_timeout=5s",
-            notice_within: Duration::from_secs(5) + Duration::from_secs(2),
+            settings: "query_timeout=2s, safety_interval=2s, connect_timeout=1s, send_timeout=5s",
+            notice_within: Duration::from_secs(2) + Duration::from_secs(2) + Duration::from_secs(2),
             silent_for: Duration::from_secs(10),
             prefetch: defaults.prefetch.max(defaults.batch_size),
         };
