@@ -577,9 +577,13 @@ async fn run(
     let mut attempt = 0u32;
     let mut connected_before = false;
     // rumqttc forgets the packet ids of QoS 2 messages it sent PUBREC for when the connection
-    // drops, and treats the PUBREL the broker resends on the resumed session as a protocol
-    // error. When that repeats, the session is given up once (clean start) to get out of it.
+    // drops (its state is cleaned on every reconnect), and treats the PUBREL the broker resends
+    // on the resumed session as a protocol error: the connection fails, the PUBREL comes again,
+    // and the broker's in-flight window stays full of them — the consumer stalls. So the ids of
+    // PUBRECs written are kept here and handed back to rumqttc when a session is resumed. Should the broker still send a PUBREL for an
+    // id unknown here, and that repeats, the session is given up once (clean start) to get out.
     let mut unsolicited = 0u32;
+    let mut released = PubRecsWritten::default();
     let persistent = !eventloop.options.clean_start();
     // Consumers: when the broker has to have closed the connection after a resume's DISCONNECT.
     let mut resume_deadline: Option<Instant> = None;
@@ -675,6 +679,11 @@ async fn run(
                 if persistent && eventloop.options.clean_start() {
                     eventloop.options.set_clean_start(false);
                 }
+                if ack.session_present {
+                    released.rearm(&mut eventloop);
+                } else {
+                    released.clear();
+                }
                 requeue(
                     &mut eventloop,
                     &shared,
@@ -701,7 +710,10 @@ async fn run(
                 shared.resuming.store(true, Ordering::Release);
                 resume_deadline = Some(Instant::now() + RESUME_CLOSE_LIMIT);
             }
-            Ok(event) => handle(&shared, event),
+            Ok(event) => {
+                released.note(&event);
+                handle(&shared, event);
+            }
             Err(e) => {
                 shared.connected.store(false, Ordering::Release);
                 resume_deadline = None;
@@ -807,6 +819,60 @@ async fn until(deadline: Option<Instant>) {
 }
 
 /// Answers what rumqttc reports. Never waits: the event loop must keep being polled.
+/// Packet ids of the QoS 2 messages this client sent PUBREC for. The broker resends the PUBREL
+/// of any whose PUBCOMP it did not get — also of one whose PUBCOMP was written just before the
+/// connection went silent — so an id is kept after its PUBCOMP too: only the broker knows which
+/// flows it still holds. At most one bit per packet id (8 KiB).
+struct PubRecsWritten(Box<[u64; 1024]>);
+
+impl Default for PubRecsWritten {
+    fn default() -> Self {
+        Self(Box::new([0; 1024]))
+    }
+}
+
+impl PubRecsWritten {
+    fn note(&mut self, event: &Event) {
+        if let Event::Outgoing(Outgoing::PubRec(pkid)) = event {
+            self.0[usize::from(*pkid) / 64] |= 1 << (pkid % 64);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.0.fill(0);
+    }
+
+    fn ids(&self) -> impl Iterator<Item = u16> + '_ {
+        (0..=u16::MAX).filter(|id| self.0[usize::from(*id) / 64] & (1 << (id % 64)) != 0)
+    }
+
+    /// Makes rumqttc's state, cleaned by the reconnect, know these ids again, so that it answers
+    /// the broker's resent PUBRELs with PUBCOMP instead of failing the connection. rumqttc offers
+    /// no setter for its QoS 2 ids; the one public way in is its incoming-packet handler, fed a
+    /// stand-in QoS 2 PUBLISH per id (manual acknowledgements: it only records the id), whose
+    /// event is taken back out at once. An id the broker has no flow for stays recorded until
+    /// the broker reuses it for a new message, which records it anyway.
+    fn rearm(&self, eventloop: &mut EventLoop) {
+        let events = eventloop.state.events.len();
+        let mut count = 0usize;
+        for pkid in self.ids() {
+            let mut publish = Publish::new("tg-rearm", QoS::ExactlyOnce, Vec::new(), None);
+            publish.pkid = pkid;
+            let _ = eventloop
+                .state
+                .handle_incoming_packet(Packet::Publish(publish));
+            count += 1;
+        }
+        eventloop.state.events.truncate(events);
+        if count > 0 {
+            tracing::debug!(
+                ids = count,
+                "QoS 2 ids acknowledged before the reconnect handed back to rumqttc"
+            );
+        }
+    }
+}
+
 fn handle(shared: &Shared, event: Event) {
     match event {
         Event::Incoming(Packet::Publish(publish)) => {
