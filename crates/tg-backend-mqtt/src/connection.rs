@@ -17,10 +17,7 @@
 //!
 //! The task never waits for the application (a consumer's receivers hand their acknowledgements
 //! to it through the session): it must keep polling to write acknowledgements, ping, and notice a
-//! dead connection. What a consumer needs sent without the application's help (acknowledgements
-//! parked or held back, a session resume) the task sends itself, woken by the receivers while it
-//! goes on awaiting the same poll of rumqttc's event loop: a poll dropped half-way can lose a
-//! packet half written, or leave written ones unflushed, which on an idle link stay there.
+//! dead connection.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -259,13 +256,7 @@ impl Connection {
         let shared = Arc::new(Shared::new(config, spec.client_id, spec.session));
         let (first_tx, first_rx) = oneshot::channel();
         let backoff = reconnect_backoff(config);
-        let task = tokio::spawn(run(
-            eventloop,
-            client.clone(),
-            shared.clone(),
-            first_tx,
-            backoff,
-        ));
+        let task = tokio::spawn(run(eventloop, shared.clone(), first_tx, backoff));
         let timeout = config.connect_timeout + Duration::from_secs(1);
         match tokio::time::timeout(timeout, first_rx).await {
             Ok(Ok(Ok(()))) => Ok(Arc::new(Self {
@@ -301,6 +292,14 @@ impl Connection {
 
     pub(crate) fn is_closed(&self) -> bool {
         self.shared.closed.load(Ordering::Acquire)
+    }
+
+    /// Consumers: disconnects and reconnects at once with the same session, so that the broker
+    /// sends again what it holds unacknowledged for it (see [`Session::resume_due`]). The
+    /// DISCONNECT goes through the request queue, after the acknowledgements queued before it.
+    /// False when it could not be queued now.
+    pub(crate) fn resume_session(&self) -> bool {
+        !self.is_closed() && self.client.try_disconnect().is_ok()
     }
 
     /// The broker's Maximum Packet Size.
@@ -551,23 +550,8 @@ fn reconnect_backoff(config: &MqttConfig) -> Backoff {
     Backoff::new(RECONNECT_FIRST, config.reconnect_max).jitter(true)
 }
 
-/// What ended one wait of the connection task.
-#[expect(
-    clippy::large_enum_variant,
-    reason = "one per event, moved once and never stored: boxing would allocate per event"
-)]
-enum Step {
-    Polled(std::result::Result<Event, ConnectionError>),
-    /// Go round the loop (publishes routed to nobody are due).
-    Again,
-    Shutdown,
-    /// The broker did not close the connection after a resume's DISCONNECT.
-    ResumeStuck,
-}
-
 async fn run(
     mut eventloop: EventLoop,
-    client: AsyncClient,
     shared: Arc<Shared>,
     first: oneshot::Sender<Result<()>>,
     backoff: Backoff,
@@ -595,7 +579,7 @@ async fn run(
     let mut window = upper;
     loop {
         if let Some(session) = &shared.session {
-            consumer_duties(&shared, session, &client);
+            session.flush_local_acks(&mut eventloop);
         }
         let unrouted_due = {
             let mut t = shared.tracker.lock();
@@ -605,49 +589,12 @@ async fn run(
         if shared.connected.load(Ordering::Acquire) {
             feed_resends(&mut eventloop, &shared, window);
         }
-        let step = {
-            let poll = eventloop.poll();
-            tokio::pin!(poll);
-            loop {
-                let wake = async {
-                    match &shared.session {
-                        Some(session) => session.wake().notified().await,
-                        None => std::future::pending().await,
-                    }
-                };
-                // Acknowledgements held back wait for what the sent ones may bring, not longer.
-                let gate_due = shared.session.as_ref().and_then(|s| s.gate_deadline());
-                tokio::select! {
-                    polled = &mut poll => break Step::Polled(polled),
-                    // A consumer's receivers parked acknowledgements or took messages (room for
-                    // held-back acknowledgements, or for refused messages): hand them to rumqttc
-                    // (or ask for the resume) and go on awaiting the same poll (see the module).
-                    () = wake => {
-                        if let Some(session) = &shared.session {
-                            consumer_duties(&shared, session, &client);
-                        }
-                    }
-                    () = until(gate_due), if gate_due.is_some() => {
-                        if let Some(session) = &shared.session {
-                            consumer_duties(&shared, session, &client);
-                        }
-                    }
-                    // Unrouted publishes are due: go round to release them.
-                    () = until(unrouted_due), if unrouted_due.is_some() => break Step::Again,
-                    () = shared.shutdown.notified(), if shared.closed.load(Ordering::Acquire) => {
-                        break Step::Shutdown
-                    }
-                    () = until(resume_deadline), if resume_deadline.is_some() => {
-                        break Step::ResumeStuck
-                    }
-                }
-            }
-        };
-        let polled = match step {
-            Step::Polled(polled) => polled,
-            Step::Again => continue,
-            Step::Shutdown => break,
-            Step::ResumeStuck => {
+        let polled = tokio::select! {
+            polled = eventloop.poll() => polled,
+            // Unrouted publishes are due: go round to release them.
+            _ = until(unrouted_due), if unrouted_due.is_some() => continue,
+            _ = shared.shutdown.notified(), if shared.closed.load(Ordering::Acquire) => break,
+            _ = until(resume_deadline), if resume_deadline.is_some() => {
                 // The broker did not close the connection: drop it and reconnect.
                 resume_deadline = None;
                 shared.connected.store(false, Ordering::Release);
@@ -712,7 +659,7 @@ async fn run(
             }
             Ok(event) => {
                 released.note(&event);
-                handle(&shared, event);
+                handle(&shared, event, &mut eventloop.pending);
             }
             Err(e) => {
                 shared.connected.store(false, Ordering::Release);
@@ -777,31 +724,13 @@ async fn run(
     fail_all(&shared);
 }
 
-/// What a consumer's connection task does for its receivers, between polls and whenever they
-/// wake it: hands rumqttc the acknowledgements they parked and those held back that the buffer
-/// now has room for (see `gate`), and resumes the session once the buffer has room for messages
-/// it refused. The DISCONNECT of a resume goes through rumqttc's
-/// request queue, after the acknowledgements queued before it; when the queue is full it is
-/// asked for again the next time round (which comes soon: the event loop takes from that queue).
-fn consumer_duties(shared: &Shared, session: &Session, client: &AsyncClient) {
-    session.tend(client);
-    if shared.connected.load(Ordering::Acquire)
-        && !shared.resuming.load(Ordering::Acquire)
-        && !shared.closed.load(Ordering::Acquire)
-        && session.resume_due()
-        && client.try_disconnect().is_err()
-    {
-        session.resume_failed();
-    }
-}
-
 /// After the connection dropped: answers the events rumqttc produced before (acks read in the
 /// same batch still count), gets back the acknowledgements it dropped, takes back what the
 /// broker has not confirmed, and ends a session resume.
 fn after_disconnect(eventloop: &mut EventLoop, shared: &Shared) {
     let stale: Vec<Event> = eventloop.state.events.drain(..).collect();
     for event in stale {
-        handle(shared, event);
+        handle(shared, event, &mut eventloop.pending);
     }
     if let Some(session) = &shared.session {
         session.recover_acks(eventloop);
@@ -818,7 +747,6 @@ async fn until(deadline: Option<Instant>) {
     }
 }
 
-/// Answers what rumqttc reports. Never waits: the event loop must keep being polled.
 /// Packet ids of the QoS 2 messages this client sent PUBREC for. The broker resends the PUBREL
 /// of any whose PUBCOMP it did not get — also of one whose PUBCOMP was written just before the
 /// connection went silent — so an id is kept after its PUBCOMP too: only the broker knows which
@@ -873,12 +801,14 @@ impl PubRecsWritten {
     }
 }
 
-fn handle(shared: &Shared, event: Event) {
+/// Answers what rumqttc reports. Never waits: the event loop must keep being polled.
+fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
     match event {
         Event::Incoming(Packet::Publish(publish)) => {
             if let Some(session) = &shared.session {
                 if let Some(ack) = session.deliver(publish) {
-                    session.park_ack(&ack);
+                    session.record_ack(&ack);
+                    pending.push_back(ack);
                 }
             }
         }
@@ -1276,7 +1206,7 @@ mod tests {
                 if let Event::Outgoing(Outgoing::Publish(pkid)) = event {
                     pkids.push(pkid);
                 }
-                handle(&shared, event);
+                handle(&shared, event, &mut eventloop.pending);
             }
         }
         assert_eq!(pkids.len(), 4);
@@ -1290,7 +1220,7 @@ mod tests {
             .handle_incoming_packet(rumqttc::v5::Incoming::PubAck(ack))
             .unwrap();
         for event in eventloop.state.events.drain(..).collect::<Vec<_>>() {
-            handle(&shared, event);
+            handle(&shared, event, &mut eventloop.pending);
         }
         feed_resends(&mut eventloop, &shared, WINDOW);
         assert_eq!(publishes(&eventloop), 1);

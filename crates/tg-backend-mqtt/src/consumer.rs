@@ -65,11 +65,10 @@ impl MqttConsumer {
         let (tx, rx) = mpsc::channel::<Message>(usize::from(config.receive_maximum) * factor);
         let session = Arc::new(Session::new(
             id,
-            topic,
+            topic.qos(),
             mqtt.clone(),
             redeliver.clone(),
             config.dedup_capacity,
-            config.receive_maximum,
             tx,
         ));
         let spec = ConnectionSpec {
@@ -109,19 +108,13 @@ impl MqttConsumer {
         })
     }
 
-    /// Hands the PUBACK / PUBREC to the connection; never waits for it (see
-    /// [`Session::acknowledge`]).
+    /// Hands the PUBACK / PUBREC to the connection; never waits for it (the connection task
+    /// may itself be waiting for room in the buffer this consumer's receivers empty).
     fn send_ack(&self, publish: &Publish) -> Result<()> {
-        self.send_acks([publish])
-    }
-
-    /// [`send_ack`](Self::send_ack) for several messages, waking the connection task at most
-    /// once.
-    fn send_acks<'a>(&self, publishes: impl IntoIterator<Item = &'a Publish>) -> Result<()> {
         if self.conn.is_closed() {
             return Err(connection_closed().with_context("subscription", &self.subscription));
         }
-        self.session.acknowledge(self.conn.client(), publishes);
+        self.session.queue_ack(self.conn.client(), publish);
         Ok(())
     }
 
@@ -129,25 +122,19 @@ impl MqttConsumer {
     /// producer connection (open until the backend's shutdown, after every consumer closed);
     /// true if a consumer of the subscription was there to take it.
     async fn hand_back(&self, held: &Held) -> Result<bool> {
-        self.queue_hand_back(held).await?.await
-    }
-
-    /// Queues the copy [`hand_back`](Self::hand_back) publishes; the returned future waits for
-    /// the broker's answer (so that several copies can be on their way at once).
-    async fn queue_hand_back(
-        &self,
-        held: &Held,
-    ) -> Result<impl std::future::Future<Output = Result<bool>>> {
         let copy = redelivery_copy(
             &held.publish,
             self.session.redeliver_topic(),
             held.redeliveries + 1,
         );
-        let receipt = self.core.producer.publish(copy).await?;
-        Ok(async move {
-            let confirmed = receipt.await.map_err(|_| connection_closed())??;
-            Ok(confirmed.matched)
-        })
+        let confirmed = self
+            .core
+            .producer
+            .publish(copy)
+            .await?
+            .await
+            .map_err(|_| connection_closed())??;
+        Ok(confirmed.matched)
     }
 
     /// Leaves the shared subscription and, with `hand_back`, hands every held message back to
@@ -229,33 +216,8 @@ impl MqttConsumer {
                 self.leave(true).await;
             }
         }
-        // Acknowledgements the gate held back go now, ahead of the DISCONNECT.
-        self.session.release_held_back(self.conn.client());
         self.conn.close().await;
         Ok(())
-    }
-}
-
-impl MqttConsumer {
-    /// Up to `max` messages already in the buffer, without waiting for the buffer's lock.
-    fn take_ready(&self, max: usize, into: &mut Vec<Message>) {
-        if let Ok(mut rx) = self.rx.try_lock() {
-            while into.len() < max {
-                match rx.try_recv() {
-                    Ok(m) => into.push(m),
-                    Err(_) => break,
-                }
-            }
-        }
-    }
-
-    /// Why nothing came within `timeout`.
-    fn nothing(&self, timeout: Duration) -> Error {
-        if self.conn.is_closed() {
-            Error::closed("consumer").with_context("subscription", &self.subscription)
-        } else {
-            receive_timeout(timeout)
-        }
     }
 }
 
@@ -275,47 +237,16 @@ impl RawConsumer for MqttConsumer {
             .ok()
             .flatten()
         };
+        if self.session.resume_due() && !self.conn.resume_session() {
+            self.session.resume_failed();
+        }
         match got {
-            Some(m) => {
-                // The buffer has room again: for acknowledgements held back, or messages
-                // refused, which the connection task then fetches.
-                self.session.taken();
-                Ok(m)
+            Some(m) => Ok(m),
+            None if self.conn.is_closed() => {
+                Err(Error::closed("consumer").with_context("subscription", &self.subscription))
             }
-            None => Err(self.nothing(timeout)),
+            None => Err(receive_timeout(timeout)),
         }
-    }
-
-    /// The first message within `timeout`, then what is in the consumer's buffer already (MQTT
-    /// has no batch on the wire: the broker pushes messages one by one into that buffer).
-    async fn receive_batch(&self, max: usize, timeout: Duration) -> Result<Vec<Message>> {
-        let max = max.max(1);
-        let mut batch = Vec::new();
-        if timeout.is_zero() {
-            self.take_ready(max, &mut batch);
-        } else {
-            let _ = tokio::time::timeout(timeout, async {
-                let mut rx = self.rx.lock().await;
-                if let Some(first) = rx.recv().await {
-                    batch.push(first);
-                    while batch.len() < max {
-                        match rx.try_recv() {
-                            Ok(m) => batch.push(m),
-                            Err(_) => break,
-                        }
-                    }
-                }
-            })
-            .await;
-        }
-        if batch.is_empty() {
-            return match self.nothing(timeout) {
-                e if e.kind() == tg_backend_api::ErrorKind::Timeout => Ok(batch),
-                e => Err(e),
-            };
-        }
-        self.session.taken();
-        Ok(batch)
     }
 
     async fn acknowledge(&self, message: &Message) -> Result<()> {
@@ -325,53 +256,6 @@ impl RawConsumer for MqttConsumer {
             }
         }
         Ok(())
-    }
-
-    /// One PUBACK / PUBREC per message (MQTT has no batch acknowledgement), handed to the
-    /// connection together: the connection task is woken at most once.
-    async fn acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
-        let held: Vec<Held> = messages
-            .iter()
-            .filter_map(|m| self.session.take(m.ack_handle().seq()))
-            .filter(|h| h.live)
-            .collect();
-        self.send_acks(held.iter().map(|h| &h.publish))
-    }
-
-    /// Every copy is published before any answer is awaited, so the round trips overlap; each
-    /// original is acknowledged once the broker took its copy. A copy that failed leaves its
-    /// message held (to nack again), and the first such error is returned.
-    async fn negative_acknowledge_batch(&self, messages: &[Message]) -> Result<()> {
-        let mut queued = Vec::with_capacity(messages.len());
-        let mut first_error = None;
-        for message in messages {
-            let seq = message.ack_handle().seq();
-            let Some(h) = self.session.take(seq) else {
-                continue;
-            };
-            match self.queue_hand_back(&h).await {
-                Ok(answer) => queued.push((seq, h, answer)),
-                Err(e) => {
-                    self.session.put_back(seq, h);
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        let mut confirmed = Vec::with_capacity(queued.len());
-        for (seq, h, answer) in queued {
-            match answer.await {
-                Ok(_) => confirmed.push(h),
-                Err(e) => {
-                    self.session.put_back(seq, h);
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        self.send_acks(confirmed.iter().filter(|h| h.live).map(|h| &h.publish))?;
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
     }
 
     async fn negative_acknowledge(&self, message: &Message) -> Result<()> {
@@ -414,7 +298,7 @@ impl fmt::Debug for MqttConsumer {
 }
 
 /// A copy of `original` for the redelivery topic, its count raised.
-fn redelivery_copy(original: &Publish, topic: &str, count: u32) -> Publish {
+pub fn redelivery_copy(original: &Publish, topic: &str, count: u32) -> Publish {
     let mut user: Vec<(String, String)> = original
         .properties
         .as_ref()

@@ -8,7 +8,8 @@ mod connection;
 mod consumer;
 mod core;
 mod error;
-mod gate;
+#[doc(hidden)]
+pub mod fuzzing;
 mod producer;
 mod session;
 #[cfg(feature = "tls")]

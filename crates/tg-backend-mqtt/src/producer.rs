@@ -7,7 +7,9 @@ use std::time::Duration;
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use tg_backend_api::kit::RawProducer;
-use tg_backend_api::{Error, ErrorKind, MessageId, OutboundMessage, Result, SendReceipt, Topic};
+use tg_backend_api::{
+    Error, ErrorKind, MessageId, OutboundMessage, Properties, Result, SendReceipt, Topic,
+};
 
 use crate::core::Core;
 use crate::error::unconfirmed;
@@ -39,19 +41,28 @@ impl MqttProducer {
     }
 }
 
+/// The MQTT 5 properties a message is published with: its properties as user properties, and
+/// its key as one more, `tg-key` (none at all when there is neither).
+pub fn publish_properties(
+    properties: Properties,
+    key: Option<String>,
+) -> Option<PublishProperties> {
+    let mut user: Vec<(String, String)> = properties.into_iter().collect();
+    if let Some(key) = key {
+        user.push((KEY_PROPERTY.to_owned(), key));
+    }
+    (!user.is_empty()).then(|| PublishProperties {
+        user_properties: user,
+        ..Default::default()
+    })
+}
+
 impl RawProducer for MqttProducer {
     async fn send(&self, message: OutboundMessage) -> Result<SendReceipt> {
         let retain = message.is_retained();
         // q2 messages carry their `tg-dedup-id` among the properties: the kit set it.
         let (payload, properties, key) = message.into_parts();
-        let mut user: Vec<(String, String)> = properties.into_iter().collect();
-        if let Some(key) = key {
-            user.push((KEY_PROPERTY.to_owned(), key));
-        }
-        let props = (!user.is_empty()).then(|| PublishProperties {
-            user_properties: user,
-            ..Default::default()
-        });
+        let props = publish_properties(properties, key);
         let mut publish = Publish::new(self.mqtt_topic.as_str(), self.qos, payload, props);
         publish.retain = retain;
         // The kit checked the payload against `max_payload`; what counts for the broker is the

@@ -876,106 +876,6 @@ async fn earliest_behaves_as_latest_with_a_warning() {
     backend.close().await.unwrap();
 }
 
-/// MQTT 5 user properties may repeat a name (tg-pubsub never sends one twice, other clients
-/// may). The rule of every backend: the last value wins, and the consumer logs a warning naming
-/// the repeated names and the topic; the key and the redelivery count follow it too. Published
-/// with rumqttc directly, so the broker carries the repeats as they were sent.
-#[tokio::test]
-async fn repeated_user_properties_keep_the_last_value_with_a_warning() {
-    use rumqttc::v5::mqttbytes::v5::PublishProperties;
-    use rumqttc::v5::mqttbytes::QoS;
-    use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
-
-    let Some(backend) = shared_backend().await else {
-        return;
-    };
-    let logs = LogBuffer::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_max_level(tracing::Level::WARN)
-        .with_ansi(false)
-        .finish();
-    // The warning comes from the consumer's connection task, on this test's only thread.
-    let _guard = tracing::subscriber::set_default(subscriber);
-    let ns = format!("spec-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let t = Topic::new(Qos::Q1, "tgtest", &ns, "repeated").unwrap();
-    let consumer = backend
-        .create_consumer(&t, ConsumerOptions::new("props"))
-        .await
-        .unwrap();
-
-    let config = MqttConfig::from_url(&shared_url()).unwrap();
-    let mut options = MqttOptions::new(format!("tg-raw-{ns}"), config.host, config.port);
-    if let (Some(user), Some(password)) = (&config.username, &config.password) {
-        options.set_credentials(user.clone(), password.expose());
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 10);
-    let properties = PublishProperties {
-        user_properties: [
-            ("a", "1"),
-            ("b", "x"),
-            ("a", "2"),
-            ("tg-key", "k1"),
-            ("a", "3"),
-            ("tg-key", "k2"),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect(),
-        ..Default::default()
-    };
-    client
-        .publish_with_properties(
-            format!("tgtest/{ns}/repeated"),
-            QoS::AtLeastOnce,
-            false,
-            "repeats",
-            properties,
-        )
-        .await
-        .unwrap();
-    within("the raw publish", async {
-        loop {
-            if let Event::Incoming(Incoming::PubAck(_)) = eventloop.poll().await.expect("poll") {
-                break;
-            }
-        }
-    })
-    .await;
-
-    let m = consumer.receive(EXPECT).await.unwrap();
-    assert_eq!(text(&m), "repeats");
-    let props: Vec<(&str, &str)> = m
-        .properties()
-        .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
-        .collect();
-    assert_eq!(
-        props,
-        [("a", "3"), ("b", "x")],
-        "the last value of each name"
-    );
-    assert_eq!(m.key(), Some("k2"));
-    consumer.acknowledge(&m).await.unwrap();
-    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    let warnings: Vec<&str> = logged
-        .lines()
-        .filter(|l| l.contains("repeats property names"))
-        .collect();
-    assert_eq!(warnings.len(), 1, "{logged}");
-    assert!(
-        warnings[0].contains("WARN")
-            && warnings[0].contains("\"a\"")
-            && warnings[0].contains("\"tg-key\"")
-            && !warnings[0].contains("\"b\"")
-            && warnings[0].contains(&t.to_string()),
-        "{logged}"
-    );
-    let _ = client.disconnect().await;
-    backend.close().await.unwrap();
-}
-
 /// A burst of sends queued when the connection drops is published again once the broker is
 /// back, every receipt confirmed, though it is many more than the in-flight window (a broker
 /// Receive Maximum of 2 here): the publishes taken back go to rumqttc no faster than its window
@@ -1186,4 +1086,104 @@ async fn concurrent_receivers_work_off_a_backlog_across_a_broker_restart() {
     );
     within("close", backend.close()).await.unwrap();
     drop(broker);
+}
+
+/// MQTT 5 user properties may repeat a name (tg-pubsub never sends one twice, other clients
+/// may). The rule of every backend: the last value wins, and the consumer logs a warning naming
+/// the repeated names and the topic; the key and the redelivery count follow it too. Published
+/// with rumqttc directly, so the broker carries the repeats as they were sent.
+#[tokio::test]
+async fn repeated_user_properties_keep_the_last_value_with_a_warning() {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    use rumqttc::v5::mqttbytes::QoS;
+    use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
+
+    let Some(backend) = shared_backend().await else {
+        return;
+    };
+    let logs = LogBuffer::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .finish();
+    // The warning comes from the consumer's connection task, on this test's only thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let ns = format!("spec-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let t = Topic::new(Qos::Q1, "tgtest", &ns, "repeated").unwrap();
+    let consumer = backend
+        .create_consumer(&t, ConsumerOptions::new("props"))
+        .await
+        .unwrap();
+
+    let config = MqttConfig::from_url(&shared_url()).unwrap();
+    let mut options = MqttOptions::new(format!("tg-raw-{ns}"), config.host, config.port);
+    if let (Some(user), Some(password)) = (&config.username, &config.password) {
+        options.set_credentials(user.clone(), password.expose());
+    }
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    let properties = PublishProperties {
+        user_properties: [
+            ("a", "1"),
+            ("b", "x"),
+            ("a", "2"),
+            ("tg-key", "k1"),
+            ("a", "3"),
+            ("tg-key", "k2"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        ..Default::default()
+    };
+    client
+        .publish_with_properties(
+            format!("tgtest/{ns}/repeated"),
+            QoS::AtLeastOnce,
+            false,
+            "repeats",
+            properties,
+        )
+        .await
+        .unwrap();
+    within("the raw publish", async {
+        loop {
+            if let Event::Incoming(Incoming::PubAck(_)) = eventloop.poll().await.expect("poll") {
+                break;
+            }
+        }
+    })
+    .await;
+
+    let m = consumer.receive(EXPECT).await.unwrap();
+    assert_eq!(text(&m), "repeats");
+    let props: Vec<(&str, &str)> = m
+        .properties()
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    assert_eq!(
+        props,
+        [("a", "3"), ("b", "x")],
+        "the last value of each name"
+    );
+    assert_eq!(m.key(), Some("k2"));
+    consumer.acknowledge(&m).await.unwrap();
+    let logged = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = logged
+        .lines()
+        .filter(|l| l.contains("repeats property names"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{logged}");
+    assert!(
+        warnings[0].contains("WARN")
+            && warnings[0].contains("\"a\"")
+            && warnings[0].contains("\"tg-key\"")
+            && !warnings[0].contains("\"b\"")
+            && warnings[0].contains(&t.to_string()),
+        "{logged}"
+    );
+    let _ = client.disconnect().await;
+    backend.close().await.unwrap();
 }
