@@ -7,6 +7,8 @@ mod config;
 mod consumer;
 mod core;
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod listener;
 mod producer;
 mod properties;

@@ -12,6 +12,7 @@
 //! cannot hold a name twice (PostgreSQL keeps the last value when the row is written, before
 //! any consumer sees it); a q0 notification's header is plain JSON text and can.
 
+use std::collections::BTreeSet;
 use std::fmt;
 
 use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
@@ -20,7 +21,7 @@ use tg_backend_api::kit::{properties_from_pairs, warn_repeated};
 use tg_backend_api::Properties;
 
 /// Properties as the text of the `jsonb` column (`None` when empty).
-pub(crate) fn to_json(properties: &Properties) -> Option<String> {
+pub fn to_json(properties: &Properties) -> Option<String> {
     if properties.is_empty() {
         None
     } else {
@@ -30,14 +31,15 @@ pub(crate) fn to_json(properties: &Properties) -> Option<String> {
 
 /// Properties read from stored JSON, and what the reading had to change.
 #[derive(Debug, Default, PartialEq)]
-pub(crate) struct Read {
-    pub(crate) properties: Properties,
+pub struct Read {
+    /// The properties.
+    pub properties: Properties,
     /// Keys whose values were numbers, booleans, arrays or objects, kept as their JSON text.
-    pub(crate) converted: Vec<String>,
+    pub converted: Vec<String>,
     /// Keys whose values were `null`, dropped.
-    pub(crate) dropped: Vec<String>,
+    pub dropped: Vec<String>,
     /// Keys given more than once (the last value kept).
-    pub(crate) repeated: Vec<String>,
+    pub repeated: Vec<String>,
 }
 
 impl Read {
@@ -86,21 +88,29 @@ impl Pairs {
     pub(crate) fn read(self) -> Read {
         let mut converted = Vec::new();
         let mut dropped = Vec::new();
-        let strings = self.0.into_iter().filter_map(|(key, value)| {
+        // A `null` counts as a name's value like any other: given last, it leaves the name
+        // out, as `jsonb` does when it keeps the last value of a repeated name.
+        let mut last_null = BTreeSet::new();
+        let strings = self.0.into_iter().map(|(key, value)| {
             let text = match value {
                 Value::String(s) => s,
                 Value::Null => {
-                    dropped.push(key);
-                    return None;
+                    dropped.push(key.clone());
+                    last_null.insert(key.clone());
+                    return (key, String::new());
                 }
                 other => {
                     converted.push(key.clone());
                     other.to_string()
                 }
             };
-            Some((key, text))
+            last_null.remove(&key);
+            (key, text)
         });
-        let (properties, repeated) = properties_from_pairs(strings);
+        let (mut properties, repeated) = properties_from_pairs(strings);
+        for key in &last_null {
+            properties.remove(key);
+        }
         for names in [&mut converted, &mut dropped] {
             names.sort();
             names.dedup();
@@ -115,7 +125,7 @@ impl Pairs {
 }
 
 /// Reads the text of a stored properties object.
-pub(crate) fn read(text: &str) -> serde_json::Result<Read> {
+pub fn read(text: &str) -> serde_json::Result<Read> {
     serde_json::from_str::<Pairs>(text).map(Pairs::read)
 }
 
@@ -180,6 +190,18 @@ mod tests {
         assert_eq!(read.properties["a"], "3");
         assert_eq!(read.repeated, names(&["a"]));
         assert_eq!(read.converted, names(&["a"]));
+    }
+
+    /// A `null` given last for a repeated name leaves the name out (its last value is no
+    /// value), as the same text stored in the `jsonb` column would.
+    #[test]
+    fn a_repeated_name_whose_last_value_is_null_is_left_out() {
+        let read = read(r#"{"a": "1", "b": "x", "a": null, "b": null, "b": "y"}"#).unwrap();
+        assert!(!read.properties.contains_key("a"), "{:?}", read.properties);
+        assert_eq!(read.properties["b"], "y");
+        assert_eq!(read.properties.len(), 1);
+        assert_eq!(read.repeated, names(&["a", "b"]));
+        assert_eq!(read.dropped, names(&["a", "b"]));
     }
 
     #[test]

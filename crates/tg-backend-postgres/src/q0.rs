@@ -33,14 +33,14 @@ const RETRIES: u32 = 3;
 
 /// Longest `NOTIFY` payload PostgreSQL accepts with the default block size: the payload string
 /// must be shorter than 8000 bytes.
-pub(crate) const NOTIFY_MAX: usize = 7999;
+pub const NOTIFY_MAX: usize = 7999;
 
 /// Longest q0 message id: 8 hex digits, `-`, and a decimal `u64`.
 const ID_MAX: usize = 8 + 1 + 20;
 
 /// Largest q0 payload that always fits a notification when it has no properties and no key:
 /// base64 needs 4 bytes per 3, after the id and two newlines.
-pub(crate) const Q0_MAX_PAYLOAD: usize = (NOTIFY_MAX - ID_MAX - 2) / 4 * 3;
+pub const Q0_MAX_PAYLOAD: usize = (NOTIFY_MAX - ID_MAX - 2) / 4 * 3;
 
 struct Note {
     id: String,
@@ -380,7 +380,12 @@ impl fmt::Debug for Q0Consumer {
 
 /// Encodes a q0 message as a notification payload: `id \n header \n base64(payload)`, where the
 /// header is empty or a JSON object `{"p": properties, "k": key}`.
-fn encode(id: &str, payload: &[u8], properties: &Properties, key: Option<&str>) -> Result<String> {
+pub fn encode(
+    id: &str,
+    payload: &[u8],
+    properties: &Properties,
+    key: Option<&str>,
+) -> Result<String> {
     let header = if properties.is_empty() && key.is_none() {
         String::new()
     } else {
@@ -429,16 +434,21 @@ struct Header {
 
 /// A decoded q0 notification.
 #[derive(Debug)]
-struct Decoded {
-    id: String,
-    payload: Bytes,
-    properties: properties::Read,
-    key: Option<String>,
-    received: SystemTime,
+pub struct Decoded {
+    /// The message id (the producer's).
+    pub id: String,
+    /// The payload.
+    pub payload: Bytes,
+    /// The properties, with what reading them changed.
+    pub properties: properties::Read,
+    /// The key.
+    pub key: Option<String>,
+    /// When this process received it.
+    pub received: SystemTime,
 }
 
 /// Decodes [`encode`]'s format.
-fn decode(text: &str) -> Result<Decoded> {
+pub fn decode(text: &str) -> Result<Decoded> {
     let bad = |why: &str| {
         Error::new(
             ErrorKind::Decode,
