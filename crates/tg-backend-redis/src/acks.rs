@@ -30,9 +30,11 @@ const RETRY: Backoff = Backoff {
 
 /// Which stream a delivered entry lives in, and its id there.
 #[derive(Debug, Clone)]
-pub(crate) struct EntryRef {
-    pub(crate) retry: bool,
-    pub(crate) id: EntryId,
+pub struct EntryRef {
+    /// In the retry stream (else the topic stream).
+    pub retry: bool,
+    /// The entry id in that stream.
+    pub id: EntryId,
 }
 
 /// Bits of the [`AckHandle`] number: `1 | retry | ms (42 bits, until 2109) | seq (20 bits)`.
@@ -43,7 +45,8 @@ const SEQ_BITS: u32 = 20;
 const MS_BITS: u32 = 42;
 
 impl EntryRef {
-    pub(crate) fn handle(self, consumer: u64) -> AckHandle {
+    /// The ack handle of `consumer` carrying this entry (packed into its number when it fits).
+    pub fn handle(self, consumer: u64) -> AckHandle {
         if let EntryId::Packed { ms, seq } = self.id {
             if ms < (1 << MS_BITS) && seq < (1 << SEQ_BITS) {
                 let retry = if self.retry { RETRY_BIT } else { 0 };
@@ -53,7 +56,8 @@ impl EntryRef {
         AckHandle::new(consumer, 0).with_extra(self)
     }
 
-    pub(crate) fn from_handle(handle: &AckHandle) -> Option<Self> {
+    /// The entry an ack handle of [`EntryRef::handle`] carries.
+    pub fn from_handle(handle: &AckHandle) -> Option<Self> {
         let n = handle.seq();
         if n & PACKED != 0 {
             let ms = (n >> SEQ_BITS) & ((1 << MS_BITS) - 1);

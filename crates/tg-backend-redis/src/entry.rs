@@ -24,21 +24,21 @@ use tg_backend_api::Properties;
 use crate::record::Record;
 
 /// Stream entry field names.
-pub(crate) mod field {
+pub mod field {
     /// The payload.
-    pub(crate) const PAYLOAD: &[u8] = b"d";
+    pub const PAYLOAD: &[u8] = b"d";
     /// The key, when set.
-    pub(crate) const KEY: &[u8] = b"k";
+    pub const KEY: &[u8] = b"k";
     /// How many times the entry was delivered before (retry copies only).
-    pub(crate) const REDELIVERIES: &[u8] = b"r";
+    pub const REDELIVERIES: &[u8] = b"r";
     /// The id of the original entry (retry copies only).
-    pub(crate) const ORIGINAL: &[u8] = b"o";
+    pub const ORIGINAL: &[u8] = b"o";
     /// Prefix of property fields: `p:<name>`.
-    pub(crate) const PROPERTY: &[u8] = b"p:";
+    pub const PROPERTY: &[u8] = b"p:";
 }
 
 /// Appends the fields of a message to an `XADD` (or script) command.
-pub(crate) fn push_fields(cmd: &mut redis::Cmd, record: &Record<'_>) {
+pub fn push_fields(cmd: &mut redis::Cmd, record: &Record<'_>) {
     cmd.arg(field::PAYLOAD).arg(record.payload);
     if let Some(key) = record.key {
         cmd.arg(field::KEY).arg(key);
@@ -57,29 +57,34 @@ pub(crate) fn push_fields(cmd: &mut redis::Cmd, record: &Record<'_>) {
 
 /// A stream entry, decoded.
 #[derive(Debug)]
-pub(crate) struct Entry {
-    pub(crate) payload: Bytes,
-    pub(crate) properties: Properties,
-    pub(crate) key: Option<String>,
-    pub(crate) redeliveries: u32,
+pub struct Entry {
+    /// `d`.
+    pub payload: Bytes,
+    /// The `p:<name>` fields.
+    pub properties: Properties,
+    /// `k`.
+    pub key: Option<String>,
+    /// `r`, 0 when absent or unreadable.
+    pub redeliveries: u32,
     /// The original entry's id (`o`) and its milliseconds, on a redelivered copy.
-    pub(crate) original: Option<(Arc<str>, u64)>,
+    pub original: Option<(Arc<str>, u64)>,
     /// What the consumer warns about but delivers: an `r` that is no count or an `o` that is no
     /// entry id (read as absent: no redeliveries, the entry's own id), a `d`, `k`, `r` or `o`
     /// given more than once (the last value counts). Empty (no allocation) for an entry of
     /// this backend.
-    pub(crate) ignored: Vec<Malformed>,
+    pub ignored: Vec<Malformed>,
     /// The property names the entry repeats, sorted, each once; the last value of each counts.
-    pub(crate) repeated: Vec<String>,
+    pub repeated: Vec<String>,
 }
 
 /// What is wrong with a field of an entry: why the entry cannot be decoded (from
 /// [`decode_entry`]), or why a field was set aside ([`Entry::ignored`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Malformed {
+pub struct Malformed {
     /// The field's name (lossy UTF-8), or a description where the entry has no fields to name.
-    pub(crate) field: String,
-    pub(crate) problem: String,
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
 }
 
 impl Malformed {
@@ -130,7 +135,7 @@ fn into_bytes(v: Value) -> Option<Vec<u8>> {
 }
 
 /// Decodes and checks the field list of an entry (`[f1, v1, f2, v2, …]`, or a map under RESP3).
-pub(crate) fn decode_entry(fields: Value) -> Result<Entry, Malformed> {
+pub fn decode_entry(fields: Value) -> Result<Entry, Malformed> {
     let mut entry = Entry {
         payload: Bytes::new(),
         properties: Properties::new(),
@@ -299,16 +304,16 @@ fn parse_u64(s: &[u8]) -> Option<u64> {
 }
 
 /// A stream id `<ms>-<seq>` as its two numbers.
-pub(crate) fn parse_id(id: &[u8]) -> Option<(u64, u64)> {
+pub fn parse_id(id: &[u8]) -> Option<(u64, u64)> {
     let dash = id.iter().position(|&c| c == b'-')?;
     Some((parse_u64(&id[..dash])?, parse_u64(&id[dash + 1..])?))
 }
 
 /// Room for `<u64>-<u64>`.
-pub(crate) type IdBuf = [u8; 41];
+pub type IdBuf = [u8; 41];
 
 /// Writes the stream id `<ms>-<seq>` into `buf` and returns it (no allocation, no formatter).
-pub(crate) fn format_id(ms: u64, seq: u64, buf: &mut IdBuf) -> &[u8] {
+pub fn format_id(ms: u64, seq: u64, buf: &mut IdBuf) -> &[u8] {
     /// Writes `n` right-aligned into `out`, two digits a step; returns where it starts.
     fn digits(mut n: u64, out: &mut [u8; 20]) -> usize {
         const PAIRS: &[u8; 200] = b"0001020304050607080910111213141516171819\
@@ -345,20 +350,28 @@ pub(crate) fn format_id(ms: u64, seq: u64, buf: &mut IdBuf) -> &[u8] {
 }
 
 /// The time of a stream id's milliseconds.
-pub(crate) fn ms_time(ms: u64) -> Option<SystemTime> {
+pub fn ms_time(ms: u64) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::from_millis(ms))
 }
 
 /// A stream entry id: packed into numbers when it is `<ms>-<seq>` (always, from Redis; no
 /// allocation), else kept as text.
 #[derive(Debug, Clone)]
-pub(crate) enum EntryId {
-    Packed { ms: u64, seq: u64 },
+pub enum EntryId {
+    /// `<ms>-<seq>`.
+    Packed {
+        /// The milliseconds part.
+        ms: u64,
+        /// The sequence part.
+        seq: u64,
+    },
+    /// Any other id, as text.
     Text(Arc<str>),
 }
 
 impl EntryId {
-    pub(crate) fn from_bytes(id: &[u8]) -> Self {
+    /// The id the server gave, packed when it is `<ms>-<seq>`.
+    pub fn from_bytes(id: &[u8]) -> Self {
         match parse_id(id) {
             Some((ms, seq)) => Self::Packed { ms, seq },
             None => Self::Text(String::from_utf8_lossy(id).into()),
@@ -378,7 +391,7 @@ impl redis::ToRedisArgs for EntryId {
 /// Writes entry ids as command arguments, reusing the digits of the last `ms` (the ids of one
 /// batch mostly share it).
 #[derive(Default)]
-pub(crate) struct IdFormatter {
+pub struct IdFormatter {
     ms: Option<u64>,
     /// `<ms>-` of the last id, then room for the sequence number.
     buf: Vec<u8>,
@@ -386,7 +399,8 @@ pub(crate) struct IdFormatter {
 }
 
 impl IdFormatter {
-    pub(crate) fn push_all(&mut self, cmd: &mut redis::Cmd, ids: &[EntryId]) {
+    /// Appends `ids` to `cmd`, one argument each.
+    pub fn push_all(&mut self, cmd: &mut redis::Cmd, ids: &[EntryId]) {
         for id in ids {
             match id {
                 EntryId::Packed { ms, seq } => {

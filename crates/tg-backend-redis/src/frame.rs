@@ -14,13 +14,14 @@ use tg_backend_api::Properties;
 use crate::record::Record;
 
 /// Version byte of the q0 pub/sub frame.
-pub(crate) const FRAME_V1: u8 = 1;
+pub const FRAME_V1: u8 = 1;
 
 /// A q0 message as a command argument, encoded straight into the command's buffer.
-pub(crate) struct FrameArg<'a> {
-    pub(crate) record: &'a Record<'a>,
+pub struct FrameArg<'a> {
+    /// The message.
+    pub record: &'a Record<'a>,
     /// The publish time, ms since the epoch.
-    pub(crate) time_ms: u64,
+    pub time_ms: u64,
 }
 
 impl FrameArg<'_> {
@@ -76,18 +77,22 @@ pub(crate) fn now_ms() -> u64 {
 
 /// A decoded q0 frame.
 #[derive(Debug)]
-pub(crate) struct Frame {
-    pub(crate) payload: Bytes,
-    pub(crate) properties: Properties,
-    pub(crate) key: Option<String>,
-    pub(crate) time: SystemTime,
+pub struct Frame {
+    /// The payload.
+    pub payload: Bytes,
+    /// The properties.
+    pub properties: Properties,
+    /// The key.
+    pub key: Option<String>,
+    /// The publish time.
+    pub time: SystemTime,
     /// Property names the frame repeats (a frame written by another client), sorted, each
     /// once; the last value of each counts.
-    pub(crate) repeated: Vec<String>,
+    pub repeated: Vec<String>,
 }
 
 /// Decodes a q0 frame; `None` when it is not one of ours.
-pub(crate) fn decode_frame(mut buf: Bytes) -> Option<Frame> {
+pub fn decode_frame(mut buf: Bytes) -> Option<Frame> {
     fn string(buf: &mut Bytes) -> Option<String> {
         if buf.remaining() < 4 {
             return None;

@@ -11,6 +11,8 @@ mod core;
 mod entry;
 mod error;
 mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 mod inbox;
 mod lease;
 mod producer;

@@ -8,7 +8,7 @@
 use tg_backend_api::Properties;
 
 /// Appends a message's parts to `buf` as one record.
-pub(crate) fn encode_record(
+pub fn encode_record(
     buf: &mut Vec<u8>,
     payload: &[u8],
     properties: &Properties,
@@ -36,9 +36,11 @@ pub(crate) fn encode_record(
 
 /// A queued message (see [`encode_record`]), borrowed from the batch's buffer.
 #[derive(Clone, Copy)]
-pub(crate) struct Record<'a> {
-    pub(crate) payload: &'a [u8],
-    pub(crate) key: Option<&'a [u8]>,
+pub struct Record<'a> {
+    /// The payload.
+    pub payload: &'a [u8],
+    /// The key, when set.
+    pub key: Option<&'a [u8]>,
     count: usize,
     props: &'a [u8],
 }
@@ -60,7 +62,7 @@ fn take_u32(buf: &mut &[u8]) -> Option<usize> {
 
 impl<'a> Record<'a> {
     /// Decodes the record at the front of `buf` and advances past it.
-    pub(crate) fn decode(buf: &mut &'a [u8]) -> Option<Self> {
+    pub fn decode(buf: &mut &'a [u8]) -> Option<Self> {
         let n = take_u32(buf)?;
         let payload = take(buf, n)?;
         let key = match take_u32(buf)? {
