@@ -1,5 +1,6 @@
-//! `cargo xtask fuzz [seconds]`: every fuzz target of `fuzz/` for `seconds` each (default 30,
-//! what CI runs), with cargo-fuzz (libFuzzer) on the nightly toolchain.
+//! `cargo xtask fuzz [seconds] [target…]`: every fuzz target of `fuzz/` (or the ones named) for
+//! `seconds` each (default 30, what CI runs), with cargo-fuzz (libFuzzer) on the nightly
+//! toolchain.
 //!
 //! cargo-fuzz is installed once into the tools cache (`~/.cache/tg-pubsub/tools`); each target's corpus is `fuzz/corpus/<target>`
 //! (committed, so every run starts from what earlier runs found) and a crash leaves its input in
@@ -55,11 +56,38 @@ fn targets() -> Result<Vec<String>, String> {
         .collect())
 }
 
-pub(crate) fn run(seconds: u64) -> Result<(), String> {
+/// `[seconds] [target…]`: the seconds (default 30) and the targets to run (none named: all).
+pub(crate) fn run_args(args: &[&str]) -> Result<(), String> {
+    let (seconds, only) = match args.split_first() {
+        Some((first, rest)) if first.bytes().all(|b| b.is_ascii_digit()) => (
+            first
+                .parse()
+                .map_err(|_| format!("fuzz: {first:?} is not a number of seconds"))?,
+            rest,
+        ),
+        _ => (30, args),
+    };
+    run(seconds, only)
+}
+
+/// Runs the targets named in `only` (all of them when it is empty) for `seconds` each.
+pub(crate) fn run(seconds: u64, only: &[&str]) -> Result<(), String> {
+    let all = targets()?;
+    if let Some(unknown) = only.iter().find(|t| !all.iter().any(|a| a == *t)) {
+        return Err(format!(
+            "fuzz: no target {unknown:?}; the targets are {}",
+            all.join(", ")
+        ));
+    }
     ensure_cargo_fuzz()?;
+    // The relay target builds the pulsar crate, whose build script runs protoc.
+    crate::pulsar::ensure_protoc();
     let fuzz_dir = crate::root().join("fuzz");
     let mut report = Vec::new();
-    for target in targets()? {
+    for target in all {
+        if !only.is_empty() && !only.contains(&target.as_str()) {
+            continue;
+        }
         let corpus = fuzz_dir.join("corpus").join(&target);
         std::fs::create_dir_all(&corpus).map_err(|e| format!("{}: {e}", corpus.display()))?;
         println!("xtask: fuzzing {target} for {seconds} s");
@@ -101,7 +129,7 @@ pub(crate) fn run(seconds: u64) -> Result<(), String> {
         }
         let kept = std::fs::read_dir(&corpus).map_or(0, |d| d.count());
         report.push(format!(
-            "{target:<16} {seconds:>6} s {runs:>12} runs  0 crashes  corpus {kept}"
+            "{target:<20} {seconds:>6} s {runs:>12} runs  0 crashes  corpus {kept}"
         ));
     }
     println!("\nfuzz targets:");

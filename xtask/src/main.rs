@@ -114,8 +114,10 @@ usage: cargo xtask <command>
                        (tg-pubsub against the raw client crate, same run)
   schema sync|check    write the framework's message types into tg-schema from the pinned
                        trustgraph-base (sync), or fail if the committed ones differ (check)
-  fuzz [seconds]       run every fuzz target of fuzz/ for `seconds` each (default 30; cargo-fuzz
-                       on the nightly toolchain, installed once into ~/.cache/tg-pubsub/tools)
+  fuzz [seconds] [target…]
+                       run every fuzz target of fuzz/ (or only the ones named) for `seconds` each
+                       (default 30; cargo-fuzz on the nightly toolchain, installed once into
+                       ~/.cache/tg-pubsub/tools)
   services             report the local servers and start the ones that are down
   examples             build and run the facade's examples (switch_backend on each local broker too)
   publish-check        package and verify every publishable crate in publishing order (no upload)
@@ -131,11 +133,7 @@ fn main() -> ExitCode {
         ["test", backend] => test(backend),
         ["bench", backend] => bench(backend),
         ["schema", mode] => schema::run(mode),
-        ["fuzz"] => fuzz::run(30),
-        ["fuzz", seconds] => seconds
-            .parse()
-            .map_err(|_| format!("fuzz: {seconds:?} is not a number of seconds"))
-            .and_then(fuzz::run),
+        ["fuzz", rest @ ..] => fuzz::run_args(rest),
         ["services"] => backend_crates().map(|crates| services(&crates)),
         [command @ ("examples" | "publish-check")] => publish::run(command),
         ["ci"] => ci(),
