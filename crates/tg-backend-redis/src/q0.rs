@@ -300,12 +300,26 @@ impl PubSubHub {
 }
 
 /// Reconnects the pub/sub connection after it dropped and subscribes to every channel again,
-/// until the backend closes.
+/// until the backend closes. Every `keep_alive` it also checks that the connection answers a
+/// `PING` within `keep_alive` (RESP3 allows commands on a subscribed connection), and replaces
+/// one that does not: on a silent network (bytes vanish, no FIN, no RST) nothing else would
+/// tell, and its consumers would receive nothing for as long as it lasts.
 async fn supervise(hub: Weak<PubSubHub>, disconnected: Arc<Notify>, closed: CancellationToken) {
+    let keep_alive = match hub.upgrade() {
+        Some(hub) => hub.core.config.keep_alive,
+        None => return,
+    };
     loop {
         tokio::select! {
             () = disconnected.notified() => {}
             () = closed.cancelled() => return,
+            answered = ping_after(&hub, keep_alive) => {
+                if answered {
+                    continue;
+                }
+                tracing::warn!(keep_alive = ?keep_alive,
+                    "the Redis pub/sub connection did not answer a PING in time; replacing it");
+            }
         }
         let mut retry = 0;
         loop {
@@ -342,6 +356,25 @@ async fn supervise(hub: Weak<PubSubHub>, disconnected: Arc<Notify>, closed: Canc
             }
         }
     }
+}
+
+/// Waits `every`, then sends a `PING` on the hub's pub/sub connection: false when it is not
+/// answered within `every`; true when it is, or when there is nothing to ask (the hub closed
+/// or is gone: the supervisor then ends on its own).
+async fn ping_after(hub: &Weak<PubSubHub>, every: Duration) -> bool {
+    tokio::time::sleep(every).await;
+    let conn = match hub.upgrade() {
+        Some(hub) => hub.conn.lock().clone(),
+        None => return true,
+    };
+    let Some(mut conn) = conn else {
+        return true;
+    };
+    let ping = redis::cmd("PING");
+    matches!(
+        tokio::time::timeout(every, ping.query_async::<Value>(&mut conn)).await,
+        Ok(Ok(_))
+    )
 }
 
 /// A q0 consumer: a route of the hub's pub/sub connection into its own bounded inbox.

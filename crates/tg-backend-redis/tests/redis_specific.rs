@@ -1590,3 +1590,92 @@ async fn an_idle_backend_checks_its_shared_connection() {
     );
     backend.close().await.unwrap();
 }
+
+/// A q0 consumer's pub/sub connection is checked like the shared one: black-holed, it is closed
+/// within twice `keep_alive` (a `PING` unanswered) and replaced, and the consumer receives
+/// again once traffic passes. Without the check it stays open, its consumer receiving nothing,
+/// for as long as the silence lasts.
+#[tokio::test]
+async fn a_q0_consumer_checks_its_pub_sub_connection() {
+    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], 6379));
+    if std::net::TcpStream::connect_timeout(&broker, Duration::from_secs(1)).is_err() {
+        skip(&format!("no Redis on {broker}"));
+        return;
+    }
+    let proxy = Proxy::start(broker).await.expect("proxy");
+    let keep_alive = Duration::from_secs(1);
+    let config = RedisConfig::from_url(&format!("redis://{}", proxy.addr()))
+        .unwrap()
+        .keep_alive(keep_alive)
+        .connect_timeout(Duration::from_secs(1))
+        .send_timeout(Duration::from_secs(5));
+    let backend = RedisBackend::connect(config).await.unwrap();
+    let namespace = format!("q0-keepalive-{}", std::process::id());
+    let t = Topic::new(Qos::Q0, "specific", &namespace, "ping").unwrap();
+    let consumer = backend
+        .create_consumer(&t, ConsumerOptions::new("listener"))
+        .await
+        .unwrap();
+    // The sender goes straight to the server, past the proxy.
+    let direct = RedisBackend::connect(RedisConfig::from_url("redis://127.0.0.1:6379").unwrap())
+        .await
+        .unwrap();
+    let producer = direct
+        .create_producer(&t, Default::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    proxy.set(Mode::BlackHole);
+    let silent = Instant::now();
+    let bound = 2 * keep_alive + Duration::from_secs(1);
+    let all_closed = || {
+        let caught = proxy.caught();
+        caught.len() >= 2 && caught.iter().all(|c| c.client_closed.is_some())
+    };
+    while silent.elapsed() < bound && !all_closed() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let caught = proxy.caught();
+    // the shared connection and the pub/sub one
+    assert!(caught.len() >= 2, "the black hole caught {caught:?}");
+    assert!(
+        all_closed(),
+        "not every black-holed connection was closed within {bound:?} (the pub/sub one is \
+         checked too): {caught:?}"
+    );
+    let latest = caught
+        .iter()
+        .filter_map(|c| c.client_closed)
+        .map(|t| t.saturating_duration_since(silent))
+        .max();
+    eprintln!("q0 consumer: every connection closed into the silence by {latest:?}");
+
+    proxy.set(Mode::Pass);
+    let restored = Instant::now();
+    let got = loop {
+        assert!(
+            restored.elapsed() < Duration::from_secs(10),
+            "the q0 consumer received nothing within 10 s of the traffic passing again"
+        );
+        producer
+            .send(OutboundMessage::new("after the silence"))
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+        match consumer.receive(Duration::from_millis(100)).await {
+            Ok(m) => break m,
+            Err(e) if e.kind() == ErrorKind::Timeout => continue,
+            Err(e) => panic!("receive: {e}"),
+        }
+    };
+    assert_eq!(got.payload().as_ref(), b"after the silence");
+    eprintln!(
+        "q0 consumer: receiving again {:?} after the traffic passed",
+        restored.elapsed()
+    );
+    consumer.close().await.unwrap();
+    backend.close().await.unwrap();
+    direct.close().await.unwrap();
+}
