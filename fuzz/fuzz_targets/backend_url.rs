@@ -7,7 +7,7 @@ use std::time::Duration;
 use libfuzzer_sys::fuzz_target;
 use tg_backend_api::kit::config::{self, parse_url};
 
-#[derive(Debug, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 #[allow(dead_code)] // read through Debug only
 struct Options {
@@ -26,7 +26,12 @@ fuzz_target!(|url: &str| {
             let shown = format!("{parsed:?}");
             if let Some(password) = &parsed.password {
                 let secret = password.expose();
-                if secret.len() >= 4 {
+                // The same text may be in the URL's other parts too (its path, say): only what
+                // Debug shows beyond those parts would be the password.
+                let mut others = parsed.clone();
+                others.password = None;
+                let elsewhere = format!("{others:?}").contains(secret);
+                if secret.len() >= 4 && !elsewhere {
                     assert!(!shown.contains(secret), "Debug shows the password: {shown}");
                 }
             }

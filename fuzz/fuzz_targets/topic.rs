@@ -10,12 +10,18 @@ fuzz_target!(|text: &str| {
         let again = Topic::parse(&topic.to_string()).expect("a formatted topic parses");
         assert_eq!(again, topic);
         if let Ok(id) = QueueId::from_topic(&topic) {
-            assert_eq!(QueueId::parse(&id.to_string()).expect("a formatted id parses"), id);
+            assert_eq!(
+                QueueId::parse(&id.to_string()).expect("a formatted id parses"),
+                id
+            );
         }
     }
     if let Ok(id) = QueueId::parse(text) {
         assert_eq!(id.to_string(), text, "a queue id formats as it was written");
-        assert_eq!(QueueId::from_topic(&id.to_topic()).expect("its topic maps back"), id);
+        assert_eq!(
+            QueueId::from_topic(&id.to_topic()).expect("its topic maps back"),
+            id
+        );
     }
     let _ = validate_subscription(text);
 });
