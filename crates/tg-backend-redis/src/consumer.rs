@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::acks::{ack_pipeline, run_acker, AckQueue, AlongWrite, EntryRef};
 use crate::core::Core;
-use crate::entry::{as_bytes, decode_entry, ms_time, EntryId, IdFormatter};
+use crate::entry::{as_bytes, decode_entry, ms_time, reply_streams, EntryId, IdFormatter};
 use crate::error::{convert, is_connection_error};
 use crate::inbox::Inbox;
 use crate::lease;
@@ -524,19 +524,8 @@ impl ReaderCtx {
     /// map of streams under RESP3) straight into messages.
     /// Returns the most entries one stream delivered.
     fn decode_reply(&mut self, reply: Value) -> usize {
-        let streams: Vec<(Value, Value)> = match reply {
-            Value::Array(items) => items
-                .into_iter()
-                .filter_map(|s| match s {
-                    Value::Array(kv) if kv.len() == 2 => {
-                        let mut it = kv.into_iter();
-                        Some((it.next()?, it.next()?))
-                    }
-                    _ => None,
-                })
-                .collect(),
-            Value::Map(pairs) => pairs,
-            _ => return 0,
+        let Some(streams) = reply_streams(reply) else {
+            return 0;
         };
         let mut most = 0;
         for (key, entries) in streams {

@@ -118,7 +118,7 @@ fn preview(value: &[u8]) -> String {
 }
 
 /// The bytes of a string reply, borrowed.
-pub(crate) fn as_bytes(v: &Value) -> Option<&[u8]> {
+pub fn as_bytes(v: &Value) -> Option<&[u8]> {
     match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.as_bytes()),
@@ -130,6 +130,27 @@ fn into_bytes(v: Value) -> Option<Vec<u8>> {
     match v {
         Value::BulkString(b) => Some(b),
         Value::SimpleString(s) => Some(s.into_bytes()),
+        _ => None,
+    }
+}
+
+/// The streams of an `XREADGROUP` reply: `[[stream, entries], …]`, or a map of streams under
+/// RESP3; `None` for any other reply. Malformed stream items are skipped.
+pub fn reply_streams(reply: Value) -> Option<Vec<(Value, Value)>> {
+    match reply {
+        Value::Array(items) => Some(
+            items
+                .into_iter()
+                .filter_map(|s| match s {
+                    Value::Array(kv) if kv.len() == 2 => {
+                        let mut it = kv.into_iter();
+                        Some((it.next()?, it.next()?))
+                    }
+                    _ => None,
+                })
+                .collect(),
+        ),
+        Value::Map(pairs) => Some(pairs),
         _ => None,
     }
 }

@@ -7,8 +7,8 @@ pub use redis;
 
 pub use crate::acks::EntryRef;
 pub use crate::entry::{
-    decode_entry, field, format_id, ms_time, parse_id, push_fields, Entry, EntryId, IdBuf,
-    IdFormatter, Malformed,
+    as_bytes, decode_entry, field, format_id, ms_time, parse_id, push_fields, reply_streams, Entry,
+    EntryId, IdBuf, IdFormatter, Malformed,
 };
 pub use crate::frame::{decode_frame, Frame, FrameArg, FRAME_V1};
 pub use crate::record::{encode_record, Record};

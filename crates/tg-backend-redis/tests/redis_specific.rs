@@ -1522,6 +1522,24 @@ async fn restart_mid_run_loses_nothing() {
     backend.close().await.unwrap();
 }
 
+/// A backend connected to the local Redis through the test proxy, with `keep_alive` and short
+/// connect and send timeouts; `None` (after saying so) when there is no Redis.
+async fn behind_a_proxy(keep_alive: Duration) -> Option<(Proxy, RedisBackend)> {
+    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], 6379));
+    if std::net::TcpStream::connect_timeout(&broker, Duration::from_secs(1)).is_err() {
+        skip(&format!("no Redis on {broker}"));
+        return None;
+    }
+    let proxy = Proxy::start(broker).await.expect("proxy");
+    let config = RedisConfig::from_url(&format!("redis://{}", proxy.addr()))
+        .unwrap()
+        .keep_alive(keep_alive)
+        .connect_timeout(Duration::from_secs(1))
+        .send_timeout(Duration::from_secs(5));
+    let backend = RedisBackend::connect(config).await.unwrap();
+    Some((proxy, backend))
+}
+
 /// An idle backend notices a silent network on its shared connection by the backend's own
 /// keep-alive: with no command of its own in flight, the `PING` every `keep_alive` goes
 /// unanswered, and within two keep-alives the connection is closed; once traffic passes again the
@@ -1529,19 +1547,10 @@ async fn restart_mid_run_loses_nothing() {
 /// so TCP keep-alive cannot be what noticed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_backend_checks_its_shared_connection() {
-    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], 6379));
-    if std::net::TcpStream::connect_timeout(&broker, Duration::from_secs(1)).is_err() {
-        skip(&format!("no Redis on {broker}"));
-        return;
-    }
-    let proxy = Proxy::start(broker).await.expect("proxy");
     let keep_alive = Duration::from_secs(1);
-    let config = RedisConfig::from_url(&format!("redis://{}", proxy.addr()))
-        .unwrap()
-        .keep_alive(keep_alive)
-        .connect_timeout(Duration::from_secs(1))
-        .send_timeout(Duration::from_secs(5));
-    let backend = RedisBackend::connect(config).await.unwrap();
+    let Some((proxy, backend)) = behind_a_proxy(keep_alive).await else {
+        return;
+    };
     // (the connect probe's own connection is closed by now: only the shared one is open)
     tokio::time::sleep(Duration::from_millis(200)).await;
 
@@ -1597,19 +1606,10 @@ async fn an_idle_backend_checks_its_shared_connection() {
 /// for as long as the silence lasts.
 #[tokio::test]
 async fn a_q0_consumer_checks_its_pub_sub_connection() {
-    let broker = std::net::SocketAddr::from(([127, 0, 0, 1], 6379));
-    if std::net::TcpStream::connect_timeout(&broker, Duration::from_secs(1)).is_err() {
-        skip(&format!("no Redis on {broker}"));
-        return;
-    }
-    let proxy = Proxy::start(broker).await.expect("proxy");
     let keep_alive = Duration::from_secs(1);
-    let config = RedisConfig::from_url(&format!("redis://{}", proxy.addr()))
-        .unwrap()
-        .keep_alive(keep_alive)
-        .connect_timeout(Duration::from_secs(1))
-        .send_timeout(Duration::from_secs(5));
-    let backend = RedisBackend::connect(config).await.unwrap();
+    let Some((proxy, backend)) = behind_a_proxy(keep_alive).await else {
+        return;
+    };
     let namespace = format!("q0-keepalive-{}", std::process::id());
     let t = Topic::new(Qos::Q0, "specific", &namespace, "ping").unwrap();
     let consumer = backend
