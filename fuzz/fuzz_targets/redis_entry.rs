@@ -20,8 +20,8 @@ use libfuzzer_sys::fuzz_target;
 use tg_backend_api::Properties;
 use tg_backend_redis::fuzzing::redis::{self, ToRedisArgs, Value};
 use tg_backend_redis::fuzzing::{
-    decode_entry, decode_frame, encode_record, format_id, parse_id, push_fields, EntryId, EntryRef,
-    FrameArg, IdFormatter, Record,
+    as_bytes, decode_entry, decode_frame, encode_record, format_id, parse_id, push_fields,
+    reply_streams, EntryId, EntryRef, FrameArg, IdFormatter, Record,
 };
 
 fuzz_target!(|data: &[u8]| {
@@ -31,32 +31,12 @@ fuzz_target!(|data: &[u8]| {
     }
 });
 
-/// The bytes of a string reply (the consumer's `as_bytes`).
-fn as_bytes(v: &Value) -> Option<&[u8]> {
-    match v {
-        Value::BulkString(b) => Some(b),
-        Value::SimpleString(s) => Some(s.as_bytes()),
-        _ => None,
-    }
-}
-
 /// Walks a reply the way the consumer's reader does, checking every entry in it. The reply as
 /// a whole may also be one entry's field list (what `decode_entry` gets).
 fn xreadgroup_reply(reply: Value) {
     entry(&[], reply.clone());
-    let streams: Vec<(Value, Value)> = match reply {
-        Value::Array(items) => items
-            .into_iter()
-            .filter_map(|s| match s {
-                Value::Array(kv) if kv.len() == 2 => {
-                    let mut it = kv.into_iter();
-                    Some((it.next()?, it.next()?))
-                }
-                _ => None,
-            })
-            .collect(),
-        Value::Map(pairs) => pairs,
-        _ => return,
+    let Some(streams) = reply_streams(reply) else {
+        return;
     };
     let mut ids = Vec::new();
     for (key, entries) in streams {
@@ -79,16 +59,20 @@ fn xreadgroup_reply(reply: Value) {
     // the ids of one batch written as `XACK` arguments, one at a time or all at once
     let mut cmd = redis::cmd("XACK");
     IdFormatter::default().push_all(&mut cmd, &ids);
-    let batch: Vec<Vec<u8>> = cmd
-        .args_iter()
+    let batch = arguments(&cmd);
+    let single: Vec<Vec<u8>> = ids.iter().map(|id| one_arg(id)).collect();
+    assert_eq!(batch, single, "a batch of ids formats as each id alone");
+}
+
+/// A command's arguments after its name.
+fn arguments(cmd: &redis::Cmd) -> Vec<Vec<u8>> {
+    cmd.args_iter()
         .skip(1)
         .map(|a| match a {
             redis::Arg::Simple(b) => b.to_vec(),
             redis::Arg::Cursor => Vec::new(),
         })
-        .collect();
-    let single: Vec<Vec<u8>> = ids.iter().map(|id| one_arg(id)).collect();
-    assert_eq!(batch, single, "a batch of ids formats as each id alone");
+        .collect()
 }
 
 fn one_arg(v: &impl ToRedisArgs) -> Vec<u8> {
@@ -269,14 +253,7 @@ fn entry(id: &[u8], fields: Value) {
     let record = Record::decode(&mut &rec[..]).expect("a record just encoded");
     let mut cmd = redis::cmd("XADD");
     push_fields(&mut cmd, &record);
-    let fields: Vec<Value> = cmd
-        .args_iter()
-        .skip(1)
-        .map(|a| match a {
-            redis::Arg::Simple(b) => Value::BulkString(b.to_vec()),
-            redis::Arg::Cursor => Value::Nil,
-        })
-        .collect();
+    let fields: Vec<Value> = arguments(&cmd).into_iter().map(Value::BulkString).collect();
     let again = decode_entry(Value::Array(fields)).expect("what the producer writes decodes");
     assert_eq!(again.payload, entry.payload);
     assert_eq!(again.properties, entry.properties);
