@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use hdrhistogram::Histogram;
 use tg_backend_api::{Backend, Consumer, ConsumerOptions, OutboundMessage, Qos, Topic};
+use tg_backend_postgres::statements::queue;
 use tg_backend_postgres::{channel_name, PostgresBackend, PostgresConfig};
 use tokio_postgres::{AsyncMessage, NoTls};
 
@@ -233,53 +234,7 @@ async fn tg_latency(backend: &Arc<PostgresBackend>, qos: Qos) -> Result<(f64, f6
     ))
 }
 
-// ---- plain tokio-postgres, same statements ----
-
-fn publish_sql() -> String {
-    let s = format!("\"{SCHEMA}\"");
-    format!(
-        "WITH m AS ( \
-           INSERT INTO {s}.messages (topic_id, payload, properties, key, dedup_id) \
-           SELECT $1, u.p, u.pr::jsonb, u.k, u.d \
-           FROM unnest($2::bytea[], $3::text[], $4::text[], $5::text[]) AS u(p, pr, k, d) \
-           ON CONFLICT (topic_id, dedup_id) WHERE dedup_id IS NOT NULL DO NOTHING \
-           RETURNING seq, dedup_id \
-         ), d AS ( \
-           INSERT INTO {s}.deliveries (sub_id, seq) \
-           SELECT s.id, m.seq FROM {s}.subscriptions s CROSS JOIN m WHERE s.topic_id = $1 \
-         ) \
-         SELECT m.seq, m.dedup_id FROM m, (SELECT pg_notify($6, '')) AS n"
-    )
-}
-
-fn claim_sql() -> String {
-    let s = format!("\"{SCHEMA}\"");
-    format!(
-        "WITH cfg AS (SELECT set_config('synchronous_commit', $5, true) AS v), \
-         c AS ( \
-           SELECT d.sub_id, d.seq FROM {s}.deliveries d \
-           WHERE d.sub_id = $1 AND d.visible_at <= now() \
-           ORDER BY d.seq LIMIT $2 \
-           FOR UPDATE SKIP LOCKED \
-         ), u AS ( \
-           UPDATE {s}.deliveries d \
-           SET visible_at = now() + $3 * interval '1 millisecond', claimed_by = $4, \
-               redelivery_count = d.redelivery_count + (d.claimed_by IS NOT NULL)::int \
-           FROM c, cfg WHERE d.sub_id = c.sub_id AND d.seq = c.seq \
-           RETURNING d.seq, d.redelivery_count \
-         ) \
-         SELECT u.seq, u.redelivery_count, m.payload, m.properties::text, m.key, \
-                (extract(epoch FROM m.created_at) * 1000000)::int8 \
-         FROM u JOIN {s}.messages m ON m.seq = u.seq ORDER BY u.seq"
-    )
-}
-
-fn ack_sql() -> String {
-    format!(
-        "WITH cfg AS (SELECT set_config('synchronous_commit', $3, true) AS v) \
-         DELETE FROM \"{SCHEMA}\".deliveries d USING cfg WHERE d.sub_id = $1 AND d.seq = ANY($2)"
-    )
-}
+// ---- plain tokio-postgres, the backend's own statements (`tg_backend_postgres::statements`) ----
 
 async fn raw_connect(config: &PostgresConfig) -> Result<tokio_postgres::Client, BoxError> {
     let (client, conn) = config.pg_config().connect(NoTls).await?;
@@ -343,8 +298,8 @@ async fn raw_consumer(
 ) -> Result<Histogram<u64>, BoxError> {
     let client = raw_connect(&config).await?;
     let (_listen, mut notes) = raw_listen(&config, &channel).await?;
-    let claim = client.prepare(&claim_sql()).await?;
-    let ack = client.prepare(&ack_sql()).await?;
+    let claim = client.prepare(&queue(SCHEMA).claim).await?;
+    let ack = client.prepare(&queue(SCHEMA).ack).await?;
     let mut hist = Histogram::<u64>::new(3)?;
     let mut got = 0;
     let token: i64 = 42;
@@ -383,8 +338,8 @@ async fn raw_batch_consumer(
     let client = raw_connect(&config).await?;
     let acker = Arc::new(raw_connect(&config).await?);
     let (_listen, mut notes) = raw_listen(&config, &channel).await?;
-    let claim = client.prepare(&claim_sql()).await?;
-    let ack = acker.prepare(&ack_sql()).await?;
+    let claim = client.prepare(&queue(SCHEMA).claim).await?;
+    let ack = acker.prepare(&queue(SCHEMA).ack).await?;
     let limit = BATCH_CLAIM as i64;
     let token: i64 = 43;
     let mut got = 0;
@@ -437,7 +392,7 @@ async fn raw_q1_throughput(
         let consumer = raw_consumer(config.clone(), sub_id, channel.clone(), n, None);
         tokio::spawn(async move { consumer.await.map(drop) })
     };
-    let publish = producer.prepare(&publish_sql()).await?;
+    let publish = producer.prepare(&queue(SCHEMA).publish).await?;
     let body = vec![b'x'; PAYLOAD];
     let mut left = n;
     while left > 0 {
@@ -447,7 +402,15 @@ async fn raw_q1_throughput(
         producer
             .query(
                 &publish,
-                &[&topic_id, &payloads, &nones, &nones, &nones, &channel],
+                &[
+                    &topic_id,
+                    &payloads,
+                    &nones,
+                    &nones,
+                    &nones,
+                    &channel,
+                    &None::<&str>,
+                ],
             )
             .await?;
         left -= k;
@@ -473,7 +436,7 @@ async fn raw_q1_latency(
         n,
         Some(base),
     ));
-    let publish = producer.prepare(&publish_sql()).await?;
+    let publish = producer.prepare(&queue(SCHEMA).publish).await?;
     let nones: Vec<Option<&str>> = vec![None];
     let mut tick = tokio::time::interval(Duration::from_micros(1_000_000 / RATE));
     for _ in 0..n {
@@ -483,7 +446,15 @@ async fn raw_q1_latency(
         producer
             .query(
                 &publish,
-                &[&topic_id, &payloads, &nones, &nones, &nones, &channel],
+                &[
+                    &topic_id,
+                    &payloads,
+                    &nones,
+                    &nones,
+                    &nones,
+                    &channel,
+                    &None::<&str>,
+                ],
             )
             .await?;
     }

@@ -14,6 +14,8 @@ mod producer;
 mod properties;
 mod q0;
 mod sql;
+#[doc(hidden)]
+pub mod statements;
 mod tls;
 mod topic;
 

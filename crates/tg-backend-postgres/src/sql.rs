@@ -122,17 +122,27 @@ INSERT INTO {s}.meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}')
             ),
             // $1 sub_id, $2 limit, $3 visibility ms, $4 token, $5 synchronous_commit
             claim: format!(
+                // The claimed ids are collected first (an InitPlan, run once), and the UPDATE
+                // then walks only their range of the subscription's index. The table's
+                // statistics cannot be trusted to plan this: a queue analysed while drained
+                // reads as empty however large its backlog has grown since, and a plan made
+                // for an empty table (the UPDATE joining each row of the subscription against
+                // the claim) reads the whole backlog per claim — quadratic in its size.
                 "WITH cfg AS (SELECT set_config('synchronous_commit', $5, true) AS v), \
                  c AS ( \
-                   SELECT d.sub_id, d.seq FROM {s}.deliveries d \
-                   WHERE d.sub_id = $1 AND d.visible_at <= now() \
-                   ORDER BY d.seq LIMIT $2 \
-                   FOR UPDATE SKIP LOCKED \
+                   SELECT ARRAY( \
+                     SELECT d.seq FROM {s}.deliveries d \
+                     WHERE d.sub_id = $1 AND d.visible_at <= now() \
+                     ORDER BY d.seq LIMIT $2 \
+                     FOR UPDATE SKIP LOCKED \
+                   ) AS seqs \
                  ), u AS ( \
                    UPDATE {s}.deliveries d \
                    SET visible_at = now() + $3 * interval '1 millisecond', claimed_by = $4, \
                        redelivery_count = d.redelivery_count + (d.claimed_by IS NOT NULL)::int \
-                   FROM c, cfg WHERE d.sub_id = c.sub_id AND d.seq = c.seq \
+                   FROM cfg WHERE d.sub_id = $1 AND d.seq = ANY((SELECT seqs FROM c)::int8[]) \
+                   AND d.seq BETWEEN (SELECT seqs[1] FROM c) \
+                   AND (SELECT seqs[cardinality(seqs)] FROM c) \
                    RETURNING d.seq, d.redelivery_count \
                  ) \
                  SELECT u.seq, u.redelivery_count, m.payload, m.properties::text, m.key, \
@@ -147,7 +157,9 @@ INSERT INTO {s}.meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}')
             // $1 sub_id, $2 seqs, $3 synchronous_commit
             ack: format!(
                 "WITH cfg AS (SELECT set_config('synchronous_commit', $3, true) AS v) \
-                 DELETE FROM {s}.deliveries d USING cfg WHERE d.sub_id = $1 AND d.seq = ANY($2)"
+                 DELETE FROM {s}.deliveries d USING cfg WHERE d.sub_id = $1 AND d.seq = ANY($2) \
+                 AND d.seq BETWEEN (SELECT min(x) FROM unnest($2::int8[]) x) \
+                 AND (SELECT max(x) FROM unnest($2::int8[]) x)"
             ),
             // $1 sub_id, $2 seqs, $3 token, $4 synchronous_commit, $5 channel
             nack: format!(
@@ -156,6 +168,8 @@ INSERT INTO {s}.meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}')
                    UPDATE {s}.deliveries d SET visible_at = '-infinity', claimed_by = NULL, \
                        redelivery_count = d.redelivery_count + 1 \
                    FROM cfg WHERE d.sub_id = $1 AND d.seq = ANY($2) AND d.claimed_by = $3 \
+                   AND d.seq BETWEEN (SELECT min(x) FROM unnest($2::int8[]) x) \
+                   AND (SELECT max(x) FROM unnest($2::int8[]) x) \
                    RETURNING 1 \
                  ) \
                  SELECT pg_notify($5, '') FROM (SELECT count(*) AS n FROM r) AS x WHERE x.n > 0"
