@@ -12,6 +12,15 @@
 //! also runs `benches/python_throughput.py`: trustgraph-base's producer and consumer on the same
 //! broker.
 //!
+//! The batch row (`tg-pubsub, batch API`, in the same rounds, taking its turn with the other
+//! two paths): tg-pubsub's batch API — `send_batch` of `SEND_BATCH` messages (the receipts
+//! awaited at the end, as the single-message path does), `receive_batch` of up to `RECV_MAX`,
+//! one `acknowledge_batch` per batch. The consumer's calls are native (what the group member has
+//! buffered after the first message, taken at once; a batch's acknowledgements marked under one
+//! lock); `send_batch` is the kit's loop over `send`, as librdkafka batches on the wire by
+//! itself. Its ratio is to plain rdkafka, and the bench prints its ratio to tg-pubsub one
+//! message per call.
+//!
 //! Environment: `BENCH_MESSAGES` (100,000); `BENCH_ROUNDS` (3); `BENCH_PYTHON_MESSAGES` (2,000);
 //! `BENCH_SKIP_PYTHON`; `BENCH_VERBOSE` (when each producer finished).
 
@@ -29,6 +38,10 @@ const PAYLOAD: usize = 200;
 const IDLE: Duration = Duration::from_secs(30);
 const LATENCY_RATE: u64 = 1000;
 const LATENCY_SECS: u64 = 2;
+/// Messages per `send_batch` of the batch path.
+const SEND_BATCH: usize = 1_000;
+/// `max` of the batch path's `receive_batch`.
+const RECV_MAX: usize = 256;
 
 fn env_usize(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -114,6 +127,66 @@ async fn tg_run(
     let _ = producer.close().await;
     let _ = consumer.close().await;
     (got, last - t0, latency)
+}
+
+/// The batch API end to end: `send_batch` of `SEND_BATCH` (the receipts awaited at the end),
+/// `receive_batch` of up to `RECV_MAX` and one `acknowledge_batch` each. Returns (received,
+/// elapsed).
+async fn tg_batch_run(backend: &KafkaBackend, topic: &Topic, n: usize) -> (usize, Duration) {
+    let consumer = backend
+        .create_consumer(
+            topic,
+            ConsumerOptions::new("bench").initial_position(InitialPosition::Earliest),
+        )
+        .await
+        .expect("consumer");
+    let producer = backend
+        .create_producer(topic, Default::default())
+        .await
+        .expect("producer");
+    let t0 = Instant::now();
+    let sender = tokio::spawn(async move {
+        let mut receipts = Vec::with_capacity(n);
+        let mut sent = 0;
+        while sent < n {
+            let k = SEND_BATCH.min(n - sent);
+            let batch = (0..k)
+                .map(|_| OutboundMessage::new(stamped_payload(PAYLOAD, t0)))
+                .collect();
+            receipts.extend(producer.send_batch(batch).await.expect("send_batch"));
+            sent += k;
+        }
+        producer.flush().await.expect("flush");
+        for r in receipts {
+            r.await.expect("receipt");
+        }
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            println!("  tg-pubsub batch producer done after {:?}", t0.elapsed());
+        }
+        producer
+    });
+    let mut got = 0;
+    let mut last = t0;
+    while got < n {
+        match consumer.receive_batch(RECV_MAX, IDLE).await {
+            Ok(batch) if !batch.is_empty() => {
+                consumer.acknowledge_batch(&batch).await.expect("ack");
+                got += batch.len();
+                last = Instant::now();
+            }
+            other => {
+                eprintln!(
+                    "tg-pubsub batch: stopped after {got} of {n}: {:?}",
+                    other.map(|b| b.len())
+                );
+                break;
+            }
+        }
+    }
+    let producer = sender.await.expect("sender task");
+    let _ = producer.close().await;
+    let _ = consumer.close().await;
+    (got, last - t0)
 }
 
 // ---------------------------------------------------------------- plain rdkafka
@@ -305,26 +378,34 @@ async fn main() -> ExitCode {
         .create()
         .expect("raw producer");
     println!("{n} messages of {PAYLOAD} bytes, q1, {rounds} interleaved rounds, broker {url}");
-    let (mut tg, mut raw) = (Vec::new(), Vec::new());
+    let (mut tg, mut raw, mut tg_batch) = (Vec::new(), Vec::new(), Vec::new());
     // tansu gets slower as its database grows: the paths take turns at going first
     for round in 0..rounds {
-        for path in if round % 2 == 0 { [0, 1] } else { [1, 0] } {
+        let mut order = [0, 1, 2];
+        order.rotate_left(round % 3);
+        for path in order {
             if path == 0 {
                 let t = topic(&format!("raw-{round}"));
                 let (got, took, _) =
                     raw_run(&backend, &config, &producer, &base, &t, n, None).await;
                 println!("round {round}: plain rdkafka {got} in {took:?}");
                 raw.push((got, took));
-            } else {
+            } else if path == 1 {
                 let (got, took, _) =
                     tg_run(&backend, &topic(&format!("tg-{round}")), n, None).await;
                 println!("round {round}: tg-pubsub     {got} in {took:?}");
                 tg.push((got, took));
+            } else {
+                let (got, took) =
+                    tg_batch_run(&backend, &topic(&format!("tg-batch-{round}")), n).await;
+                println!("round {round}: tg-pubsub, batch API {got} in {took:?}");
+                tg_batch.push((got, took));
             }
         }
     }
     let (raw_n, raw_t) = median(raw);
     let (tg_n, tg_t) = median(tg);
+    let (tgb_n, tgb_t) = median(tg_batch);
     let slow = (LATENCY_RATE * LATENCY_SECS) as usize;
     let rate = Some(LATENCY_RATE);
     let (_, _, raw_lat) = raw_run(
@@ -345,6 +426,7 @@ async fn main() -> ExitCode {
     let mut rows = vec![
         Row::new("q1 throughput", "plain rdkafka", raw_n as u64, raw_t).baseline(),
         Row::new("q1 throughput", "tg-pubsub", tg_n as u64, tg_t),
+        Row::new("q1 throughput", "tg-pubsub, batch API", tgb_n as u64, tgb_t),
         Row::new(&low, "plain rdkafka", slow as u64, secs)
             .baseline()
             .with_latency(raw_lat.summary()),
@@ -374,6 +456,12 @@ async fn main() -> ExitCode {
     let ratio = tg_rate / (raw_n as f64 / raw_t.as_secs_f64());
     println!(
         "tg-pubsub / plain rdkafka: {ratio:.2} (target >= 0.90); tg-pubsub {tg_rate:.0} msg/s"
+    );
+    let tgb_rate = tgb_n as f64 / tgb_t.as_secs_f64();
+    println!(
+        "tg-pubsub batch API / one message per call: {:.2}; / plain rdkafka: {:.2}",
+        tgb_rate / tg_rate,
+        tgb_rate / (raw_n as f64 / raw_t.as_secs_f64())
     );
     if let Ok((pn, pt)) = python {
         let py_rate = pn as f64 / pt.as_secs_f64();

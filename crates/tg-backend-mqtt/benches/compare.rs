@@ -2,13 +2,21 @@
 //!
 //! `cargo bench -p tg-backend-mqtt --bench compare` — `BENCH_MESSAGES`, `BENCH_ROUNDS` (default 3;
 //! the paths alternate and each one's best round is shown: the machine is shared) and
-//! `BENCH_ONLY=q1:tg,q1:raw,latency` change what runs.
+//! `BENCH_ONLY=q1:tg,q1:raw,q1:batch,latency` change what runs.
 //!
 //! - Throughput: 100,000 messages of 200 bytes (`BENCH_MESSAGES` to change), producer task →
 //!   consumer task acknowledging each, QoS 0 and QoS 1, against `MQTT_URL` (default the local
 //!   Mosquitto at 127.0.0.1:1883). Both paths use a shared subscription, manual acks, the same
 //!   in-flight window (100) and Receive Maximum (100), and TCP_NODELAY on the client (the
 //!   backend's default).
+//! - The batch row (`tg-pubsub, batch API`, in the same rounds, after the other two paths):
+//!   tg-pubsub's batch API — `send_batch` of `SEND_BATCH` messages, `receive_batch` of up to
+//!   `RECV_MAX`, one `acknowledge_batch` per batch. MQTT has no batch in the protocol, so the
+//!   backend keeps the kit's defaults: a loop of `send` (one PUBLISH each), the first message
+//!   within the timeout and then what is already buffered, one PUBACK per message. For the same
+//!   reason there is no batched plain-rumqttc path (it would send the same packets): the row
+//!   sits in the throughput group with its ratio to plain rumqttc, and the bench prints its
+//!   ratio to tg-pubsub one message per call.
 //! - Latency: QoS 1 at 1,000 msg/s for 2 s with the send time in the payload, against a
 //!   Mosquitto the bench starts on a free port with `set_tcp_nodelay true` (skipped with a note
 //!   when the `mosquitto` binary is missing).
@@ -29,6 +37,11 @@ const PAYLOAD: usize = 200;
 const LATENCY_RATE: u64 = 1000;
 const LATENCY_SECS: u64 = 2;
 const RUN_LIMIT: Duration = Duration::from_secs(90);
+/// Messages per `send_batch` of the batch path.
+const SEND_BATCH: usize = 1_000;
+/// `max` of the batch path's `receive_batch`: below the Receive Maximum (100), so the broker
+/// still has deliveries to send while a batch is being acknowledged.
+const RECV_MAX: usize = 64;
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -58,6 +71,7 @@ async fn run() {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load = load.split_whitespace().next().unwrap_or("?").to_owned();
     let mut rows = Vec::new();
+    let mut batch_ratios = Vec::new();
     let only = std::env::var("BENCH_ONLY").unwrap_or_default(); // e.g. "q1", "q1:tg", "q0:raw"
     let wants = |qos: Qos, path: &str| {
         only.is_empty()
@@ -69,12 +83,13 @@ async fn run() {
             })
     };
     for qos in [Qos::Q0, Qos::Q1] {
-        if !wants(qos, "raw") && !wants(qos, "tg") {
+        if !wants(qos, "raw") && !wants(qos, "tg") && !wants(qos, "batch") {
             continue;
         }
         let group = format!("{qos} x{n}");
         // Alternate the paths and keep each one's best round: the machine is shared.
-        let (mut raw, mut tg): (Option<Row>, Option<Row>) = (None, None);
+        let (mut raw, mut tg, mut batch): (Option<Row>, Option<Row>, Option<Row>) =
+            (None, None, None);
         for _ in 0..rounds {
             if wants(qos, "raw") {
                 let (count, elapsed) = raw_flood(&config, qos, n).await;
@@ -90,9 +105,23 @@ async fn run() {
                     tg = Some(row);
                 }
             }
+            if wants(qos, "batch") {
+                let (count, elapsed) = tg_batch_flood(&config, qos, n).await;
+                let row = Row::new(&group, "tg-pubsub, batch API", count, elapsed);
+                if batch.as_ref().map(Row::rate).unwrap_or(0.0) < row.rate() {
+                    batch = Some(row);
+                }
+            }
+        }
+        if let (Some(single), Some(batched)) = (&tg, &batch) {
+            batch_ratios.push(format!(
+                "{qos}: tg-pubsub's batch API moves {:.2}x the messages per second of one message per call",
+                batched.rate() / single.rate()
+            ));
         }
         rows.extend(raw);
         rows.extend(tg);
+        rows.extend(batch);
     }
     print_table(
         &format!(
@@ -101,6 +130,9 @@ async fn run() {
         ),
         &rows,
     );
+    for line in batch_ratios {
+        println!("{line}");
+    }
 
     if !only.is_empty() && !only.contains("latency") {
         return;
@@ -174,6 +206,58 @@ async fn tg_flood(config: &MqttConfig, qos: Qos, n: u64) -> (u64, Duration) {
             .await
             .expect("send");
         drop(receipt);
+    }
+    let _ = tokio::time::timeout(RUN_LIMIT, producer.flush()).await;
+    let (got, last, consumer) = tokio::time::timeout(RUN_LIMIT, reader)
+        .await
+        .expect("reader")
+        .expect("reader");
+    let _ = consumer.close().await;
+    let _ = backend.close().await;
+    (got, last - start)
+}
+
+/// The batch API end to end: `send_batch` of `SEND_BATCH` (receipts dropped, as `tg_flood`
+/// does, then `flush`), `receive_batch` of up to `RECV_MAX` and one `acknowledge_batch` each.
+async fn tg_batch_flood(config: &MqttConfig, qos: Qos, n: u64) -> (u64, Duration) {
+    let backend = MqttBackend::connect(config.clone()).await.expect("connect");
+    let t = topic(qos);
+    let consumer = backend
+        .create_consumer(&t, ConsumerOptions::new("bench"))
+        .await
+        .expect("consumer");
+    let producer = backend
+        .create_producer(&t, Default::default())
+        .await
+        .expect("producer");
+    let payload = bytes::Bytes::from(vec![b'x'; PAYLOAD]);
+    let start = Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut got = 0u64;
+        let mut last = Instant::now();
+        while got < n {
+            match consumer
+                .receive_batch(RECV_MAX, Duration::from_secs(3))
+                .await
+            {
+                Ok(batch) if !batch.is_empty() => {
+                    let _ = consumer.acknowledge_batch(&batch).await;
+                    got += batch.len() as u64;
+                    last = Instant::now();
+                }
+                _ => break,
+            }
+        }
+        (got, last, consumer)
+    });
+    let mut sent = 0;
+    while sent < n {
+        let k = (SEND_BATCH as u64).min(n - sent);
+        let batch = (0..k)
+            .map(|_| OutboundMessage::new(payload.clone()))
+            .collect();
+        drop(producer.send_batch(batch).await.expect("send_batch"));
+        sent += k;
     }
     let _ = tokio::time::timeout(RUN_LIMIT, producer.flush()).await;
     let (got, last, consumer) = tokio::time::timeout(RUN_LIMIT, reader)
