@@ -111,7 +111,9 @@ usage: cargo xtask <command>
                        server, starting the server if it is down; `all` runs the whole workspace
                        (`cargo test --workspace`). Ends with `N passed, N failed, N skipped`.
   bench <backend>      memory: the CLI bench in release mode; others: the crate's compare bench
-                       (tg-pubsub against the raw client crate, same run)
+                       (tg-pubsub against the raw client crate, same run), with the CLI bench on
+                       the same broker, qos (q1) and message size before and after it (3 runs,
+                       median); BENCH_MESSAGES (100,000) for both
   schema sync|check    write the framework's message types into tg-schema from the pinned
                        trustgraph-base (sync), or fail if the committed ones differ (check)
   fuzz [seconds] [target…]
@@ -462,18 +464,103 @@ fn bench(backend: &str) -> Result<(), String> {
     }
     let mut env = Vec::new();
     let _brokers = test_brokers(std::slice::from_ref(&c), &mut env);
+    // The compare bench and the CLI bench move the same number of messages, so their msg/s
+    // compare; every compare bench uses 200-byte payloads on a q1 topic, as the CLI run below.
+    let messages = std::env::var("BENCH_MESSAGES").unwrap_or_else(|_| "100000".to_owned());
+    env.push(("BENCH_MESSAGES", messages.clone()));
+    env.push(("PUBSUB_BACKEND", backend.to_owned()));
+    let envs = || env.iter().map(|(k, v)| (*k, v.as_str()));
+    let cli_args = [
+        "bench",
+        "--qos",
+        "q1",
+        "--size",
+        "200",
+        "--messages",
+        &messages,
+        "--typed-messages",
+        "0",
+        "--rate",
+        "0",
+    ];
+    let cli_run = |rates: &mut Vec<f64>| -> Result<(), String> {
+        println!(
+            "xtask: PUBSUB_BACKEND={backend} tg-pubsub {}",
+            cli_args.join(" ")
+        );
+        let out = Command::new(cargo)
+            // the CLI's features are named like the backends; Pulsar and Kafka are not default
+            .args([
+                "run",
+                "--release",
+                "-q",
+                "-p",
+                "tg-pubsub-cli",
+                "--features",
+            ])
+            .args([backend, "--"])
+            .args(cli_args)
+            .envs(envs())
+            .current_dir(root())
+            .output()
+            .map_err(|e| format!("cannot run the CLI: {e}"))?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        print!("{text}");
+        if !out.status.success() {
+            eprint!("{}", String::from_utf8_lossy(&out.stderr));
+            return Err(format!(
+                "the CLI bench on {backend} failed ({})",
+                out.status
+            ));
+        }
+        rates.push(
+            cli_rate(&text).ok_or_else(|| "the CLI bench printed no raw-bytes row".to_owned())?,
+        );
+        Ok(())
+    };
+    let mut rates = Vec::new();
+    cli_run(&mut rates)?;
     println!("xtask: cargo bench -p {} --bench compare", c.crate_name);
     let status = Command::new(cargo)
         .args(["bench", "-p", &c.crate_name, "--bench", "compare"])
-        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .envs(envs())
         .current_dir(root())
         .status()
         .map_err(|e| format!("cannot run cargo bench: {e}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("the {backend} bench failed ({status})"))
+    if !status.success() {
+        return Err(format!("the {backend} bench failed ({status})"));
     }
+    cli_run(&mut rates)?;
+    cli_run(&mut rates)?;
+    let shown: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+    rates.sort_by(f64::total_cmp);
+    println!(
+        "\n### CLI bench on {backend}, q1, {messages} messages of 200 bytes (runs before and after the compare bench)\n\n\
+         | runs (msg/s) | median msg/s | load average |\n|---|---:|---|\n| {} | {:.0} | {} |",
+        shown.join(", "),
+        rates[rates.len() / 2],
+        load_average()
+    );
+    Ok(())
+}
+
+/// The msg/s of the CLI bench's raw-bytes throughput row (`| throughput | raw bytes | n | s |
+/// msg/s | …`, the table `tg_testkit::bench::format_table` prints).
+fn cli_rate(output: &str) -> Option<f64> {
+    output.lines().find_map(|line| {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        match cells.as_slice() {
+            ["", "throughput", "raw bytes", _, _, rate, ..] => rate.parse().ok(),
+            _ => None,
+        }
+    })
+}
+
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` gives them.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 fn ci() -> Result<(), String> {
