@@ -3,7 +3,9 @@
 //! run: N JSON messages of ~200 bytes are published first (not timed), then the consumer side
 //! receives, decodes, handles and acknowledges each — directly in a loop that calls the handler,
 //! or through a `ConsumerRunner` running the same handler — and the time to drain the
-//! subscription is compared. The handler (a counter) is the same value in both paths, so the
+//! subscription is compared. Both sides also run in batches of [`BATCH`]: the direct loop with
+//! `receive_batch` and `acknowledge_batch`, the runner in its batch mode (`max_batch`), so the
+//! batch mode's overhead is read against both direct loops. The handler (a counter) is the same value in both paths, so the
 //! difference is the runner's own work: its workers, attempt accounting, panic catching,
 //! statistics and shutdown bookkeeping.
 //!
@@ -16,8 +18,8 @@
 //!
 //! `cargo bench -p tg-runtime --bench overhead` (N from `TG_BENCH_MESSAGES`, default 100,000 on
 //! memory; `TG_BENCH_REDIS_MESSAGES`, default 20,000 on Redis; `TG_BENCH_ROUNDS`, default 15, the
-//! rounds on memory; `TG_BENCH_PROFILE=direct|runner1|runner16` runs one path on memory only, for
-//! a profiler).
+//! rounds on memory; `TG_BENCH_PROFILE=direct|runner1|runner16|direct-batch|runner16-batch` runs
+//! one path on memory only, for a profiler).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -118,6 +120,10 @@ impl Target {
     }
 }
 
+/// Messages per batch on the batch paths: what a service that keeps up takes at once, and the
+/// Redis backend's default read size.
+const BATCH: usize = 64;
+
 /// Receives, decodes, handles and acknowledges `n` messages in a plain loop.
 async fn direct(target: &Target, n: u64) -> (Duration, Option<Duration>) {
     let (backend, topic) = target.prefilled(n).await;
@@ -142,18 +148,59 @@ async fn direct(target: &Target, n: u64) -> (Duration, Option<Duration>) {
     elapsed
 }
 
+/// The same in batches of [`BATCH`]: one `receive_batch`, the handler on each message, one
+/// `acknowledge_batch`.
+async fn direct_batch(target: &Target, n: u64) -> (Duration, Option<Duration>) {
+    let (backend, topic) = target.prefilled(n).await;
+    let consumer = backend
+        .typed_consumer::<String>(&topic, ConsumerOptions::new("s"))
+        .await
+        .expect("consumer");
+    let handler = Count::new(n);
+    let started = Instant::now();
+    let cpu0 = cpu_time();
+    let mut raw = Vec::with_capacity(BATCH);
+    while handler.handled() < n {
+        let batch = consumer
+            .receive_batch(BATCH, Duration::from_secs(5))
+            .await
+            .expect("receive");
+        assert!(!batch.is_empty(), "the subscription ran dry");
+        raw.clear();
+        for msg in batch {
+            let msg = msg.expect("decode");
+            raw.push(msg.message().clone());
+            handler.handle(msg).await.expect("handler");
+        }
+        consumer.inner().acknowledge_batch(&raw).await.expect("ack");
+    }
+    let elapsed = (started.elapsed(), cpu_since(cpu0));
+    consumer.inner().close().await.expect("close");
+    elapsed
+}
+
 fn cpu_since(cpu0: Option<Duration>) -> Option<Duration> {
     cpu0.zip(cpu_time()).map(|(a, b)| b.saturating_sub(a))
 }
 
 /// The same through a `ConsumerRunner`.
-async fn runner(target: &Target, n: u64, concurrency: usize) -> (Duration, Option<Duration>) {
+/// `max_batch` above 1 runs the runner's batch mode (the same handler, called for each message of
+/// a batch).
+async fn runner(
+    target: &Target,
+    n: u64,
+    concurrency: usize,
+    max_batch: usize,
+) -> (Duration, Option<Duration>) {
     let (backend, topic) = target.prefilled(n).await;
     let handler = Count::new(n);
     let started = Instant::now();
     let cpu0 = cpu_time();
+    let config = RunnerConfig::default()
+        .concurrency(concurrency)
+        .max_batch(max_batch);
     let handle = ConsumerRunner::new(backend, topic, ConsumerOptions::new("s"), handler.clone())
-        .config(RunnerConfig::default().concurrency(concurrency))
+        .config(config)
         .start()
         .await
         .expect("runner");
@@ -206,29 +253,39 @@ async fn redis_cleanup(prefix: &str) {
     }
 }
 
-const PATHS: [&str; 3] = [
+const PATHS: [&str; 5] = [
     "backend consumer, direct",
     "ConsumerRunner, concurrency 1",
     "ConsumerRunner, concurrency 16",
+    "backend consumer, direct, batches of 64",
+    "ConsumerRunner, concurrency 16, max_batch 64",
 ];
+
+/// The path [`PATHS`]`[i]` on `n` messages.
+async fn run_path(target: &Target, i: usize, n: u64) -> (Duration, Option<Duration>) {
+    match i {
+        0 => direct(target, n).await,
+        1 => runner(target, n, 1, 1).await,
+        2 => runner(target, n, 16, 1).await,
+        3 => direct_batch(target, n).await,
+        _ => runner(target, n, 16, BATCH).await,
+    }
+}
 
 /// Best of `rounds` alternating runs of each path: wall and on-CPU times.
 async fn measure(target: &Target, n: u64, rounds: usize) -> Vec<Row> {
-    direct(target, n / 10).await;
-    runner(target, n / 10, 16).await;
-    let mut wall = [Duration::MAX; 3];
-    let mut cpu: [Option<Duration>; 3] = [None; 3];
+    for i in 0..PATHS.len() {
+        run_path(target, i, n / 10).await;
+    }
+    let mut wall = [Duration::MAX; PATHS.len()];
+    let mut cpu: [Option<Duration>; PATHS.len()] = [None; PATHS.len()];
     let best = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     };
     for _ in 0..rounds {
-        let runs = [
-            direct(target, n).await,
-            runner(target, n, 1).await,
-            runner(target, n, 16).await,
-        ];
-        for (i, (w, c)) in runs.into_iter().enumerate() {
+        for i in 0..PATHS.len() {
+            let (w, c) = run_path(target, i, n).await;
             wall[i] = wall[i].min(w);
             cpu[i] = best(cpu[i], c);
         }
@@ -266,15 +323,21 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    // For profilers: `TG_BENCH_PROFILE=direct|runner1|runner16` runs only that path on memory.
+    // For profilers: `TG_BENCH_PROFILE=<path>` runs only that path on memory.
     if let Ok(path) = std::env::var("TG_BENCH_PROFILE") {
+        let i = match path.as_str() {
+            "direct" => 0,
+            "runner1" => 1,
+            "runner16" => 2,
+            "direct-batch" => 3,
+            "runner16-batch" => 4,
+            other => panic!(
+                "TG_BENCH_PROFILE={other}: use direct, runner1, runner16, direct-batch or runner16-batch"
+            ),
+        };
         rt.block_on(async {
             for _ in 0..5 {
-                match path.as_str() {
-                    "direct" => direct(&Target::Memory, n).await,
-                    "runner1" => runner(&Target::Memory, n, 1).await,
-                    _ => runner(&Target::Memory, n, 16).await,
-                };
+                run_path(&Target::Memory, i, n).await;
             }
         });
         return;
@@ -300,6 +363,21 @@ fn main() {
                     let overhead = row.elapsed.as_secs_f64() / base.elapsed.as_secs_f64() - 1.0;
                     println!(
                         "{} ({}): overhead {:+.1}% vs direct",
+                        row.path,
+                        row.group,
+                        overhead * 100.0
+                    );
+                }
+            }
+            // The batch mode against the loop that batches the same way.
+            if row.path == PATHS[4] {
+                let direct_batches = rows
+                    .iter()
+                    .find(|r| r.group == row.group && r.path == PATHS[3]);
+                if let Some(base) = direct_batches {
+                    let overhead = row.elapsed.as_secs_f64() / base.elapsed.as_secs_f64() - 1.0;
+                    println!(
+                        "{} ({}): overhead {:+.1}% vs direct batches",
                         row.path,
                         row.group,
                         overhead * 100.0
