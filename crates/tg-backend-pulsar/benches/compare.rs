@@ -28,7 +28,9 @@ use futures::StreamExt;
 use pulsar::{Pulsar, SubType, TokioExecutor};
 use tg_backend_api::{Backend, ConsumerOptions, ConsumerType, OutboundMessage, Qos, Topic};
 use tg_backend_pulsar::{PulsarBackend, PulsarConfig};
-use tg_testkit::bench::{print_table, read_stamp, stamped_payload, LatencyRecorder, Row};
+use tg_testkit::bench::{
+    print_table, read_stamp, stamped_payload, BatchApiRun, LatencyRecorder, Row,
+};
 
 const PAYLOAD: usize = 200;
 const IDLE: Duration = Duration::from_secs(10);
@@ -135,61 +137,23 @@ async fn tg_run(
     (got, last - t0, latency)
 }
 
-/// The batch API end to end on an Exclusive subscription: `send_batch` of `SEND_BATCH` (the
-/// receipts awaited at the end), `receive_batch` of up to `RECV_MAX` and one
-/// `acknowledge_batch` each. Returns (received, elapsed).
+/// The batch API end to end on an Exclusive subscription (`tg_testkit::bench::BatchApiRun`):
+/// `send_batch` of `SEND_BATCH`, `receive_batch` of up to `RECV_MAX`, one `acknowledge_batch`
+/// each. Returns (received, elapsed).
 async fn tg_batch_run(backend: &PulsarBackend, topic: &Topic, n: usize) -> (usize, Duration) {
-    let consumer = backend
-        .create_consumer(
-            topic,
-            ConsumerOptions::new("bench").consumer_type(ConsumerType::Exclusive),
-        )
-        .await
-        .expect("consumer");
-    let producer = backend
-        .create_producer(topic, Default::default())
-        .await
-        .expect("producer");
-    let t0 = Instant::now();
-    let sender = tokio::spawn(async move {
-        let mut receipts = Vec::with_capacity(n);
-        let mut sent = 0;
-        while sent < n {
-            let k = SEND_BATCH.min(n - sent);
-            let batch = (0..k)
-                .map(|_| OutboundMessage::new(stamped_payload(PAYLOAD, t0)))
-                .collect();
-            receipts.extend(producer.send_batch(batch).await.expect("send_batch"));
-            sent += k;
-        }
-        producer.flush().await.expect("flush");
-        for r in receipts {
-            r.await.expect("receipt");
-        }
-        producer
-    });
-    let mut got = 0;
-    let mut last = t0;
-    while got < n {
-        match consumer.receive_batch(RECV_MAX, IDLE).await {
-            Ok(batch) if !batch.is_empty() => {
-                consumer.acknowledge_batch(&batch).await.expect("ack");
-                got += batch.len();
-                last = Instant::now();
-            }
-            other => {
-                eprintln!(
-                    "tg-pubsub batch: stopped after {got} of {n}: {:?}",
-                    other.map(|b| b.len())
-                );
-                break;
-            }
-        }
-    }
-    let producer = sender.await.expect("sender task");
-    let _ = producer.close().await;
-    let _ = consumer.close().await;
-    (got, last - t0)
+    let run = BatchApiRun {
+        payload: PAYLOAD,
+        send_batch: SEND_BATCH,
+        receive_max: RECV_MAX,
+        idle: IDLE,
+    };
+    run.run(
+        backend,
+        topic,
+        ConsumerOptions::new("bench").consumer_type(ConsumerType::Exclusive),
+        n,
+    )
+    .await
 }
 
 // ---------------------------------------------------------------- raw pulsar crate

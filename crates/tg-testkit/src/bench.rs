@@ -250,3 +250,85 @@ mod tests {
         assert!(ratio(&rows, &rows[2]).is_none());
     }
 }
+
+/// tg-pubsub's batch API end to end, the same on every broker's compare bench: a producer task
+/// sends `n` stamped messages with `send_batch` in chunks of `send_batch` (the receipts awaited
+/// at the end, after `flush`), while the consumer takes up to `receive_max` with `receive_batch`
+/// and acknowledges each batch with one `acknowledge_batch`.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchApiRun {
+    /// Bytes per message.
+    pub payload: usize,
+    /// Messages per `send_batch`.
+    pub send_batch: usize,
+    /// `max` of `receive_batch`.
+    pub receive_max: usize,
+    /// How long the consumer waits for a batch before it gives up.
+    pub idle: Duration,
+}
+
+impl BatchApiRun {
+    /// Moves `n` messages on `topic`, the consumer subscribed with `options`. Returns the
+    /// messages received and the time from the first send to the last batch received. With
+    /// `BENCH_VERBOSE` set it says when the producer finished.
+    pub async fn run(
+        self,
+        backend: &dyn tg_backend_api::Backend,
+        topic: &tg_backend_api::Topic,
+        options: tg_backend_api::ConsumerOptions,
+        n: usize,
+    ) -> (usize, Duration) {
+        use tg_backend_api::OutboundMessage;
+        let consumer = backend
+            .create_consumer(topic, options)
+            .await
+            .expect("consumer");
+        let producer = backend
+            .create_producer(topic, Default::default())
+            .await
+            .expect("producer");
+        let t0 = Instant::now();
+        let sender = tokio::spawn(async move {
+            let mut receipts = Vec::with_capacity(n);
+            let mut sent = 0;
+            while sent < n {
+                let k = self.send_batch.min(n - sent);
+                let batch = (0..k)
+                    .map(|_| OutboundMessage::new(stamped_payload(self.payload, t0)))
+                    .collect();
+                receipts.extend(producer.send_batch(batch).await.expect("send_batch"));
+                sent += k;
+            }
+            producer.flush().await.expect("flush");
+            for r in receipts {
+                r.await.expect("receipt");
+            }
+            if std::env::var_os("BENCH_VERBOSE").is_some() {
+                println!("  tg-pubsub batch producer done after {:?}", t0.elapsed());
+            }
+            producer
+        });
+        let mut got = 0;
+        let mut last = t0;
+        while got < n {
+            match consumer.receive_batch(self.receive_max, self.idle).await {
+                Ok(batch) if !batch.is_empty() => {
+                    consumer.acknowledge_batch(&batch).await.expect("ack");
+                    got += batch.len();
+                    last = Instant::now();
+                }
+                other => {
+                    eprintln!(
+                        "tg-pubsub batch: stopped after {got} of {n}: {:?}",
+                        other.map(|b| b.len())
+                    );
+                    break;
+                }
+            }
+        }
+        let producer = sender.await.expect("sender task");
+        let _ = producer.close().await;
+        let _ = consumer.close().await;
+        (got, last - t0)
+    }
+}
