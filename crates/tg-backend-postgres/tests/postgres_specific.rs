@@ -582,23 +582,27 @@ fn url_for_database(db: &str) -> String {
     out
 }
 
-/// Committed plus rolled-back transactions of database `db`, as the statistics system has them
-/// now. Read from the admin connection, which is on another database, so its own transactions
-/// do not count.
-async fn transactions_of(admin: &tokio_postgres::Client, db: &str) -> i64 {
+/// One counter of the statistics system (`query` with `name` as `$1`), as it has it now: the
+/// admin connection's cached snapshot is dropped first.
+async fn counter_now(admin: &tokio_postgres::Client, query: &str, name: &str) -> i64 {
     admin
         .batch_execute("SELECT pg_stat_clear_snapshot()")
         .await
         .unwrap();
-    admin
-        .query_one(
-            "SELECT coalesce(sum(xact_commit + xact_rollback), 0)::int8 FROM pg_stat_database \
-             WHERE datname = $1",
-            &[&db],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    admin.query_one(query, &[&name]).await.unwrap().get(0)
+}
+
+/// Committed plus rolled-back transactions of database `db`, as the statistics system has them
+/// now. Read from the admin connection, which is on another database, so its own transactions
+/// do not count.
+async fn transactions_of(admin: &tokio_postgres::Client, db: &str) -> i64 {
+    counter_now(
+        admin,
+        "SELECT coalesce(sum(xact_commit + xact_rollback), 0)::int8 FROM pg_stat_database \
+         WHERE datname = $1",
+        db,
+    )
+    .await
 }
 
 /// How long after its last transaction a PostgreSQL 15+ backend may still hold its statistics
@@ -1144,21 +1148,15 @@ const ROWS_PER_MESSAGE: f64 = 30.0;
 /// when it exits).
 async fn deliveries_read(admin: &tokio_postgres::Client, schema: &str) -> i64 {
     tokio::time::sleep(Duration::from_millis(500)).await;
-    admin
-        .batch_execute("SELECT pg_stat_clear_snapshot()")
-        .await
-        .unwrap();
-    admin
-        .query_one(
-            "SELECT ((SELECT seq_tup_read FROM pg_stat_user_tables \
-             WHERE schemaname = $1 AND relname = 'deliveries') \
-             + (SELECT sum(idx_tup_read) FROM pg_stat_user_indexes \
-             WHERE schemaname = $1 AND relname = 'deliveries'))::int8",
-            &[&schema],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    counter_now(
+        admin,
+        "SELECT ((SELECT seq_tup_read FROM pg_stat_user_tables \
+         WHERE schemaname = $1 AND relname = 'deliveries') \
+         + (SELECT sum(idx_tup_read) FROM pg_stat_user_indexes \
+         WHERE schemaname = $1 AND relname = 'deliveries'))::int8",
+        schema,
+    )
+    .await
 }
 
 /// Sends `n` messages on `t` and drains them through subscription `s` in batches, then closes
