@@ -1,7 +1,6 @@
 //! `tg-pubsub bench`: N messages producer task → consumer task through the selected backend.
 
 use std::collections::VecDeque;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -243,7 +242,9 @@ async fn receive_n(
 }
 
 /// Raw bytes: returns the time until the consumer got the last message, and latencies (every
-/// message at a fixed rate, a sample of 1 in 64 otherwise).
+/// message at a fixed rate, a sample of 1 in 64 otherwise). The producer runs in a task of its
+/// own and the consumer on the calling task, as in the backends' compare benches, so both are
+/// measured the same way.
 async fn raw_run(
     backend: &dyn Backend,
     topic: &Topic,
@@ -252,44 +253,43 @@ async fn raw_run(
     window: usize,
     rate: Option<u64>,
 ) -> Result<(Duration, LatencyRecorder)> {
-    let consumer: Arc<dyn Consumer> = backend
+    let consumer = backend
         .create_consumer(topic, ConsumerOptions::new(SUBSCRIPTION))
-        .await?
-        .into();
+        .await?;
     let producer = backend.create_producer(topic, Default::default()).await?;
     let bar = progress(n, if rate.is_some() { "latency" } else { "raw" });
     let t0 = Instant::now();
-    let reader = {
-        let consumer = consumer.clone();
-        let bar = bar.clone();
-        let every = if rate.is_some() { 1 } else { 64 };
-        tokio::spawn(async move {
-            let latency = receive_n(&*consumer, n, t0, &bar, every).await?;
-            Ok::<_, Error>((t0.elapsed(), latency))
-        })
-    };
-    let mut in_flight = InFlight::new(window);
-    let mut ticker =
-        rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r.max(1) as f64)));
-    for _ in 0..n {
-        if let Some(t) = ticker.as_mut() {
-            t.tick().await;
+    let writer = tokio::spawn(async move {
+        let mut in_flight = InFlight::new(window);
+        let mut ticker =
+            rate.map(|r| tokio::time::interval(Duration::from_secs_f64(1.0 / r.max(1) as f64)));
+        for _ in 0..n {
+            if let Some(t) = ticker.as_mut() {
+                t.tick().await;
+            }
+            in_flight.make_room().await?;
+            in_flight.push(
+                producer
+                    .send(OutboundMessage::new(stamped_payload(size, t0)))
+                    .await?,
+            );
         }
-        in_flight.make_room().await?;
-        in_flight.push(
-            producer
-                .send(OutboundMessage::new(stamped_payload(size, t0)))
-                .await?,
-        );
-    }
-    in_flight.drain().await?;
-    producer.flush().await?;
-    let (elapsed, latency) = reader.await.map_err(|e| {
+        in_flight.drain().await?;
+        producer.flush().await?;
+        Ok::<_, Error>(producer)
+    });
+    let every = if rate.is_some() { 1 } else { 64 };
+    let received = receive_n(&*consumer, n, t0, &bar, every).await;
+    let elapsed = t0.elapsed();
+    let written = writer.await.map_err(|e| {
         Error::new(
             ErrorKind::Unexpected,
-            format!("bench consumer task failed: {e}"),
+            format!("bench producer task failed: {e}"),
         )
-    })??;
+    })?;
+    // a failed send says more than the consumer's wait for what was never sent
+    let producer = written?;
+    let latency = received?;
     producer.close().await?;
     consumer.unsubscribe().await?;
     Ok((elapsed, latency))
