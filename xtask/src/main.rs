@@ -170,8 +170,15 @@ fn print_usage() {
     println!("{USAGE} {names}");
 }
 
+/// The workspace xtask was run for. `cargo xtask` (`cargo run`) says which at run time; the path
+/// compiled in is only the fallback for a binary started by hand. Two checkouts sharing one
+/// target directory share this binary too (cargo names workspace members by their path inside
+/// the workspace), and a compiled-in path would make a run in one checkout build and test the
+/// other's code.
 fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .map(PathBuf::from)
         .unwrap_or_default()
