@@ -26,10 +26,10 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::StreamExt;
 use pulsar::{Pulsar, SubType, TokioExecutor};
-use tg_backend_api::{Backend, ConsumerOptions, ConsumerType, OutboundMessage, Qos, Topic};
+use tg_backend_api::{Backend, ConsumerOptions, ConsumerType, Qos, Topic};
 use tg_backend_pulsar::{PulsarBackend, PulsarConfig};
 use tg_testkit::bench::{
-    print_table, read_stamp, stamped_payload, BatchApiRun, LatencyRecorder, Row,
+    print_table, read_stamp, stamped_payload, BatchApiRun, LatencyRecorder, Row, SingleCallRun,
 };
 
 const PAYLOAD: usize = 200;
@@ -81,60 +81,18 @@ async fn tg_run(
     rate: Option<u64>,
     consumer_type: ConsumerType,
 ) -> (usize, Duration, LatencyRecorder) {
-    let consumer = backend
-        .create_consumer(
-            topic,
-            ConsumerOptions::new("bench").consumer_type(consumer_type),
-        )
-        .await
-        .expect("consumer");
-    let producer = backend
-        .create_producer(topic, Default::default())
-        .await
-        .expect("producer");
-    let t0 = Instant::now();
-    let sender = tokio::spawn(async move {
-        let mut receipts = Vec::with_capacity(n);
-        for i in 0..n {
-            if let Some(rate) = rate {
-                let due = t0 + Duration::from_micros(i as u64 * 1_000_000 / rate);
-                tokio::time::sleep_until(due.into()).await;
-            }
-            let msg = OutboundMessage::new(stamped_payload(PAYLOAD, t0));
-            receipts.push(producer.send(msg).await.expect("send"));
-        }
-        producer.flush().await.expect("flush");
-        for r in receipts {
-            r.await.expect("receipt");
-        }
-        if std::env::var_os("BENCH_VERBOSE").is_some() {
-            println!("  tg-pubsub producer done after {:?}", t0.elapsed());
-        }
-        producer
-    });
-    let mut latency = LatencyRecorder::new();
-    let mut got = 0;
-    let mut last = t0;
-    while got < n {
-        match consumer.receive(IDLE).await {
-            Ok(m) => {
-                if let Some(l) = read_stamp(m.payload(), t0) {
-                    latency.record(l);
-                }
-                consumer.acknowledge(&m).await.expect("ack");
-                got += 1;
-                last = Instant::now();
-            }
-            Err(e) => {
-                eprintln!("tg-pubsub: stopped after {got} of {n}: {e}");
-                break;
-            }
-        }
-    }
-    let producer = sender.await.expect("sender task");
-    let _ = producer.close().await;
-    let _ = consumer.close().await;
-    (got, last - t0, latency)
+    let run = SingleCallRun {
+        payload: PAYLOAD,
+        idle: IDLE,
+    };
+    run.run(
+        backend,
+        topic,
+        ConsumerOptions::new("bench").consumer_type(consumer_type),
+        n,
+        rate,
+    )
+    .await
 }
 
 /// The batch API end to end on an Exclusive subscription (`tg_testkit::bench::BatchApiRun`):

@@ -251,6 +251,98 @@ mod tests {
     }
 }
 
+/// The consumer and producer of one tg-pubsub run of a compare bench on `topic`.
+async fn open_pair(
+    backend: &dyn tg_backend_api::Backend,
+    topic: &tg_backend_api::Topic,
+    options: tg_backend_api::ConsumerOptions,
+) -> (
+    Box<dyn tg_backend_api::Consumer>,
+    Box<dyn tg_backend_api::Producer>,
+) {
+    let consumer = backend
+        .create_consumer(topic, options)
+        .await
+        .expect("consumer");
+    let producer = backend
+        .create_producer(topic, Default::default())
+        .await
+        .expect("producer");
+    (consumer, producer)
+}
+
+/// tg-pubsub one message per call, the same on every broker's compare bench that runs it: a
+/// producer task sends `n` stamped messages with `send` (paced at `rate` msg/s when given; the
+/// receipts awaited at the end, after `flush`), while the consumer receives and acknowledges
+/// each with `receive` and `acknowledge`, recording its latency.
+#[derive(Debug, Clone, Copy)]
+pub struct SingleCallRun {
+    /// Bytes per message.
+    pub payload: usize,
+    /// How long the consumer waits for a message before it gives up.
+    pub idle: Duration,
+}
+
+impl SingleCallRun {
+    /// Moves `n` messages on `topic`, the consumer subscribed with `options`. Returns the
+    /// messages received, the time from the first send to the last message received, and the
+    /// latencies. With `BENCH_VERBOSE` set it says when the producer finished.
+    pub async fn run(
+        self,
+        backend: &dyn tg_backend_api::Backend,
+        topic: &tg_backend_api::Topic,
+        options: tg_backend_api::ConsumerOptions,
+        n: usize,
+        rate: Option<u64>,
+    ) -> (usize, Duration, LatencyRecorder) {
+        use tg_backend_api::OutboundMessage;
+        let (consumer, producer) = open_pair(backend, topic, options).await;
+        let t0 = Instant::now();
+        let sender = tokio::spawn(async move {
+            let mut receipts = Vec::with_capacity(n);
+            for i in 0..n {
+                if let Some(rate) = rate {
+                    let due = t0 + Duration::from_micros(i as u64 * 1_000_000 / rate);
+                    tokio::time::sleep_until(due.into()).await;
+                }
+                let msg = OutboundMessage::new(stamped_payload(self.payload, t0));
+                receipts.push(producer.send(msg).await.expect("send"));
+            }
+            producer.flush().await.expect("flush");
+            for r in receipts {
+                r.await.expect("receipt");
+            }
+            if std::env::var_os("BENCH_VERBOSE").is_some() {
+                println!("  tg-pubsub producer done after {:?}", t0.elapsed());
+            }
+            producer
+        });
+        let mut latency = LatencyRecorder::new();
+        let mut got = 0;
+        let mut last = t0;
+        while got < n {
+            match consumer.receive(self.idle).await {
+                Ok(m) => {
+                    if let Some(l) = read_stamp(m.payload(), t0) {
+                        latency.record(l);
+                    }
+                    consumer.acknowledge(&m).await.expect("ack");
+                    got += 1;
+                    last = Instant::now();
+                }
+                Err(e) => {
+                    eprintln!("tg-pubsub: stopped after {got} of {n}: {e}");
+                    break;
+                }
+            }
+        }
+        let producer = sender.await.expect("sender task");
+        let _ = producer.close().await;
+        let _ = consumer.close().await;
+        (got, last - t0, latency)
+    }
+}
+
 /// tg-pubsub's batch API end to end, the same on every broker's compare bench: a producer task
 /// sends `n` stamped messages with `send_batch` in chunks of `send_batch` (the receipts awaited
 /// at the end, after `flush`), while the consumer takes up to `receive_max` with `receive_batch`
@@ -279,14 +371,7 @@ impl BatchApiRun {
         n: usize,
     ) -> (usize, Duration) {
         use tg_backend_api::OutboundMessage;
-        let consumer = backend
-            .create_consumer(topic, options)
-            .await
-            .expect("consumer");
-        let producer = backend
-            .create_producer(topic, Default::default())
-            .await
-            .expect("producer");
+        let (consumer, producer) = open_pair(backend, topic, options).await;
         let t0 = Instant::now();
         let sender = tokio::spawn(async move {
             let mut receipts = Vec::with_capacity(n);
