@@ -5,6 +5,7 @@
 mod broker;
 mod fuzz;
 mod kafka;
+mod mosquitto;
 mod publish;
 mod pulsar;
 mod schema;
@@ -248,6 +249,16 @@ fn services(crates: &[BackendCrate]) {
         if c.test_broker.as_deref() == Some(kafka::TEST_BROKER) {
             kafka::services();
         }
+        if c.test_broker.as_deref() == Some(MOSQUITTO_TEST_BROKER) {
+            match mosquitto::ensure_mosquitto() {
+                Ok(program) => println!(
+                    "{:<10} backlog check's broker {}",
+                    c.backend,
+                    program.display()
+                ),
+                Err(e) => println!("{:<10} backlog check's broker MISSING: {e}", c.backend),
+            }
+        }
     }
 }
 
@@ -342,10 +353,18 @@ fn test_brokers(crates: &[BackendCrate], env: &mut Vec<(&'static str, String)>) 
     let mut running = Vec::new();
     for c in crates {
         match c.test_broker.as_deref() {
-            Some(MOSQUITTO_TEST_BROKER) if std::env::var_os("MQTT_URL").is_none() => {
-                if let Some(own) = OwnMosquitto::start() {
-                    env.push(("MQTT_URL", own.url()));
-                    running.push(TestBroker::Mosquitto(own));
+            Some(MOSQUITTO_TEST_BROKER) => {
+                if std::env::var_os("MQTT_URL").is_none() {
+                    if let Some(own) = OwnMosquitto::start() {
+                        env.push(("MQTT_URL", own.url()));
+                        running.push(TestBroker::Mosquitto(own));
+                    }
+                }
+                // The backlog check needs a Mosquitto that keeps to Receive Maximum (see
+                // `mosquitto.rs`); every other test runs on the machine's.
+                match mosquitto::ensure_mosquitto() {
+                    Ok(program) => env.push(("MOSQUITTO_BIN", program.display().to_string())),
+                    Err(e) => println!("xtask: no Mosquitto for the MQTT backlog check: {e}"),
                 }
             }
             Some(pulsar::TEST_BROKER) => {

@@ -413,9 +413,10 @@ impl Session {
                             topic = %self.mqtt_topic,
                             buffer = self.tx.max_capacity(),
                             "the MQTT broker sends more unacknowledged messages than the \
-                             consumer's Receive Maximum allows (Mosquitto 2.0.11 does); those \
-                             that do not fit the buffer are left with the broker and fetched \
-                             again by resuming the session"
+                             consumer's Receive Maximum allows (Mosquitto before 2.0.13 does); \
+                             those that do not fit the buffer are left with the broker and \
+                             fetched again by resuming the session, which a large backlog can \
+                             stall: use Mosquitto 2.0.13 or later"
                         );
                     }
                     return None;

@@ -1,6 +1,7 @@
-//! Servers a test owns: a Redis, Mosquitto, PostgreSQL, pulsar-lite or tansu started from the machine's own binaries
-//! on a free 127.0.0.1 port with its data in a fresh directory, which the test can stop and start
-//! again (a broker restart) without touching the shared local servers other tests use.
+//! Servers a test owns: a Redis, Mosquitto, PostgreSQL, pulsar-lite or tansu started from the
+//! machine's own binaries (or, for a Mosquitto that keeps to Receive Maximum, `MOSQUITTO_BIN`) on a free
+//! 127.0.0.1 port with its data in a fresh directory, which the test can stop and start again (a
+//! broker restart) without touching the shared local servers other tests use.
 //!
 //! Every constructor returns `None` after [`skip`] when the server's binary
 //! is not installed (under `CI=true` that is a failure).
@@ -50,6 +51,20 @@ fn installed(program: &Path) -> bool {
         .is_ok()
 }
 
+/// The version (major, minor, patch) `program -h` prints; `None` when it cannot be run or says no
+/// version.
+fn mosquitto_version(program: &Path) -> Option<(u32, u32, u32)> {
+    let out = Command::new(program).arg("-h").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .split("mosquitto version ")
+        .nth(1)?
+        .split_whitespace()
+        .next()?;
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().ok());
+    Some((parts.next()??, parts.next()??, parts.next()??))
+}
+
 /// A fresh directory under the system's temp dir.
 fn fresh_dir(name: &str, port: u16) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -84,7 +99,37 @@ impl OwnServer {
     /// anonymous access unless `extra` says otherwise, and `extra` configuration lines (`{dir}` in
     /// them is the server's directory). Not started yet: call [`start`](Self::start).
     pub fn mosquitto(extra: &str) -> Option<Self> {
-        let program = PathBuf::from("mosquitto");
+        Self::mosquitto_of(PathBuf::from("mosquitto"), extra)
+    }
+
+    /// As [`mosquitto`](Self::mosquitto), from a Mosquitto that keeps to a consumer's Receive
+    /// Maximum: the one `MOSQUITTO_BIN` names (`cargo xtask test` unpacks 2.0.21 for it), else
+    /// the machine's. Before 2.0.13 (Debian bookworm has 2.0.11) Mosquitto moves up to Receive
+    /// Maximum queued messages into flight on each PUBACK, counting only the in-flight messages
+    /// ahead of the acknowledged one (its issue 2306): a consumer acknowledging in order is sent
+    /// a backlog as fast as its socket takes it. `None` after [`skip`] on such a release.
+    pub fn mosquitto_keeping_receive_maximum(extra: &str) -> Option<Self> {
+        let program = std::env::var_os("MOSQUITTO_BIN")
+            .map_or_else(|| PathBuf::from("mosquitto"), PathBuf::from);
+        match mosquitto_version(&program) {
+            Some(v) if v >= (2, 0, 13) => Self::mosquitto_of(program, extra),
+            other => {
+                let version = other.map_or_else(
+                    || "of no known version".to_owned(),
+                    |(a, b, c)| format!("{a}.{b}.{c}"),
+                );
+                skip(&format!(
+                    "{} is Mosquitto {version}: before 2.0.13 Mosquitto sends a consumer far more \
+                     than its Receive Maximum (Mosquitto issue 2306); set MOSQUITTO_BIN to 2.0.13 \
+                     or later (cargo xtask test mqtt does)",
+                    program.display()
+                ));
+                None
+            }
+        }
+    }
+
+    fn mosquitto_of(program: PathBuf, extra: &str) -> Option<Self> {
         if Command::new(&program)
             .arg("-h")
             .stdout(Stdio::null())
