@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use rumqttc::v5::mqttbytes::v5::{
-    Filter, Packet, PubAckReason, PubRecReason, Publish, Subscribe, SubscribeReasonCode,
-    UnsubAckReason, Unsubscribe,
+    Filter, Packet, PubAckReason, PubRecReason, Publish, Subscribe, SubscribeProperties,
+    SubscribeReasonCode, UnsubAckReason, Unsubscribe,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{
@@ -40,7 +40,7 @@ use tokio::time::Instant;
 
 use crate::config::{MqttConfig, MAX_PACKET};
 use crate::error::{connection_closed, connection_failed, refused, unconfirmed};
-use crate::session::Session;
+use crate::session::{Session, RETAINED_PEEK_ID};
 
 /// How long a consumer waits for the broker to close the connection after the DISCONNECT of a
 /// session resume before it drops the connection itself.
@@ -368,6 +368,23 @@ impl Connection {
             .await
     }
 
+    /// Fetches the retained message of `topic` for a new consumer: a plain subscription with
+    /// [`RETAINED_PEEK_ID`], ended as soon as the broker confirmed it. The broker sends the
+    /// retained message right after the SUBACK, so it comes before the UNSUBSCRIBE is read; the
+    /// session delivers only retained messages of this subscription.
+    pub(crate) async fn peek_retained(&self, topic: &str, qos: QoS) -> Result<()> {
+        let properties = SubscribeProperties {
+            id: Some(RETAINED_PEEK_ID),
+            user_properties: Vec::new(),
+        };
+        self.sub_request(Request::Subscribe(Subscribe::new_many(
+            [Filter::new(topic, qos)],
+            Some(properties),
+        )))
+        .await?;
+        self.unsubscribe(vec![topic.to_owned()]).await
+    }
+
     /// Unsubscribes and waits for the UNSUBACKs.
     pub(crate) async fn unsubscribe(&self, filters: Vec<String>) -> Result<()> {
         for filter in filters {
@@ -396,7 +413,14 @@ impl Connection {
                 seq
             };
             let queued = match request {
-                Request::Subscribe(s) => self.client.subscribe_many(s.filters).await,
+                Request::Subscribe(s) => match s.properties {
+                    Some(p) => {
+                        self.client
+                            .subscribe_many_with_properties(s.filters, p)
+                            .await
+                    }
+                    None => self.client.subscribe_many(s.filters).await,
+                },
                 Request::Unsubscribe(mut u) => match u.filters.pop() {
                     Some(f) => self.client.unsubscribe(f).await,
                     None => Ok(()),

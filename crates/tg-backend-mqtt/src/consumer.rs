@@ -97,6 +97,13 @@ impl MqttConsumer {
                 .with_context("topic", topic)
                 .with_context("subscription", &options.subscription));
         }
+        // Not fatal: a broker whose ACL allows only the shared subscription still serves the
+        // consumer; whatever the peek subscription brings besides the retained message is
+        // acknowledged and dropped by the session.
+        if let Err(e) = conn.peek_retained(&mqtt, qos).await {
+            tracing::warn!(topic = %topic, error = %e,
+                "could not fetch the topic's retained message for a new consumer");
+        }
         Ok(Self {
             session,
             conn,

@@ -22,6 +22,10 @@ use tokio::sync::mpsc;
 pub(crate) const REDELIVERY_PROPERTY: &str = "tg-redelivery";
 /// User property carrying [`OutboundMessage::key`](tg_backend_api::OutboundMessage::key).
 pub(crate) const KEY_PROPERTY: &str = "tg-key";
+/// Subscription identifier of the plain (not shared) subscription a new consumer makes and ends
+/// at once to fetch the topic's retained message: MQTT 5 sends no retained message when a shared
+/// subscription is made (Mosquitto keeps to that since 2.0.13; 2.0.11 sent it).
+pub(crate) const RETAINED_PEEK_ID: usize = 1;
 
 /// A message delivered to the application and not yet acknowledged.
 pub(crate) struct Held {
@@ -325,6 +329,17 @@ impl Session {
             tracing::debug!(topic = %String::from_utf8_lossy(&publish.topic), "message on an unexpected topic ignored");
             return ack_request(&publish);
         }
+        // The retained message comes through the peek subscription only: live messages that
+        // reach it before it ends are the shared subscription's too, and a broker that still
+        // sends the retained message on the shared subscription (before Mosquitto 2.0.13, and on
+        // every resubscribe) would hand it out twice.
+        let via_peek = publish
+            .properties
+            .as_ref()
+            .is_some_and(|p| p.subscription_identifiers.contains(&RETAINED_PEEK_ID));
+        if via_peek != publish.retain {
+            return ack_request(&publish);
+        }
         // A repeated name: the last value wins and a warning names it (the rule of every
         // backend); that holds for the key and the redelivery count too.
         let mut properties = match &publish.properties {
@@ -564,6 +579,37 @@ mod tests {
             "held messages are not handed out twice"
         );
         assert!(!session.resume_due());
+    }
+
+    /// The retained message is delivered from the peek subscription only; a live message on it,
+    /// or a retained one on the shared subscription, is acknowledged and dropped.
+    #[test]
+    fn retained_messages_come_through_the_peek_subscription_only() {
+        let (session, mut rx) = session(10);
+        let peeked = |pkid: u16, retain: bool, payload: &'static str| {
+            let mut p = incoming(pkid, false, payload);
+            p.retain = retain;
+            p.properties = Some(rumqttc::v5::mqttbytes::v5::PublishProperties {
+                subscription_identifiers: vec![RETAINED_PEEK_ID],
+                ..Default::default()
+            });
+            p
+        };
+        assert!(session.deliver(peeked(1, true, "state")).is_none());
+        match session.deliver(peeked(2, false, "live copy")) {
+            Some(Request::PubAck(a)) => assert_eq!(a.pkid, 2),
+            other => panic!("{other:?}"),
+        }
+        let mut shared_retained = incoming(3, false, "state");
+        shared_retained.retain = true;
+        match session.deliver(shared_retained) {
+            Some(Request::PubAck(a)) => assert_eq!(a.pkid, 3),
+            other => panic!("{other:?}"),
+        }
+        assert!(session.deliver(incoming(4, false, "live")).is_none());
+        assert_eq!(rx.try_recv().unwrap().payload().as_ref(), b"state");
+        assert_eq!(rx.try_recv().unwrap().payload().as_ref(), b"live");
+        assert!(rx.try_recv().is_err());
     }
 
     #[test]

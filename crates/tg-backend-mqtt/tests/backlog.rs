@@ -7,7 +7,7 @@
 //! Mosquitto's default of 1,000 the broker would drop most of the backlog.
 //!
 //! The broker must keep to the consumer's Receive Maximum, which Mosquitto before 2.0.13 (Debian
-//! bookworm's 2.0.11) does not (see [`OwnServer::mosquitto_keeping_receive_maximum`]): there it
+//! bookworm's 2.0.11) does not (see [`OwnServer::current_mosquitto`]): there it
 //! sends the backlog as fast as the socket takes it, and the check is skipped with that reason.
 //! `cargo xtask test mqtt` runs it on Mosquitto 2.0.21, the other MQTT tests on the machine's.
 
@@ -29,7 +29,7 @@ async fn a_large_backlog_built_while_not_receiving_drains_completely_in_bounded_
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let Some(mut broker) = OwnServer::mosquitto_keeping_receive_maximum("") else {
+    let Some(mut broker) = OwnServer::current_mosquitto("") else {
         return;
     };
     broker.start();

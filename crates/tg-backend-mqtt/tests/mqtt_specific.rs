@@ -1187,3 +1187,59 @@ async fn repeated_user_properties_keep_the_last_value_with_a_warning() {
     let _ = client.disconnect().await;
     backend.close().await.unwrap();
 }
+
+/// On a current Mosquitto (2.0.13 or later), which sends no retained message when a shared
+/// subscription is made (MQTT 5), each new consumer still gets the topic's retained message, once,
+/// and a live message reaches the subscription once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_message_reaches_each_new_consumer_on_a_current_mosquitto() {
+    let Some(mut broker) = OwnServer::current_mosquitto("") else {
+        return;
+    };
+    broker.start();
+    let backend = MqttBackend::connect(MqttConfig::from_url(broker.url()).unwrap())
+        .await
+        .unwrap();
+    let t = topic(Qos::Q1, "retained");
+    let producer = backend
+        .create_producer(&t, Default::default())
+        .await
+        .unwrap();
+    producer
+        .send(OutboundMessage::new("state").retain(true))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let first = backend
+        .create_consumer(&t, ConsumerOptions::new("watchers"))
+        .await
+        .unwrap();
+    assert_eq!(text(&first.receive(EXPECT).await.unwrap()), "state");
+    let second = backend
+        .create_consumer(&t, ConsumerOptions::new("watchers"))
+        .await
+        .unwrap();
+    let got = second.receive(EXPECT).await.unwrap();
+    assert_eq!(text(&got), "state");
+    second.acknowledge(&got).await.unwrap();
+    producer
+        .send(OutboundMessage::new("live"))
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut live = Vec::new();
+    for consumer in [&first, &second] {
+        while let Ok(m) = consumer.receive(Duration::from_millis(500)).await {
+            consumer.acknowledge(&m).await.unwrap();
+            live.push(text(&m));
+        }
+    }
+    assert_eq!(
+        live,
+        ["live"],
+        "the live message once, the retained one no more"
+    );
+    backend.close().await.unwrap();
+}

@@ -1,5 +1,5 @@
 //! Servers a test owns: a Redis, Mosquitto, PostgreSQL, pulsar-lite or tansu started from the
-//! machine's own binaries (or, for a Mosquitto that keeps to Receive Maximum, `MOSQUITTO_BIN`) on a free
+//! machine's own binaries (or, for a current Mosquitto, `MOSQUITTO_BIN`) on a free
 //! 127.0.0.1 port with its data in a fresh directory, which the test can stop and start again (a
 //! broker restart) without touching the shared local servers other tests use.
 //!
@@ -102,14 +102,20 @@ impl OwnServer {
         Self::mosquitto_of(PathBuf::from("mosquitto"), extra)
     }
 
-    /// As [`mosquitto`](Self::mosquitto), from a Mosquitto that keeps to a consumer's Receive
-    /// Maximum: the one `MOSQUITTO_BIN` names (`cargo xtask test` unpacks 2.0.21 for it), else
-    /// the machine's. Before 2.0.13 (Debian bookworm has 2.0.11) Mosquitto moves up to Receive
-    /// Maximum queued messages into flight on each PUBACK, counting only the in-flight messages
-    /// ahead of the acknowledged one (its issue 2306): a consumer acknowledging in order is sent
-    /// a backlog as fast as its socket takes it. `None` after [`skip`] on such a release.
-    pub fn mosquitto_keeping_receive_maximum(extra: &str) -> Option<Self> {
+    /// As [`mosquitto`](Self::mosquitto), from a current Mosquitto (2.0.13 or later): the one
+    /// `MOSQUITTO_BIN` names (`cargo xtask test` unpacks 2.0.21 for it), else the machine's.
+    /// Debian bookworm's 2.0.11 differs from current releases where the backend can tell:
+    /// - it does not keep to a consumer's Receive Maximum: on each PUBACK it moves up to Receive
+    ///   Maximum queued messages into flight, counting only the in-flight messages ahead of the
+    ///   acknowledged one (Mosquitto issue 2306), so a consumer acknowledging in order is sent a
+    ///   backlog as fast as its socket takes it;
+    /// - it sends the topic's retained message when a shared subscription is made, which MQTT 5
+    ///   forbids and 2.0.13 stopped.
+    ///
+    /// `None` after [`skip`] on an older release.
+    pub fn current_mosquitto(extra: &str) -> Option<Self> {
         let program = std::env::var_os("MOSQUITTO_BIN")
+            .filter(|p| !p.is_empty())
             .map_or_else(|| PathBuf::from("mosquitto"), PathBuf::from);
         match mosquitto_version(&program) {
             Some(v) if v >= (2, 0, 13) => Self::mosquitto_of(program, extra),
@@ -119,9 +125,10 @@ impl OwnServer {
                     |(a, b, c)| format!("{a}.{b}.{c}"),
                 );
                 skip(&format!(
-                    "{} is Mosquitto {version}: before 2.0.13 Mosquitto sends a consumer far more \
-                     than its Receive Maximum (Mosquitto issue 2306); set MOSQUITTO_BIN to 2.0.13 \
-                     or later (cargo xtask test mqtt does)",
+                    "{} is Mosquitto {version}, and this test needs 2.0.13 or later (before, \
+                     Mosquitto sends a consumer far more than its Receive Maximum, issue 2306, \
+                     and retained messages on shared subscriptions); set MOSQUITTO_BIN to one \
+                     (cargo xtask test mqtt does)",
                     program.display()
                 ));
                 None
