@@ -12,7 +12,7 @@ mod schema;
 
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
@@ -256,7 +256,7 @@ fn services(crates: &[BackendCrate]) {
                     c.backend,
                     program.display()
                 ),
-                Err(e) => println!("{:<10} backlog check's broker MISSING: {e}", c.backend),
+                Err(e) => println!("{:<10} current Mosquitto MISSING: {e}", c.backend),
             }
         }
     }
@@ -277,7 +277,7 @@ struct OwnMosquitto {
 
 impl OwnMosquitto {
     /// Starts one on a free port, or says why it could not.
-    fn start() -> Option<Self> {
+    fn start(program: &Path) -> Option<Self> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .ok()?
@@ -294,7 +294,7 @@ impl OwnMosquitto {
             println!("xtask: cannot write {}: {e}", conf.display());
             return None;
         }
-        let child = match Command::new("mosquitto")
+        let child = match Command::new(program)
             .arg("-c")
             .arg(&conf)
             .stdout(Stdio::null())
@@ -312,7 +312,8 @@ impl OwnMosquitto {
         while Instant::now() < deadline {
             if reachable(port) {
                 println!(
-                    "xtask: MQTT tests use a Mosquitto on 127.0.0.1:{port} ({})",
+                    "xtask: MQTT tests use a Mosquitto on 127.0.0.1:{port} ({}, {})",
+                    program.display(),
                     conf.display()
                 );
                 return Some(own);
@@ -354,17 +355,23 @@ fn test_brokers(crates: &[BackendCrate], env: &mut Vec<(&'static str, String)>) 
     for c in crates {
         match c.test_broker.as_deref() {
             Some(MOSQUITTO_TEST_BROKER) => {
+                // The shared test broker is a current Mosquitto, and tests that need one start
+                // theirs from `MOSQUITTO_BIN` (see `mosquitto.rs`).
+                let current = mosquitto::ensure_mosquitto();
+                if let Err(e) = &current {
+                    println!("xtask: no current Mosquitto ({e}); the machine's stands in");
+                }
                 if std::env::var_os("MQTT_URL").is_none() {
-                    if let Some(own) = OwnMosquitto::start() {
+                    let program = current
+                        .as_ref()
+                        .map_or_else(|_| PathBuf::from("mosquitto"), Clone::clone);
+                    if let Some(own) = OwnMosquitto::start(&program) {
                         env.push(("MQTT_URL", own.url()));
                         running.push(TestBroker::Mosquitto(own));
                     }
                 }
-                // The backlog check needs a Mosquitto that keeps to Receive Maximum (see
-                // `mosquitto.rs`); every other test runs on the machine's.
-                match mosquitto::ensure_mosquitto() {
-                    Ok(program) => env.push(("MOSQUITTO_BIN", program.display().to_string())),
-                    Err(e) => println!("xtask: no Mosquitto for the MQTT backlog check: {e}"),
+                if let Ok(program) = current {
+                    env.push(("MOSQUITTO_BIN", program.display().to_string()));
                 }
             }
             Some(pulsar::TEST_BROKER) => {
