@@ -104,8 +104,8 @@ pub struct MqttConfig {
     /// again (after 100 ms, doubling to 1 s) instead of being confirmed as routed to nobody:
     /// after a broker restart its consumers need time to reconnect and resubscribe, and
     /// Mosquitto does not route to a shared subscription it restored until then. Keep it above
-    /// the consumers' `reconnect_max`. At most `request_capacity` publishes wait like this; the
-    /// ones beyond resolve at once. Default: 15 s.
+    /// the consumers' `reconnect_max`. While `request_capacity` publishes wait like this, new
+    /// ones wait to be queued (as for a full request queue). Default: 15 s.
     #[serde(with = "config::duration")]
     pub rejoin_grace: Duration,
     /// PEM file of the certificate authorities trusted for TLS (`ca_file`); the system's root

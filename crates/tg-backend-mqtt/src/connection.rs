@@ -169,10 +169,17 @@ impl Tracker {
         None
     }
 
-    /// Moves the unrouted publishes that are due to `resend`, in their original order.
-    fn release_unrouted(&mut self, now: Instant) {
+    /// Whether a new publish has to wait: within the grace, `limit` publishes are held
+    /// already.
+    fn unrouted_full(&self, limit: usize, now: Instant) -> bool {
+        self.rejoin_until.is_some_and(|until| now < until) && self.unrouted.len() >= limit
+    }
+
+    /// Moves the unrouted publishes that are due to `resend`, in their original order. True if
+    /// any moved.
+    fn release_unrouted(&mut self, now: Instant) -> bool {
         if self.unrouted_due.is_none_or(|d| now < d) {
-            return;
+            return false;
         }
         let mut next: Option<Instant> = None;
         let mut i = 0;
@@ -188,6 +195,7 @@ impl Tracker {
         }
         self.unrouted_due = next;
         self.resend.make_contiguous().sort_by_key(|o| o.seq);
+        true
     }
 }
 
@@ -213,8 +221,16 @@ struct Shared {
     publish_ids: AtomicU64,
     /// `MqttConfig::rejoin_grace`.
     rejoin_grace: Duration,
-    /// Most publishes held for the rejoin grace at once (`MqttConfig::request_capacity`).
+    /// Publishes held for the rejoin grace at which new publishes wait
+    /// (`MqttConfig::request_capacity`).
+    unrouted_limit: usize,
+    /// Most publishes held for the rejoin grace at once: the limit, plus what can still come
+    /// back "no matching subscribers" once new publishes wait: what was taken back at the
+    /// reconnect (a request queue and an in-flight window), rumqttc's request queue, and its
+    /// in-flight window.
     unrouted_cap: usize,
+    /// Held publishes went out again: a publish waiting for them may go on.
+    unrouted_room: Notify,
 }
 
 impl Shared {
@@ -235,7 +251,9 @@ impl Shared {
             last_error: Mutex::new(None),
             publish_ids: AtomicU64::new(0),
             rejoin_grace: config.rejoin_grace,
-            unrouted_cap: config.request_capacity,
+            unrouted_limit: config.request_capacity,
+            unrouted_cap: config.request_capacity * 3 + usize::from(config.inflight) * 2,
+            unrouted_room: Notify::new(),
         }
     }
 }
@@ -324,6 +342,7 @@ impl Connection {
         publish: Publish,
     ) -> Result<oneshot::Receiver<Result<Confirmed>>> {
         let (tx, rx) = oneshot::channel();
+        self.wait_for_unrouted_room().await?;
         let _order = self.shared.submit.lock().await;
         if self.is_closed() {
             return Err(connection_closed());
@@ -360,6 +379,29 @@ impl Connection {
             return Err(connection_closed());
         }
         Ok(rx)
+    }
+
+    /// Within a rejoin grace, publishes the broker routed to nobody are held to go again. A
+    /// producer that keeps sending meanwhile waits while `request_capacity` of them are held, as
+    /// it waits for room in rumqttc's request queue: its later publishes would otherwise be
+    /// routed to nobody as well, past what can be held. Wakes when held publishes go out again,
+    /// and at least every 100 ms to see the grace end.
+    async fn wait_for_unrouted_room(&self) -> Result<()> {
+        loop {
+            let room = self.shared.unrouted_room.notified();
+            if !self
+                .shared
+                .tracker
+                .lock()
+                .unrouted_full(self.shared.unrouted_limit, Instant::now())
+            {
+                return Ok(());
+            }
+            if self.is_closed() {
+                return Err(connection_closed());
+            }
+            let _ = tokio::time::timeout(UNROUTED_RETRY_FIRST, room).await;
+        }
     }
 
     /// Subscribes and waits for the SUBACK.
@@ -607,7 +649,9 @@ async fn run(
         }
         let unrouted_due = {
             let mut t = shared.tracker.lock();
-            t.release_unrouted(Instant::now());
+            if t.release_unrouted(Instant::now()) {
+                shared.unrouted_room.notify_waiters();
+            }
             t.unrouted_due
         };
         if shared.connected.load(Ordering::Acquire) {
@@ -1293,9 +1337,16 @@ mod tests {
             Some(2),
             "flush waits for held publishes"
         );
-        t.release_unrouted(now + Duration::from_millis(50));
+        assert!(t.unrouted_full(2, now), "new publishes wait at the limit");
+        assert!(!t.unrouted_full(3, now));
+        assert!(
+            !t.unrouted_full(2, now + Duration::from_secs(15)),
+            "not once the grace is over"
+        );
+        assert!(!t.release_unrouted(now + Duration::from_millis(50)));
         assert!(t.resend.is_empty(), "not due yet");
-        t.release_unrouted(now + UNROUTED_RETRY_FIRST);
+        assert!(t.release_unrouted(now + UNROUTED_RETRY_FIRST));
+        assert!(!t.unrouted_full(2, now), "room again");
         let order: Vec<u64> = t.resend.iter().map(|o| o.seq).collect();
         assert_eq!(order, [2, 3]);
         assert!(t.unrouted.is_empty() && t.unrouted_due.is_none());
