@@ -451,10 +451,20 @@ fn test(backend: &str) -> Result<(), String> {
     };
     services(&crates);
     let _brokers = test_brokers(&crates, &mut env);
+    // Every test binary runs even after one failed, so that one run shows every failure (cargo
+    // stops at the first failing binary otherwise, and a CI run would hide the rest).
     let ok = if backend == "all" {
-        cargo_test(&["test", "--workspace"], &env, &mut totals)?
+        cargo_test(
+            &["test", "--no-fail-fast", "--workspace"],
+            &env,
+            &mut totals,
+        )?
     } else {
-        cargo_test(&["test", "-p", &crates[0].crate_name], &env, &mut totals)?
+        cargo_test(
+            &["test", "--no-fail-fast", "-p", &crates[0].crate_name],
+            &env,
+            &mut totals,
+        )?
     };
     println!(
         "{} passed, {} failed, {} skipped",
