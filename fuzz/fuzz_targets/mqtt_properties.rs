@@ -8,6 +8,9 @@
 //!   count from `tg-redelivery` on the redelivery topic (1 when that is no count) and from the
 //!   DUP flag on the topic; the other MQTT 5 properties (content type, correlation data,
 //!   response topic, message expiry, payload format, subscription ids) do not change it;
+//! - a retained message is delivered only from the subscription a new consumer makes for it
+//!   (subscription id `RETAINED_PEEK_ID`), and only retained messages from it: any other is
+//!   acknowledged and dropped;
 //! - the message published again as the producer publishes it is delivered as the same message;
 //!   handed back (nack/close) it comes back the same, its redelivery count the one given.
 #![no_main]
@@ -17,7 +20,9 @@ use libfuzzer_sys::fuzz_target;
 use tg_backend_api::{Message, Properties, Qos};
 use tg_backend_mqtt::fuzzing::rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use tg_backend_mqtt::fuzzing::rumqttc::v5::mqttbytes::QoS;
-use tg_backend_mqtt::fuzzing::{mpsc, publish_properties, redelivery_copy, Session};
+use tg_backend_mqtt::fuzzing::{
+    mpsc, publish_properties, redelivery_copy, Session, RETAINED_PEEK_ID,
+};
 use tg_backend_mqtt::{KEY_PROPERTY, REDELIVERY_PROPERTY};
 
 const TOPIC: &str = "t/n/q";
@@ -57,11 +62,16 @@ fuzz_target!(|data: &[u8]| {
 
 /// Delivers `publish` to a new session of a q1 consumer; the message it gives the application.
 fn deliver(publish: Publish) -> Message {
+    try_deliver(publish).expect("a message on the consumer's topic is delivered")
+}
+
+/// Delivers `publish` to a new session of a q1 consumer: the message it gives the application,
+/// if any.
+fn try_deliver(publish: Publish) -> Option<Message> {
     let (tx, mut rx) = mpsc::channel(4);
     let session = Session::new(1, Qos::Q1, TOPIC.into(), REDELIVER.into(), 0, tx);
     session.deliver(publish);
-    rx.try_recv()
-        .expect("a message on the consumer's topic is delivered")
+    rx.try_recv().ok()
 }
 
 /// The same PUBLISH written and read again, as it goes through the broker.
@@ -85,6 +95,19 @@ fn parts(m: &Message) -> (&[u8], &Properties, Option<&str>, u32) {
 
 fn check(publish: Publish) {
     // the model, from docs/mqtt.md
+    let ids: Vec<usize> = publish
+        .properties
+        .as_ref()
+        .map(|p| p.subscription_identifiers.clone())
+        .unwrap_or_default();
+    let via_peek = ids.contains(&RETAINED_PEEK_ID);
+    if via_peek != publish.retain {
+        assert!(
+            try_deliver(publish).is_none(),
+            "retained messages come from the peek subscription only, and only they"
+        );
+        return;
+    }
     let user = publish
         .properties
         .as_ref()
@@ -109,10 +132,16 @@ fn check(publish: Publish) {
         (publish.payload.as_ref(), &properties, key.as_deref(), count)
     );
 
-    // only the user properties make the message
+    // only the user properties make the message (besides the id that marks the peek)
     let mut plain = publish.clone();
-    plain.properties = (!user.is_empty()).then(|| PublishProperties {
+    let peek_id = if via_peek {
+        vec![RETAINED_PEEK_ID]
+    } else {
+        Vec::new()
+    };
+    plain.properties = (!user.is_empty() || via_peek).then(|| PublishProperties {
         user_properties: user,
+        subscription_identifiers: peek_id,
         ..Default::default()
     });
     assert_eq!(parts(&deliver(plain)), parts(&message));

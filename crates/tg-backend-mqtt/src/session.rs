@@ -25,7 +25,7 @@ pub(crate) const KEY_PROPERTY: &str = "tg-key";
 /// Subscription identifier of the plain (not shared) subscription a new consumer makes and ends
 /// at once to fetch the topic's retained message: MQTT 5 sends no retained message when a shared
 /// subscription is made (Mosquitto keeps to that since 2.0.13; 2.0.11 sent it).
-pub(crate) const RETAINED_PEEK_ID: usize = 1;
+pub const RETAINED_PEEK_ID: usize = 1;
 
 /// A message delivered to the application and not yet acknowledged.
 pub(crate) struct Held {
