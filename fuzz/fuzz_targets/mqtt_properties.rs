@@ -8,9 +8,8 @@
 //!   count from `tg-redelivery` on the redelivery topic (1 when that is no count) and from the
 //!   DUP flag on the topic; the other MQTT 5 properties (content type, correlation data,
 //!   response topic, message expiry, payload format, subscription ids) do not change it;
-//! - a retained message is delivered only from the subscription a new consumer makes for it
-//!   (subscription id `RETAINED_PEEK_ID`), and only retained messages from it: any other is
-//!   acknowledged and dropped;
+//! - a retained message on the consumer's connection is acknowledged and dropped (a new consumer
+//!   fetches the retained message on a connection of its own);
 //! - the message published again as the producer publishes it is delivered as the same message;
 //!   handed back (nack/close) it comes back the same, its redelivery count the one given.
 #![no_main]
@@ -20,9 +19,7 @@ use libfuzzer_sys::fuzz_target;
 use tg_backend_api::{Message, Properties, Qos};
 use tg_backend_mqtt::fuzzing::rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
 use tg_backend_mqtt::fuzzing::rumqttc::v5::mqttbytes::QoS;
-use tg_backend_mqtt::fuzzing::{
-    mpsc, publish_properties, redelivery_copy, Session, RETAINED_PEEK_ID,
-};
+use tg_backend_mqtt::fuzzing::{mpsc, publish_properties, redelivery_copy, Session};
 use tg_backend_mqtt::{KEY_PROPERTY, REDELIVERY_PROPERTY};
 
 const TOPIC: &str = "t/n/q";
@@ -95,16 +92,10 @@ fn parts(m: &Message) -> (&[u8], &Properties, Option<&str>, u32) {
 
 fn check(publish: Publish) {
     // the model, from docs/mqtt.md
-    let ids: Vec<usize> = publish
-        .properties
-        .as_ref()
-        .map(|p| p.subscription_identifiers.clone())
-        .unwrap_or_default();
-    let via_peek = ids.contains(&RETAINED_PEEK_ID);
-    if via_peek != publish.retain {
+    if publish.retain {
         assert!(
             try_deliver(publish).is_none(),
-            "retained messages come from the peek subscription only, and only they"
+            "a retained message on the consumer's connection is dropped"
         );
         return;
     }
@@ -132,16 +123,10 @@ fn check(publish: Publish) {
         (publish.payload.as_ref(), &properties, key.as_deref(), count)
     );
 
-    // only the user properties make the message (besides the id that marks the peek)
+    // only the user properties make the message
     let mut plain = publish.clone();
-    let peek_id = if via_peek {
-        vec![RETAINED_PEEK_ID]
-    } else {
-        Vec::new()
-    };
-    plain.properties = (!user.is_empty() || via_peek).then(|| PublishProperties {
+    plain.properties = (!user.is_empty()).then(|| PublishProperties {
         user_properties: user,
-        subscription_identifiers: peek_id,
         ..Default::default()
     });
     assert_eq!(parts(&deliver(plain)), parts(&message));

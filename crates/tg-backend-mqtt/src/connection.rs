@@ -26,8 +26,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use rumqttc::v5::mqttbytes::v5::{
-    Filter, Packet, PubAckReason, PubRecReason, Publish, Subscribe, SubscribeProperties,
-    SubscribeReasonCode, UnsubAckReason, Unsubscribe,
+    Filter, Packet, PubAckReason, PubRecReason, Publish, Subscribe, SubscribeReasonCode,
+    UnsubAckReason, Unsubscribe,
 };
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{
@@ -40,7 +40,10 @@ use tokio::time::Instant;
 
 use crate::config::{MqttConfig, MAX_PACKET};
 use crate::error::{connection_closed, connection_failed, refused, unconfirmed};
-use crate::session::{Session, RETAINED_PEEK_ID};
+use crate::session::Session;
+
+/// How long fetching a topic's retained message may take once connected.
+const RETAINED_FETCH_LIMIT: Duration = Duration::from_secs(5);
 
 /// How long a consumer waits for the broker to close the connection after the DISCONNECT of a
 /// session resume before it drops the connection itself.
@@ -410,23 +413,6 @@ impl Connection {
             .await
     }
 
-    /// Fetches the retained message of `topic` for a new consumer: a plain subscription with
-    /// [`RETAINED_PEEK_ID`], ended as soon as the broker confirmed it. The broker sends the
-    /// retained message right after the SUBACK, so it comes before the UNSUBSCRIBE is read; the
-    /// session delivers only retained messages of this subscription.
-    pub(crate) async fn peek_retained(&self, topic: &str, qos: QoS) -> Result<()> {
-        let properties = SubscribeProperties {
-            id: Some(RETAINED_PEEK_ID),
-            user_properties: Vec::new(),
-        };
-        self.sub_request(Request::Subscribe(Subscribe::new_many(
-            [Filter::new(topic, qos)],
-            Some(properties),
-        )))
-        .await?;
-        self.unsubscribe(vec![topic.to_owned()]).await
-    }
-
     /// Unsubscribes and waits for the UNSUBACKs.
     pub(crate) async fn unsubscribe(&self, filters: Vec<String>) -> Result<()> {
         for filter in filters {
@@ -455,14 +441,7 @@ impl Connection {
                 seq
             };
             let queued = match request {
-                Request::Subscribe(s) => match s.properties {
-                    Some(p) => {
-                        self.client
-                            .subscribe_many_with_properties(s.filters, p)
-                            .await
-                    }
-                    None => self.client.subscribe_many(s.filters).await,
-                },
+                Request::Subscribe(s) => self.client.subscribe_many(s.filters).await,
                 Request::Unsubscribe(mut u) => match u.filters.pop() {
                     Some(f) => self.client.unsubscribe(f).await,
                     None => Ok(()),
@@ -602,6 +581,55 @@ fn mqtt_options(config: &MqttConfig, spec: &ConnectionSpec) -> Result<MqttOption
         }
     }
     Ok(options)
+}
+
+/// The retained message of `topic`, fetched for a new consumer on a short-lived connection of its
+/// own (clean start, client id `client_id`): a plain QoS 0 subscription, ended as soon as the
+/// SUBACK is back. The broker sends a topic's retained message right after the SUBACK, so it
+/// arrives before the UNSUBACK. MQTT 5 sends none when a shared subscription is made, which is
+/// what consumers make (Mosquitto keeps to that since 2.0.13). Not on the consumer's own
+/// connection: subscribing and unsubscribing a topic there beside its shared subscription is the
+/// sequence of a use-after-free in Mosquitto before 2.0.19 (its regression test
+/// "shared-sub-uaf").
+pub(crate) async fn fetch_retained(
+    config: &MqttConfig,
+    client_id: String,
+    topic: &str,
+) -> Result<Vec<Publish>> {
+    let spec = ConnectionSpec {
+        client_id,
+        session_expiry: None,
+        session: None,
+    };
+    let (client, mut eventloop) = AsyncClient::new(mqtt_options(config, &spec)?, 10);
+    let address = config.address();
+    let exchange = async {
+        let mut retained = Vec::new();
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = client.try_subscribe(topic, QoS::AtMostOnce);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = client.try_unsubscribe(topic);
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.retain => retained.push(p),
+                Ok(Event::Incoming(Packet::UnsubAck(_))) => {
+                    let _ = client.try_disconnect();
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(retained),
+                Ok(_) => {}
+                Err(e) => return Err(connection_failed(&e, &address)),
+            }
+        }
+    };
+    match tokio::time::timeout(config.connect_timeout + RETAINED_FETCH_LIMIT, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::new(
+            ErrorKind::Timeout,
+            "no answer to the subscription that fetches the retained message",
+        )),
+    }
 }
 
 /// rumqttc's connect timeouts are whole seconds: `connect_timeout`, rounded up.

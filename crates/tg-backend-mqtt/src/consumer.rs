@@ -11,7 +11,7 @@ use tg_backend_api::kit::RawConsumer;
 use tg_backend_api::{receive_timeout, ConsumerOptions, Error, Message, Qos, Result, Topic};
 use tokio::sync::mpsc;
 
-use crate::connection::{Connection, ConnectionSpec};
+use crate::connection::{fetch_retained, Connection, ConnectionSpec};
 use crate::core::Core;
 use crate::error::connection_closed;
 use crate::session::{Held, Session, REDELIVERY_PROPERTY};
@@ -98,11 +98,14 @@ impl MqttConsumer {
                 .with_context("subscription", &options.subscription));
         }
         // Not fatal: a broker whose ACL allows only the shared subscription still serves the
-        // consumer; whatever the peek subscription brings besides the retained message is
-        // acknowledged and dropped by the session.
-        if let Err(e) = conn.peek_retained(&mqtt, qos).await {
-            tracing::warn!(topic = %topic, error = %e,
-                "could not fetch the topic's retained message for a new consumer");
+        // consumer, without the retained message.
+        let peek_id = format!("{}-r", conn.client_id());
+        match fetch_retained(config, peek_id, &mqtt).await {
+            Ok(retained) => retained
+                .into_iter()
+                .for_each(|p| session.deliver_retained(p)),
+            Err(e) => tracing::warn!(topic = %topic, error = %e,
+                "could not fetch the topic's retained message for a new consumer"),
         }
         Ok(Self {
             session,

@@ -9,4 +9,4 @@ pub use tokio::sync::mpsc;
 
 pub use crate::consumer::redelivery_copy;
 pub use crate::producer::publish_properties;
-pub use crate::session::{Session, RETAINED_PEEK_ID};
+pub use crate::session::Session;

@@ -22,10 +22,6 @@ use tokio::sync::mpsc;
 pub(crate) const REDELIVERY_PROPERTY: &str = "tg-redelivery";
 /// User property carrying [`OutboundMessage::key`](tg_backend_api::OutboundMessage::key).
 pub(crate) const KEY_PROPERTY: &str = "tg-key";
-/// Subscription identifier of the plain (not shared) subscription a new consumer makes and ends
-/// at once to fetch the topic's retained message: MQTT 5 sends no retained message when a shared
-/// subscription is made (Mosquitto keeps to that since 2.0.13; 2.0.11 sent it).
-pub const RETAINED_PEEK_ID: usize = 1;
 
 /// A message delivered to the application and not yet acknowledged.
 pub(crate) struct Held {
@@ -329,17 +325,31 @@ impl Session {
             tracing::debug!(topic = %String::from_utf8_lossy(&publish.topic), "message on an unexpected topic ignored");
             return ack_request(&publish);
         }
-        // The retained message comes through the peek subscription only: live messages that
-        // reach it before it ends are the shared subscription's too, and a broker that still
-        // sends the retained message on the shared subscription (before Mosquitto 2.0.13, and on
-        // every resubscribe) would hand it out twice.
-        let via_peek = publish
-            .properties
-            .as_ref()
-            .is_some_and(|p| p.subscription_identifiers.contains(&RETAINED_PEEK_ID));
-        if via_peek != publish.retain {
+        // A new consumer gets the retained message from a connection of its own
+        // (`deliver_retained`); a broker that still sends it on the shared subscription (before
+        // Mosquitto 2.0.13, and then again on every resubscribe) would hand it out twice.
+        if publish.retain {
             return ack_request(&publish);
         }
+        self.take_in(publish, via_redeliver)
+    }
+
+    /// Hands the topic's retained message, fetched for a new consumer on a connection of its own
+    /// at QoS 0, to the application: at most once, with nothing to acknowledge.
+    pub(crate) fn deliver_retained(&self, mut publish: Publish) {
+        if publish.topic.as_ref() != self.mqtt_topic.as_bytes() {
+            return;
+        }
+        publish.qos = QoS::AtMostOnce;
+        publish.retain = false;
+        publish.dup = false;
+        publish.pkid = 0;
+        let _ = self.take_in(publish, false);
+    }
+
+    /// A message of the subscription's topic (or, `via_redeliver`, its redelivery topic) for the
+    /// application.
+    fn take_in(&self, publish: Publish, via_redeliver: bool) -> Option<Request> {
         // A repeated name: the last value wins and a warning names it (the rule of every
         // backend); that holds for the key and the redelivery count too.
         let mut properties = match &publish.properties {
@@ -581,25 +591,15 @@ mod tests {
         assert!(!session.resume_due());
     }
 
-    /// The retained message is delivered from the peek subscription only; a live message on it,
-    /// or a retained one on the shared subscription, is acknowledged and dropped.
+    /// The retained message is delivered as fetched for the new consumer, at most once; one the
+    /// broker sends on the shared subscription is acknowledged and dropped.
     #[test]
-    fn retained_messages_come_through_the_peek_subscription_only() {
+    fn retained_messages_come_from_the_fetch_only() {
         let (session, mut rx) = session(10);
-        let peeked = |pkid: u16, retain: bool, payload: &'static str| {
-            let mut p = incoming(pkid, false, payload);
-            p.retain = retain;
-            p.properties = Some(rumqttc::v5::mqttbytes::v5::PublishProperties {
-                subscription_identifiers: vec![RETAINED_PEEK_ID],
-                ..Default::default()
-            });
-            p
-        };
-        assert!(session.deliver(peeked(1, true, "state")).is_none());
-        match session.deliver(peeked(2, false, "live copy")) {
-            Some(Request::PubAck(a)) => assert_eq!(a.pkid, 2),
-            other => panic!("{other:?}"),
-        }
+        let mut fetched = incoming(0, false, "state");
+        fetched.qos = QoS::AtMostOnce;
+        fetched.retain = true;
+        session.deliver_retained(fetched);
         let mut shared_retained = incoming(3, false, "state");
         shared_retained.retain = true;
         match session.deliver(shared_retained) {
@@ -607,7 +607,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(session.deliver(incoming(4, false, "live")).is_none());
-        assert_eq!(rx.try_recv().unwrap().payload().as_ref(), b"state");
+        let state = rx.try_recv().unwrap();
+        assert_eq!(state.payload().as_ref(), b"state");
+        assert!(
+            session.take(state.ack_handle().seq()).is_none(),
+            "nothing to acknowledge"
+        );
         assert_eq!(rx.try_recv().unwrap().payload().as_ref(), b"live");
         assert!(rx.try_recv().is_err());
     }
