@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use rumqttc::v5::mqttbytes::v5::{
-    Filter, Packet, PubAckReason, PubRecReason, Publish, Subscribe, SubscribeReasonCode,
+    Filter, Packet, PubAckReason, PubRecReason, Publish, SubAck, Subscribe, SubscribeReasonCode,
     UnsubAckReason, Unsubscribe,
 };
 use rumqttc::v5::mqttbytes::QoS;
@@ -583,6 +583,25 @@ fn mqtt_options(config: &MqttConfig, spec: &ConnectionSpec) -> Result<MqttOption
     Ok(options)
 }
 
+/// What a SUBACK says: the first refusal among its reason codes, as an error.
+fn suback_outcome(ack: &SubAck) -> Result<()> {
+    let failed = ack
+        .return_codes
+        .iter()
+        .find(|c| !matches!(c, SubscribeReasonCode::Success(_)));
+    match failed {
+        None => Ok(()),
+        Some(code) => Err(Error::new(
+            if matches!(code, SubscribeReasonCode::NotAuthorized) {
+                ErrorKind::Auth
+            } else {
+                ErrorKind::Unexpected
+            },
+            format!("the MQTT broker refused the subscription: {code:?}"),
+        )),
+    }
+}
+
 /// The retained message of `topic`, fetched for a new consumer on a short-lived connection of its
 /// own (clean start, client id `client_id`): a plain QoS 0 subscription, ended as soon as the
 /// SUBACK is back. The broker sends a topic's retained message right after the SUBACK, so it
@@ -605,19 +624,26 @@ pub(crate) async fn fetch_retained(
     let address = config.address();
     let exchange = async {
         let mut retained = Vec::new();
+        // A refused subscription (an ACL that allows only the shared one) ends the exchange.
+        let mut outcome = Ok(());
         loop {
             match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     let _ = client.try_subscribe(topic, QoS::AtMostOnce);
                 }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = client.try_unsubscribe(topic);
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    outcome = suback_outcome(&ack);
+                    if outcome.is_ok() {
+                        let _ = client.try_unsubscribe(topic);
+                    } else {
+                        let _ = client.try_disconnect();
+                    }
                 }
                 Ok(Event::Incoming(Packet::Publish(p))) if p.retain => retained.push(p),
                 Ok(Event::Incoming(Packet::UnsubAck(_))) => {
                     let _ = client.try_disconnect();
                 }
-                Ok(Event::Outgoing(Outgoing::Disconnect)) => return Ok(retained),
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => return outcome.map(|()| retained),
                 Ok(_) => {}
                 Err(e) => return Err(connection_failed(&e, &address)),
             }
@@ -995,23 +1021,8 @@ fn handle(shared: &Shared, event: Event, pending: &mut VecDeque<Request>) {
         Event::Incoming(Packet::SubAck(ack)) => {
             let op = shared.tracker.lock().subs_inflight.remove(&ack.pkid);
             if let Some(op) = op {
-                let failed = ack
-                    .return_codes
-                    .iter()
-                    .find(|c| !matches!(c, SubscribeReasonCode::Success(_)));
-                let outcome = match failed {
-                    None => Ok(()),
-                    Some(code) => Err(Error::new(
-                        if matches!(code, SubscribeReasonCode::NotAuthorized) {
-                            ErrorKind::Auth
-                        } else {
-                            ErrorKind::Unexpected
-                        },
-                        format!("the MQTT broker refused the subscription: {code:?}"),
-                    )),
-                };
                 if let Some(done) = op.done {
-                    let _ = done.send(outcome);
+                    let _ = done.send(suback_outcome(&ack));
                 }
             }
         }
