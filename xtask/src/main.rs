@@ -251,11 +251,9 @@ fn services(crates: &[BackendCrate]) {
         }
         if c.test_broker.as_deref() == Some(MOSQUITTO_TEST_BROKER) {
             match mosquitto::ensure_mosquitto() {
-                Ok(program) => println!(
-                    "{:<10} backlog check's broker {}",
-                    c.backend,
-                    program.display()
-                ),
+                Ok(program) => {
+                    println!("{:<10} current Mosquitto {}", c.backend, program.display())
+                }
                 Err(e) => println!("{:<10} current Mosquitto MISSING: {e}", c.backend),
             }
         }

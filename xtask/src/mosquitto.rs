@@ -18,7 +18,7 @@
 //! (bookworm's), found through `LD_LIBRARY_PATH` set by a wrapper script.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// The release: what the wrapper's marker records.
 const VERSION: &str = "2.0.21-1~bpo12+1";
@@ -76,7 +76,7 @@ pub(crate) fn ensure_mosquitto() -> Result<PathBuf, String> {
                 deb.display()
             ));
         }
-        run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&files))?;
+        crate::run("dpkg-deb", &["-x", utf8(&deb)?, utf8(&files)?])?;
         let _ = std::fs::remove_file(&deb);
     }
     let program = files.join("usr/sbin/mosquitto");
@@ -113,8 +113,9 @@ pub(crate) fn ensure_mosquitto() -> Result<PathBuf, String> {
 }
 
 fn download(url: &str, to: &Path) -> Result<(), String> {
-    run(Command::new("curl")
-        .args([
+    crate::run(
+        "curl",
+        &[
             "--fail",
             "--silent",
             "--show-error",
@@ -122,9 +123,16 @@ fn download(url: &str, to: &Path) -> Result<(), String> {
             "--max-time",
             "120",
             "-o",
-        ])
-        .arg(to)
-        .arg(url))
+            utf8(to)?,
+            url,
+        ],
+    )
+}
+
+/// `path` as the text `crate::run` passes on.
+fn utf8(path: &Path) -> Result<&str, String> {
+    path.to_str()
+        .ok_or_else(|| format!("{} is not UTF-8", path.display()))
 }
 
 fn sha256_of(file: &Path) -> Result<String, String> {
@@ -137,21 +145,4 @@ fn sha256_of(file: &Path) -> Result<String, String> {
         .next()
         .map(str::to_owned)
         .ok_or_else(|| format!("sha256sum said nothing of {}", file.display()))
-}
-
-fn run(command: &mut Command) -> Result<(), String> {
-    let out = command
-        .stdout(Stdio::null())
-        .output()
-        .map_err(|e| format!("cannot run {:?}: {e}", command.get_program()))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{:?} failed ({}): {}",
-            command.get_program(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }

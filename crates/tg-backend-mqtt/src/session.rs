@@ -340,10 +340,10 @@ impl Session {
         if publish.topic.as_ref() != self.mqtt_topic.as_bytes() {
             return;
         }
+        // What `take_in` reads of the header: QoS 0 keeps nothing to acknowledge, and a message
+        // the application never had is no redelivery.
         publish.qos = QoS::AtMostOnce;
-        publish.retain = false;
         publish.dup = false;
-        publish.pkid = 0;
         let _ = self.take_in(publish, false);
     }
 
