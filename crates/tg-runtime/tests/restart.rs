@@ -1,9 +1,10 @@
 //! A broker restart in the middle of a q1 run, on every broker backend: 20,000 messages go
 //! through a [`RetryingProducer`] and a [`ConsumerRunner`] (concurrency 16, de-duplication on the
 //! `id` property) while the test stops the broker (its clean shutdown signal), keeps it down for
-//! a second and starts it again with the same data. Each backend runs against a server of the
-//! test's own ([`OwnServer`]: Redis with an fsync-always append-only file, PostgreSQL in its own
-//! cluster, Mosquitto with persistence), never the shared local one.
+//! a second and starts it again with the same data; the last 1,000 messages are sent only once
+//! it is back. Each backend runs against a server of the test's own ([`OwnServer`]: Redis with
+//! an fsync-always append-only file, PostgreSQL in its own cluster, Mosquitto with
+//! persistence), never the shared local one.
 //!
 //! Checked: no message is lost; the handler sees each id once; the duplicates the broker
 //! delivers (dropped by the de-duplicator) are no more than what was in flight at the restart
@@ -44,6 +45,11 @@ const CONCURRENCY: usize = 16;
 const HANDLER_WORK: Duration = Duration::from_millis(2);
 /// The broker goes down once this many distinct messages were handled.
 const RESTART_AT: usize = MESSAGES / 4;
+/// Messages the producer holds back until the broker is back, so that the consumer has
+/// something to fetch from the restarted broker: a consumer that prefetches much (Kafka's fetch
+/// queue) can otherwise have taken every message before the stop and handle the last one while
+/// the broker is still down, leaving nothing to show that it consumes again.
+const TAIL: usize = 1_000;
 const DOWN: Duration = Duration::from_secs(1);
 /// How long after the broker is back every message must have been handled.
 const DRAIN: Duration = Duration::from_secs(120);
@@ -170,14 +176,20 @@ async fn restart_run_with<F, Fut>(
     ));
     let rejected = Arc::new(AtomicU64::new(0));
     let accepted = Arc::new(AtomicU64::new(0));
+    let broker_back = Arc::new(tokio::sync::Notify::new());
     let produce = {
         let (producer, rejected, accepted) = (producer.clone(), rejected.clone(), accepted.clone());
+        let broker_back = broker_back.clone();
         tokio::spawn(async move {
             let window = Arc::new(tokio::sync::Semaphore::new(PRODUCER_WINDOW));
             let mut tasks = tokio::task::JoinSet::new();
             let mut tick = tokio::time::interval(Duration::from_millis(5));
             let pad = "x".repeat(190);
             for chunk in (0..MESSAGES).collect::<Vec<_>>().chunks(PER_TICK) {
+                if chunk[0] == MESSAGES - TAIL {
+                    broker_back.notified().await;
+                    tick.reset();
+                }
                 tick.tick().await;
                 for &seq in chunk {
                     let permit = window.clone().acquire_owned().await.expect("window");
@@ -243,6 +255,8 @@ async fn restart_run_with<F, Fut>(
     });
     let (server, outage) = restart.await.expect("restart the server");
     let _ = seen.back.set(Instant::now());
+    // `notify_one` keeps the wake-up for a producer not yet waiting for it.
+    broker_back.notify_one();
 
     produce.await.expect("producer task");
     let back = *seen.back.get().expect("set above");
