@@ -215,6 +215,217 @@ async fn killed_member_hands_its_unacknowledged_messages_over() {
     backend.close().await.unwrap();
 }
 
+/// The assignments a member was given, each with when: what the session-expiry test watches.
+type Assignments = Arc<std::sync::Mutex<Vec<(std::time::Instant, Vec<i32>)>>>;
+
+/// Notes (and, in the child process, prints) every assignment a member is given, empty ones
+/// too: `assignment()` cannot tell "not joined yet" from "joined with nothing".
+struct Notes {
+    log: Assignments,
+    print: bool,
+}
+
+impl rdkafka::ClientContext for Notes {}
+
+impl rdkafka::consumer::ConsumerContext for Notes {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        if let rdkafka::consumer::Rebalance::Assign(tpl) = rebalance {
+            let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+            if self.print {
+                println!("ASSIGNED {partitions:?}");
+            }
+            self.log
+                .lock()
+                .unwrap()
+                .push((std::time::Instant::now(), partitions));
+        }
+    }
+}
+
+/// A plain librdkafka member of `group` on `topic`, as both members of the session-expiry test
+/// are: a short session, heartbeats every second, the protocol tansu keeps for the group.
+fn raw_member(bootstrap: &str, group: &str, topic: &str, notes: Notes) -> BaseConsumer<Notes> {
+    let member: BaseConsumer<Notes> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
+        .set("partition.assignment.strategy", "roundrobin")
+        .create_with_context(notes)
+        .unwrap();
+    member.subscribe(&[topic]).unwrap();
+    member
+}
+
+#[test]
+#[ignore = "run by a_survivor_gets_the_partition_of_a_member_whose_session_expired in a child process"]
+fn expiring_member_child() {
+    let var = |name: &str| std::env::var(name).expect(name);
+    let notes = Notes {
+        log: Assignments::default(),
+        print: true,
+    };
+    let member = raw_member(
+        &var("EXPIRING_BOOTSTRAP"),
+        &var("EXPIRING_GROUP"),
+        &var("EXPIRING_TOPIC"),
+        notes,
+    );
+    loop {
+        if let Some(Err(e)) = member.poll(Duration::from_millis(100)) {
+            eprintln!("child member: {e}");
+        }
+    }
+}
+
+/// Two members of a group on a one-partition topic; the one holding the partition dies (killed:
+/// no LeaveGroup). Once the broker expires its session, the group rebalances and the survivor
+/// gets the partition — what a consumer group is for. On tansu 0.6.0 the survivor keeps its
+/// empty share for good (docs/kafka.md, known defects): its heartbeat is the request that finds
+/// the dead member expired, and tansu's heartbeat drops the member and answers
+/// `REBALANCE_IN_PROGRESS` but leaves the group formed at the same generation with the old
+/// assignments, so the survivor rejoins into that generation and is handed its old, empty share.
+/// Which member gets the partition is the assignor's choice, so the test repeats the pairing (in
+/// a new group) until the member that is going to die holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "tansu 0.6.0 leaves the partition of an expired member to nobody (docs/kafka.md, known defects); run with --ignored"]
+async fn a_survivor_gets_the_partition_of_a_member_whose_session_expired() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    let Some(url) = url() else { return };
+    let backend = backend(&url, "").await;
+    let topic = topic("q1", "flow", "expiry");
+    let kafka_topic = format!("{}.{}.{}", topic.tenant(), topic.namespace(), topic.queue());
+    send_all(&backend, &topic, &payloads("e", 1)).await;
+    let bootstrap = KafkaConfig::from_url(&url).unwrap().bootstrap_servers();
+    let last = |log: &Assignments| log.lock().unwrap().last().map(|(_, p)| p.clone());
+    for attempt in 1..=6 {
+        let group = unique("expiry");
+        // the survivor, polled on a thread of its own
+        let survivor_log = Assignments::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let survivor = {
+            let (bootstrap, group, kafka_topic) =
+                (bootstrap.clone(), group.clone(), kafka_topic.clone());
+            let (log, stop) = (survivor_log.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let member = raw_member(
+                    &bootstrap,
+                    &group,
+                    &kafka_topic,
+                    Notes { log, print: false },
+                );
+                while !stop.load(Ordering::Relaxed) {
+                    let _ = member.poll(Duration::from_millis(100));
+                }
+            })
+        };
+        let deadline = Instant::now() + EXPECT;
+        while last(&survivor_log) != Some(vec![0]) {
+            assert!(
+                Instant::now() < deadline,
+                "the first member never got the partition"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let alone = survivor_log.lock().unwrap().len();
+        // the member that is going to die joins, in a process of its own
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "expiring_member_child",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("EXPIRING_BOOTSTRAP", &bootstrap)
+            .env("EXPIRING_GROUP", &group)
+            .env("EXPIRING_TOPIC", &kafka_topic)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let child_log = Assignments::default();
+        {
+            let stdout = child.stdout.take().unwrap();
+            let log = child_log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if let Some(list) = line.strip_prefix("ASSIGNED ") {
+                        let list: Vec<i32> = list
+                            .trim_matches(['[', ']'])
+                            .split(", ")
+                            .filter(|p| !p.is_empty())
+                            .map(|p| p.parse().unwrap())
+                            .collect();
+                        log.lock().unwrap().push((Instant::now(), list));
+                    }
+                }
+            });
+        }
+        // the rebalance the join caused has settled: both were assigned since, one holds it
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let child_holds = loop {
+            let rejoined = survivor_log.lock().unwrap().len() > alone;
+            match (rejoined, last(&child_log), last(&survivor_log)) {
+                (true, Some(c), Some(s)) if c == [0] && s.is_empty() => break true,
+                (true, Some(c), Some(s)) if c.is_empty() && s == [0] => break false,
+                _ => {}
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the group did not settle after the second member joined: child {:?}, survivor {:?}",
+                child_log.lock().unwrap(),
+                survivor_log.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        if !child_holds {
+            // the survivor-to-be kept the partition: nothing to see; pair again in a new group
+            child.kill().unwrap();
+            let _ = child.wait();
+            stop.store(true, Ordering::Relaxed);
+            survivor.join().unwrap();
+            println!("attempt {attempt}: the survivor kept the partition; again in a new group");
+            continue;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        child.kill().unwrap();
+        let _ = child.wait();
+        let killed = Instant::now();
+        // session 6 s, then a rebalance of a heartbeat or two; 30 s is ample
+        let deadline = killed + Duration::from_secs(30);
+        while last(&survivor_log) != Some(vec![0]) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop.store(true, Ordering::Relaxed);
+        survivor.join().unwrap();
+        let since_kill: Vec<(String, Vec<i32>)> = survivor_log
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(at, partitions)| {
+                let at = if *at >= killed {
+                    at.duration_since(killed).as_secs_f64()
+                } else {
+                    -killed.duration_since(*at).as_secs_f64()
+                };
+                (format!("{at:+.1} s"), partitions.clone())
+            })
+            .collect();
+        println!("the survivor's assignments (time from the kill): {since_kill:?}");
+        assert!(
+            since_kill.last().is_some_and(|(_, p)| p == &[0]),
+            "30 s after the member holding the partition was killed, the survivor still has \
+             none: {since_kill:?}"
+        );
+        backend.close().await.unwrap();
+        return;
+    }
+    panic!("in 6 pairings the member that was to die never got the partition");
+}
+
 /// On the framework's `response` and `notify` classes every consumer has a group of its own:
 /// two consumers of one subscription both get every message.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
